@@ -1,0 +1,39 @@
+"""Session-wide fixtures: tiny pipelines and a preference dataset, built once per test run from configs.
+
+Build the same things by hand with tools/tiny_models.py and tools/make_preference_data.py.
+"""
+
+import os
+
+# Nothing in the default suite may reach the Hub; with this set, an accidental download fails at once
+# instead of hanging. Set HF_HUB_OFFLINE=0 yourself to run tests marked `hub`.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from tools.make_preference_data import make_preference_dataset  # noqa: E402
+from tools.tiny_models import build_tiny_sd, build_tiny_sdxl  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory):
+    """Folder of a tiny StableDiffusionPipeline (epsilon prediction, 64x64 images)."""
+    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny-sd")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_vpred_path(tmp_path_factory):
+    """Folder of a tiny StableDiffusionPipeline whose scheduler says prediction_type v_prediction."""
+    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny-sd-vpred")), prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory):
+    """Folder of a tiny StableDiffusionXLPipeline (two text encoders, 64x64 images)."""
+    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny-sdxl")))
+
+
+@pytest.fixture(scope="session")
+def preference_data_path(tmp_path_factory):
+    """Pick-a-Pic-layout parquet folder: 32 usable pairs plus 4 ties (0.5/0.5), 64x64 JPEGs, no broken rows."""
+    return make_preference_dataset(str(tmp_path_factory.mktemp("preference-data")), num_pairs=32, num_ties=4)

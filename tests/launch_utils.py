@@ -1,0 +1,58 @@
+"""Run the training scripts the way users do (`accelerate launch ...`) in a subprocess, and read their results."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def launch(script, args, num_processes=1, env=None, check=True, timeout=600):
+    """`accelerate launch` a training script on CPU; returns the CompletedProcess (stdout and stderr merged).
+
+    Two processes use DDP over gloo. `accelerate launch --cpu --num_processes 2` would silently run one
+    process, hence --multi_gpu with ACCELERATE_USE_CPU.
+    """
+    command = ACCELERATE + ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if num_processes > 1:
+        command += ["--multi_gpu", "--num_processes", str(num_processes)]
+        # One thread each: two processes on two cores would otherwise oversubscribe the CPU.
+        run_env.update({"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    else:
+        command += ["--num_processes", "1"]
+    run_env.update(env or {})
+    result = subprocess.run(command + [str(REPO_ROOT / script)] + [str(a) for a in args], cwd=REPO_ROOT,
+                            env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-6000:]}")
+    return result
+
+
+def trained_weights(output_dir):
+    """The trained tensors of a result: the LoRA file if there is one, else the saved UNet."""
+    output_dir = Path(output_dir)
+    lora = output_dir / "pytorch_lora_weights.safetensors"
+    if lora.exists():
+        return load_file(lora)
+    return load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def max_abs_difference(first, second):
+    assert first.keys() == second.keys()
+    return max((first[k].float() - second[k].float()).abs().max().item() for k in first)
+
+
+def summary(output_dir):
+    return json.loads((Path(output_dir) / "data_summary.json").read_text())
+
+
+def all_finite(weights):
+    return all(torch.isfinite(t).all() for t in weights.values())
