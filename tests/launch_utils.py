@@ -56,3 +56,21 @@ def summary(output_dir):
 
 def all_finite(weights):
     return all(torch.isfinite(t).all() for t in weights.values())
+
+
+def logged_scalars(output_dir, tag="train/loss"):
+    """The values a run logged to tensorboard under `tag`, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in Path(output_dir, "logs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            values.update({event.step: event.value for event in accumulator.Scalars(tag)})
+    return [values[step] for step in sorted(values)]
+
+
+def max_movement(weights):
+    """Largest absolute LoRA up-projection value: they start at zero, so this is how far training moved them."""
+    return max(t.abs().max().item() for k, t in weights.items() if "lora_B" in k or "lora.up" in k)

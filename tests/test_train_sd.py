@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import train_diffusion_dpo as sd
-from launch_utils import all_finite, launch, max_abs_difference, summary, trained_weights
+from launch_utils import (all_finite, launch, logged_scalars, max_abs_difference, max_movement, summary,
+                          trained_weights)
 from tools.make_preference_data import make_preference_dataset
 
 SCRIPT = "train_diffusion_dpo.py"
@@ -377,12 +378,19 @@ def test_full_resume_equals_an_uninterrupted_run(full_run, tiny_sd_path, prefere
 
 
 def test_two_process_ddp_equals_one_process(tiny_sd_path, preference_data_path, tmp_path):
-    common = ["--use_lora", "--max_train_steps", "3", "--checkpointing_steps", "100"]
+    # A large Adam epsilon keeps Adam from magnifying float-summation noise in near-zero gradients into
+    # lr-sized weight differences (its first step is lr * sign(g) otherwise).
+    common = ["--use_lora", "--max_train_steps", "3", "--checkpointing_steps", "100", "--adam_epsilon", "1e-4"]
     one = run_args(tiny_sd_path, preference_data_path, tmp_path / "one", *common)
     launch(SCRIPT, one)  # 1 process x 2 pairs
     two = run_args(tiny_sd_path, preference_data_path, tmp_path / "two", *common) + ["--train_batch_size", "1"]
     launch(SCRIPT, two, num_processes=2)  # 2 processes x 1 pair
-    assert max_abs_difference(trained_weights(tmp_path / "one"), trained_weights(tmp_path / "two")) < 1e-4
+    # Same pairs, noise and timesteps: the same losses and weights up to float32 summation order (which
+    # beta_dpo = 5000 magnifies: a 1e-7 relative change in an error moves the loss by ~1e-4).
+    assert logged_scalars(tmp_path / "one") == pytest.approx(logged_scalars(tmp_path / "two"), rel=1e-3)
+    one, two = trained_weights(tmp_path / "one"), trained_weights(tmp_path / "two")
+    print("max difference", max_abs_difference(one, two), "movement", max_movement(one))
+    assert max_abs_difference(one, two) < 1e-3 * max_movement(one)
 
 
 def test_batch_equals_gradient_accumulation(tiny_sd_path, preference_data_path, tmp_path):
