@@ -407,7 +407,7 @@ def test_other_loss_types_train_v_prediction(loss_type, tiny_sd_vpred_path, pref
     launch(SCRIPT, run_args(tiny_sd_vpred_path, preference_data_path, tmp_path, "--use_lora", "--loss_type",
                             loss_type, "--max_train_steps", "2", "--beta_dpo", "50"))
     weights = trained_weights(tmp_path)
-    assert all_finite(weights) and any(t.abs().max() > 0 for k, t in weights.items() if "lora_B" in k)
+    assert all_finite(weights) and max_movement(weights) > 0
 
 
 def test_injected_nan_skips_exactly_that_step(lora_run, tiny_sd_path, preference_data_path, tmp_path):

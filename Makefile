@@ -1,0 +1,26 @@
+# make demo | make test | make bench: each installs what it needs into .venv first.
+# torch is pinned to 2.13.0 in the same pip command as the rest: that takes the CPU build (a few hundred MB)
+# instead of a several-GB CUDA build. On a GPU machine, install your CUDA torch into the venv yourself.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test test-all bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH) -r requirements-dev.txt
+	touch $@
+
+demo: install
+	$(PY) tools/demo.py --output_dir demo-output
+
+test: install
+	$(PY) -m pytest -q -p no:warnings
+
+clean:
+	rm -rf demo-output bench-output .pytest_cache
