@@ -782,10 +782,12 @@ def build_pipeline(args, accelerator, unet, text_encoder, vae, tokenizer, weight
     )
 
 
-def generate_images(pipeline, args, device):
+def generate_images(pipeline, args, device, weight_dtype):
     """num_validation_images per prompt, image j of every prompt from seed (seed + j): paired across models."""
     images = []
-    autocast = torch.autocast(device.type) if pipeline.unet.dtype != pipeline.vae.dtype else contextlib.nullcontext()
+    # float32 trained weights (full UNet or LoRA adapters) beside half-precision frozen ones need autocast
+    autocast = (torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32
+                else contextlib.nullcontext())
     for prompt in args.validation_prompts:
         for j in range(args.num_validation_images):
             generator = torch.Generator(device=device).manual_seed(args.seed + j)
@@ -813,20 +815,20 @@ def log_validation(args, accelerator, models, tokenizer, weight_dtype, global_st
         if reference_images is None:
             if args.use_lora:
                 with lora_adapters_disabled(policy):
-                    reference_images = generate_images(pipeline, args, accelerator.device)
+                    reference_images = generate_images(pipeline, args, accelerator.device, weight_dtype)
             elif ref_unet is not None:
                 pipeline.unet = ref_unet
-                reference_images = generate_images(pipeline, args, accelerator.device)
+                reference_images = generate_images(pipeline, args, accelerator.device, weight_dtype)
                 pipeline.unet = policy
             else:  # sft full fine-tune keeps no reference copy: the base is what we started from, on disk
                 base_unet = UNet2DConditionModel.from_pretrained(
                     args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision,
                     variant=args.variant, cache_dir=args.cache_dir).to(accelerator.device, dtype=weight_dtype)
                 pipeline.unet = base_unet
-                reference_images = generate_images(pipeline, args, accelerator.device)
+                reference_images = generate_images(pipeline, args, accelerator.device, weight_dtype)
                 pipeline.unet = policy
                 del base_unet
-        trained_images = generate_images(pipeline, args, accelerator.device)
+        trained_images = generate_images(pipeline, args, accelerator.device, weight_dtype)
     policy.train()
     del pipeline
 
@@ -840,7 +842,7 @@ def log_validation(args, accelerator, models, tokenizer, weight_dtype, global_st
     grid_path = os.path.join(grid_dir, f"step-{global_step:06d}.png")
     grid.save(grid_path)
 
-    for tracker in accelerator.trackers:
+    for tracker in accelerator.trackers:  # the grid is also logged, so a dashboard shows it beside the curves
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation/reference_vs_dpo", np.asarray(grid), global_step, dataformats="HWC")
         elif tracker.name == "wandb":
@@ -1029,6 +1031,7 @@ def main(args):
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=public_config(args))
+        accelerator.log({f"data/{name}": value for name, value in counts.items()}, step=0)
 
     # Resume
     global_step, first_epoch, resume_batches = 0, 0, 0

@@ -434,3 +434,18 @@ def test_repeated_nans_stop_the_run_with_a_message(tiny_sd_path, preference_data
 
     for checkpoint in tmp_path.glob("checkpoint-*"):
         assert all_finite(load_file(checkpoint / sd.CHECKPOINT_LORA_NAME))
+
+
+@pytest.mark.parametrize("extra", [
+    ["--use_lora", "--use_adafactor", "--gradient_checkpointing"],
+    ["--use_8bit_adam", "--dataloader_num_workers", "1"],
+], ids=["lora-adafactor-checkpointing", "full-8bit-adam-workers"])
+def test_bf16_runs_with_each_optimizer(extra, tiny_sd_path, preference_data_path, tmp_path):
+    # bf16 autocast runs on CPU: frozen models in bf16, trained parameters kept in float32, validation in autocast
+    launch(SCRIPT, run_args(tiny_sd_path, preference_data_path, tmp_path, "--mixed_precision", "bf16",
+                            "--max_train_steps", "2", "--num_validation_images", "1", "--validation_steps", "2",
+                            "--validation_num_inference_steps", "2", "--validation_prompts", "a red circle", *extra))
+    weights = trained_weights(tmp_path)
+    assert all_finite(weights)
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    assert (tmp_path / "validation_grid.png").exists()

@@ -1,0 +1,606 @@
+#!/usr/bin/env python
+# Copyright 2026 The Diffusion-DPO open implementation authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Load a Diffusion-DPO result into a stock diffusers pipeline; generate with it, or compare it with its base.
+
+Compare a result with its base (same seeds, base on the left, DPO on the right, the prompt under each row):
+    python pipeline_dpo.py compare --base stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --dpo sd15-dpo-lora --prompts prompts.txt --out grid.png --device cuda --dtype float16
+    python pipeline_dpo.py compare --base stabilityai/stable-diffusion-xl-base-1.0 \
+        --dpo mhdang/dpo-sdxl-text2image-v1 --prompts prompts.txt --out grid.png --device cuda --dtype float16
+
+Generate with a result (writes PNGs and generate.json into --out):
+    python pipeline_dpo.py generate --base stable-diffusion-v1-5/stable-diffusion-v1-5 --dpo sd15-dpo \
+        --prompt "a cute corgi wearing a red scarf" --prompt "a lighthouse at sunset" --seed 0 --out images
+
+In Python (returns a plain StableDiffusionPipeline or StableDiffusionXLPipeline):
+    from pipeline_dpo import load_dpo_pipeline
+    pipe = load_dpo_pipeline("stabilityai/stable-diffusion-xl-base-1.0", "mhdang/dpo-sdxl-text2image-v1",
+                             torch_dtype=torch.float16, device="cuda")
+    image = pipe("a cute corgi wearing a red scarf", guidance_scale=5.0).images[0]
+
+`dpo` is told apart by what is there, in this order (a hub id by its file listing, the same way):
+  1. a *.safetensors file: LoRA weights (any name; training checkpoints' unet_lora_adapter.safetensors too)
+  2. a folder with model_index.json: a full pipeline (the training scripts' default); only its unet/ is used,
+     everything else comes from the base (DPO trains the UNet alone)
+  3. a folder with pytorch_lora_weights.safetensors (the scripts' --use_lora result) or
+     unet_lora_adapter.safetensors (a LoRA training checkpoint): LoRA
+  4. a folder with unet/config.json: a UNet alone (--save_unet_only, a full-run checkpoint-N folder, and the
+     authors' releases such as mhdang/dpo-sdxl-text2image-v1)
+  5. a folder whose config.json names UNet2DConditionModel: the UNet folder itself
+Weights load from safetensors only, and no remote code is ever run.
+
+Seeds: image j of every prompt uses seed + j, drawn from a CPU generator, so the starting noise is the same
+on every device and `generate --seed S` reproduces the DPO half of `compare --seed S`.
+"""
+
+import argparse
+import gc
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import diffusers
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+
+SUPPORTED_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline)
+# Sampling defaults per family: the authors' evaluation settings (50 steps; guidance 7.5 for SD1.5, 5 for SDXL).
+FAMILY_DEFAULTS = {
+    "StableDiffusionPipeline": {"num_inference_steps": 50, "guidance_scale": 7.5},
+    "StableDiffusionXLPipeline": {"num_inference_steps": 50, "guidance_scale": 5.0},
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ADAPTER_NAME = "dpo"  # name of the LoRA adapter load_dpo_pipeline adds (pipe.set_adapters / disable_lora use it)
+
+# Files that identify each kind of result (see the module docstring for the order they are tried in).
+PIPELINE_INDEX = "model_index.json"
+LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "unet_lora_adapter.safetensors")
+UNET_WEIGHTS = "diffusion_pytorch_model"
+WHAT_WE_LOOK_FOR = (
+    "model_index.json (a full pipeline), pytorch_lora_weights.safetensors or unet_lora_adapter.safetensors "
+    "(LoRA), unet/config.json (a UNet alone), config.json naming UNet2DConditionModel (a UNet folder), "
+    "or the path of a LoRA .safetensors file"
+)
+# UNet config entries that must agree between the base and a DPO UNet for the swap to make sense.
+UNET_FIT_KEYS = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type", "block_out_channels")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class DpoResultError(ValueError):
+    """`dpo` (or `base`) is not something load_dpo_pipeline can load; the message says what was found."""
+
+
+@dataclass(frozen=True)
+class DpoResult:
+    """Where a DPO result is and what kind it is: "pipeline" or "unet" (a whole UNet), or "lora"."""
+
+    kind: str
+    location: str  # local folder or file, or a hub repo id
+    on_hub: bool = False
+    subfolder: str | None = None  # the UNet's folder inside `location` ("unet"), or None for the folder itself
+    weight_name: str | None = None  # LoRA file name inside `location`
+    variant: str | None = None  # UNet weight variant to load ("fp16"), where the result has one
+
+    @property
+    def is_lora(self):
+        return self.kind == "lora"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Telling what a DPO result is
+# ----------------------------------------------------------------------------------------------------------------
+def _dtype_kwarg(dtype):
+    """from_pretrained's dtype keyword: diffusers that deprecate `torch_dtype` want `dtype`, older ones `torch_dtype`."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
+def _unet_weights_variant(files, prefix, variant, where):
+    """The variant to load the UNet under `prefix` with (None: the plain file); raises if it has no safetensors."""
+    plain = {f"{prefix}{UNET_WEIGHTS}.safetensors", f"{prefix}{UNET_WEIGHTS}.safetensors.index.json"}
+    if variant is not None:
+        variant_files = {f"{prefix}{UNET_WEIGHTS}.{variant}.safetensors",
+                         f"{prefix}{UNET_WEIGHTS}.safetensors.index.{variant}.json"}
+        if files & variant_files:
+            return variant
+    if files & plain:
+        return None
+    found = sorted(f for f in files if f.startswith(prefix) and "/" not in f[len(prefix):])
+    pickled = [f for f in found if f.endswith((".bin", ".ckpt", ".pt", ".pth"))]
+    hint = (" It has only pickled weights; pipeline_dpo loads safetensors only (re-save the UNet with "
+            "save_pretrained(..., safe_serialization=True))." if pickled else "")
+    raise DpoResultError(f"{where}: the UNet config is there but no {prefix}{UNET_WEIGHTS}.safetensors (or sharded "
+                         f"index) next to it. Found: {found}.{hint}")
+
+
+def _classify(files, read_json, location, on_hub, variant):
+    """Decide what kind of DPO result a folder or hub repo holds, from its relative file paths."""
+    where = f"{'hub repo' if on_hub else 'folder'} {location!r}"
+    if PIPELINE_INDEX in files:
+        if "unet/config.json" not in files:
+            raise DpoResultError(f"{where} holds a pipeline ({PIPELINE_INDEX}) without unet/config.json; "
+                                 "a DPO result needs its trained UNet.")
+        return DpoResult("pipeline", location, on_hub, subfolder="unet",
+                         variant=_unet_weights_variant(files, "unet/", variant, where))
+    for name in LORA_WEIGHT_NAMES:
+        if name in files:
+            return DpoResult("lora", location, on_hub, weight_name=name)
+    if "unet/config.json" in files:
+        return DpoResult("unet", location, on_hub, subfolder="unet",
+                         variant=_unet_weights_variant(files, "unet/", variant, where))
+    if "config.json" in files:
+        class_name = read_json("config.json").get("_class_name")
+        if class_name == "UNet2DConditionModel":
+            return DpoResult("unet", location, on_hub, variant=_unet_weights_variant(files, "", variant, where))
+        raise DpoResultError(f"{where} has a config.json for {class_name!r}, not UNet2DConditionModel. "
+                             f"Looked for {WHAT_WE_LOOK_FOR}.")
+    shown = sorted(files)
+    listing = ", ".join(shown[:25]) + (f", ... ({len(shown)} files)" if len(shown) > 25 else "")
+    hints = []
+    if any(f.startswith("checkpoint-") for f in files):
+        hints.append("It holds training checkpoints: pass one of its checkpoint-N folders, or wait for the run to "
+                     "finish and save its result.")
+    other_safetensors = [f for f in shown if f.endswith(".safetensors") and "/" not in f]
+    if other_safetensors:
+        hints.append(f"For a LoRA file with another name, pass the file's path (e.g. {other_safetensors[0]!r}).")
+    raise DpoResultError(f"{where} holds no DPO result that pipeline_dpo can load. Looked for {WHAT_WE_LOOK_FOR}. "
+                         f"Found: {listing or 'nothing (empty)'}." + "".join(" " + h for h in hints))
+
+
+def _local_files(folder):
+    """Relative paths of the files in `folder` and its direct subfolders (that is as deep as a result goes)."""
+    files = set()
+    for entry in os.scandir(folder):
+        if entry.is_file():
+            files.add(entry.name)
+        elif entry.is_dir():
+            files.update(f"{entry.name}/{sub.name}" for sub in os.scandir(entry.path) if sub.is_file())
+    return files
+
+
+def _hub_listing(repo_id):
+    """Files of a hub repo, or (offline) the folder of its cached snapshot; a clear error when neither works."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        return set(HfApi().list_repo_files(repo_id)), None
+    except Exception as hub_error:  # offline, unknown repo, gated, no network: all end the same way
+        try:
+            return None, snapshot_download(repo_id, local_files_only=True)
+        except Exception:
+            offline = os.environ.get("HF_HUB_OFFLINE", "0")
+            raise DpoResultError(
+                f"{repo_id!r} is not a local file or folder, and it could not be looked up as a Hugging Face Hub "
+                f"repo ({type(hub_error).__name__}: {hub_error}). Give the path of a training result, or check "
+                f"the repo id, your login (`hf auth login`) and network (HF_HUB_OFFLINE={offline})."
+            ) from hub_error
+
+
+def resolve_dpo_result(dpo, variant=None):
+    """Tell what `dpo` is (local path or hub id) by what is there; returns a DpoResult or raises DpoResultError."""
+    dpo = os.fspath(dpo)
+    path = Path(dpo).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise DpoResultError(f"{dpo!r} is a {path.suffix or 'suffix-less'} file; a LoRA file must be "
+                                 ".safetensors (pickled weights are not loaded). For a full result, pass its folder.")
+        return DpoResult("lora", str(path.parent), weight_name=path.name)
+    if path.is_dir():
+        files = _local_files(path)
+
+        def read_json(name):
+            return json.loads((path / name).read_text())
+
+        return _classify(files, read_json, str(path), on_hub=False, variant=variant)
+    if not HUB_ID.match(dpo) or dpo.endswith(".safetensors"):
+        raise DpoResultError(f"{dpo!r} does not exist (no such file or folder) and is not a hub repo id.")
+
+    files, cached_folder = _hub_listing(dpo)
+    if cached_folder is not None:  # offline with a cached snapshot: decide (and load) from the cache
+        return resolve_dpo_result(cached_folder, variant=variant)
+
+    def read_hub_json(name):
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(dpo, name)).read_text())
+
+    return _classify(files, read_hub_json, dpo, on_hub=True, variant=variant)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+def base_pipeline_class_name(base, revision=None):
+    """The base's pipeline class name from its model_index.json; raises unless it is SD 1.x/2.x or SDXL."""
+    try:
+        config = DiffusionPipeline.load_config(base, revision=revision)
+    except Exception as error:
+        raise DpoResultError(f"Could not read model_index.json of the base {base!r} ({type(error).__name__}: "
+                             f"{error}). --base must be a diffusers pipeline folder or hub id.") from error
+    class_name = config.get("_class_name")
+    if class_name not in FAMILY_DEFAULTS:
+        raise DpoResultError(f"The base {base!r} is a {class_name}; pipeline_dpo supports text-to-image "
+                             f"{' and '.join(FAMILY_DEFAULTS)} bases.")
+    return class_name
+
+
+def load_dpo_unet(result, torch_dtype=None):
+    """The UNet of a full-pipeline or UNet-only DPO result (safetensors only)."""
+    return UNet2DConditionModel.from_pretrained(
+        result.location, subfolder=result.subfolder, variant=result.variant, use_safetensors=True,
+        **_dtype_kwarg(torch_dtype),
+    )
+
+
+def check_unet_fits(base_unet_config, dpo_unet_config, base, dpo):
+    """Raise if the DPO UNet is not the base's architecture (e.g. an SDXL UNet on an SD1.5 base)."""
+    differences = [f"{key}: base {base_unet_config.get(key)!r}, DPO {dpo_unet_config.get(key)!r}"
+                   for key in UNET_FIT_KEYS if base_unet_config.get(key) != dpo_unet_config.get(key)]
+    if differences:
+        raise DpoResultError(f"The DPO UNet in {dpo!r} does not fit the base {base!r} ({'; '.join(differences)}). "
+                             "Pass the base model the result was trained from.")
+
+
+def _lora_state_dict(result):
+    """Read a LoRA file (downloading it from the hub if needed); bare UNet keys get the 'unet.' prefix."""
+    from safetensors.torch import load_file
+
+    if result.on_hub:
+        from huggingface_hub import hf_hub_download
+
+        file = hf_hub_download(result.location, result.weight_name)
+    else:
+        file = os.path.join(result.location, result.weight_name)
+    state_dict = load_file(file)
+    if not any("lora" in key for key in state_dict):
+        examples = ", ".join(list(state_dict)[:3])
+        raise DpoResultError(f"{file!r} holds no LoRA weights (keys such as {examples}). A whole UNet must come as a "
+                             "folder with config.json (UNet2DConditionModel.save_pretrained).")
+    # Training checkpoints store the UNet adapter as PEFT keys without the 'unet.' prefix the loader expects.
+    prefixes = ("unet.", "text_encoder.", "text_encoder_2.", "lora_unet_", "lora_te")
+    if not any(key.startswith(prefixes) for key in state_dict):
+        state_dict = {f"unet.{key}": value for key, value in state_dict.items()}
+    return state_dict
+
+
+def apply_dpo_result(pipe, result, *, torch_dtype=None, lora_scale=1.0, fuse_lora=False, dpo_name=None):
+    """Put a DPO result into a loaded base pipeline, in place: swap its UNet, or add the LoRA adapter.
+
+    The base UNet is released before the DPO UNet moves to the pipeline's device, so only one UNet is ever on it.
+    """
+    dpo_name = dpo_name or result.location
+    if not result.is_lora:
+        if lora_scale != 1.0 or fuse_lora:
+            raise ValueError(f"lora_scale and fuse_lora apply to LoRA results; {dpo_name!r} is a whole UNet.")
+        dpo_unet = load_dpo_unet(result, torch_dtype=torch_dtype or pipe.unet.dtype)
+        check_unet_fits(pipe.unet.config, dpo_unet.config, "the loaded base", dpo_name)
+        device = pipe.unet.device
+        pipe.unet = dpo_unet  # still on the CPU: the base UNet, now unreferenced, leaves the device first
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        pipe.unet.to(device)
+        return pipe
+
+    pipe.load_lora_weights(_lora_state_dict(result), adapter_name=ADAPTER_NAME)
+    loaded_into = [component for component, names in pipe.get_list_adapters().items() if ADAPTER_NAME in names]
+    if not loaded_into:
+        raise DpoResultError(f"No weight in the LoRA {dpo_name!r} matched a module of the base: was it trained "
+                             "on another base model?")
+    device = pipe.unet.device
+    pipe.to(device)  # LoRA layers are created on the CPU; keep the whole pipeline on one device
+    if fuse_lora:
+        # fuse_lora scales the adapter itself; set_adapters first would apply the scale twice.
+        pipe.fuse_lora(components=loaded_into, lora_scale=lora_scale, adapter_names=[ADAPTER_NAME])
+        pipe.unload_lora_weights()  # the fused weights stay; the separate LoRA matrices go
+    else:
+        # adapter_weights scales each LoRA update; 0 adds exactly nothing, so the images equal the base's.
+        pipe.set_adapters([ADAPTER_NAME], adapter_weights=[lora_scale])
+    return pipe
+
+
+def load_dpo_pipeline(base, dpo=None, *, torch_dtype=None, device=None, variant=None, lora_scale=1.0,
+                      fuse_lora=False, revision=None):
+    """A stock StableDiffusionPipeline or StableDiffusionXLPipeline (its class follows `base`) with `dpo` in it.
+
+    base: hub id or folder of the model the result was trained from. dpo: None (the base alone), a full
+    pipeline folder or hub id (its UNet is used), a folder or hub id holding unet/, a UNet folder, or LoRA
+    weights (a folder with pytorch_lora_weights.safetensors, or a .safetensors file); see the module docstring.
+    variant and revision apply to the base (variant also to a DPO UNet that has such files).
+    lora_scale: strength of a LoRA result (0 gives exactly the base, 1 as trained); fuse_lora merges it into
+    the weights at that scale and drops the adapter (slightly faster sampling; cannot be switched off after).
+    """
+    pipeline_class_name = base_pipeline_class_name(base, revision=revision)
+    result = resolve_dpo_result(dpo, variant=variant) if dpo is not None else None
+    if (result is None or not result.is_lora) and (lora_scale != 1.0 or fuse_lora):
+        raise ValueError(f"lora_scale and fuse_lora apply to LoRA results; dpo={dpo!r} is "
+                         f"{'not given' if result is None else 'a whole UNet'}.")
+
+    components = {}
+    if result is not None and not result.is_lora:
+        # Load the DPO UNet instead of the base's, never both.
+        dpo_unet = load_dpo_unet(result, torch_dtype=torch_dtype)
+        base_unet_config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision)
+        check_unet_fits(base_unet_config, dpo_unet.config, base, dpo)
+        components["unet"] = dpo_unet
+    pipe = DiffusionPipeline.from_pretrained(base, revision=revision, variant=variant, use_safetensors=True,
+                                             **_dtype_kwarg(torch_dtype), **components)
+    if type(pipe).__name__ != pipeline_class_name or not isinstance(pipe, SUPPORTED_PIPELINES):
+        raise DpoResultError(f"The base {base!r} loaded as {type(pipe).__name__}, expected {pipeline_class_name}.")
+    if device is not None:
+        pipe.to(device)
+    if result is not None and result.is_lora:
+        apply_dpo_result(pipe, result, torch_dtype=torch_dtype, lora_scale=lora_scale, fuse_lora=fuse_lora,
+                         dpo_name=os.fspath(dpo))
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generating and comparing
+# ----------------------------------------------------------------------------------------------------------------
+def sampling_settings(pipe, num_inference_steps=None, guidance_scale=None):
+    """Steps and guidance: what was asked, else the family's default (the authors' values)."""
+    defaults = FAMILY_DEFAULTS[type(pipe).__name__]
+    return {
+        "num_inference_steps": num_inference_steps if num_inference_steps is not None
+        else defaults["num_inference_steps"],
+        "guidance_scale": guidance_scale if guidance_scale is not None else defaults["guidance_scale"],
+    }
+
+
+def generate_images(pipe, prompts, *, seed=0, num_images_per_prompt=1, num_inference_steps=50, guidance_scale=7.5,
+                    height=None, width=None, label=""):
+    """Images in prompt-major order; image j of each prompt starts from seed + j (a CPU generator)."""
+    images = []
+    total = len(prompts) * num_images_per_prompt
+    for prompt_index, prompt in enumerate(prompts):
+        for j in range(num_images_per_prompt):
+            print(f"[{label or 'generate'}] image {len(images) + 1}/{total}, seed {seed + j}: {prompt}",
+                  file=sys.stderr, flush=True)
+            generator = torch.Generator("cpu").manual_seed(seed + j)
+            images.append(pipe(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                               height=height, width=width, generator=generator).images[0])
+    return images
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(text, font, max_width, max_lines):
+    """Greedy word wrap to max_width pixels; beyond max_lines the last line ends in '...'."""
+    lines = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= max_width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            while font.getlength(word) > max_width and len(word) > 1:  # a word wider than the row: hard-break it
+                cut = max(1, int(len(word) * max_width / font.getlength(word)))
+                lines.append(word[:cut])
+                word = word[cut:]
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        while lines[-1] and font.getlength(lines[-1] + "...") > max_width:
+            lines[-1] = lines[-1][:-1]
+        lines[-1] += "..."
+    return lines or [""]
+
+
+def make_comparison_grid(prompts, base_images, dpo_images, num_images_per_prompt, labels=("base", "DPO"),
+                         max_caption_lines=3):
+    """One row per prompt: its base images, a gap, its DPO images; the prompt under the row; labels on top.
+
+    Returns (grid, layout); layout gives every cell's position (what the JSON records and tests check).
+    """
+    cell_width, cell_height = base_images[0].size
+    n = num_images_per_prompt
+    gap = max(4, cell_width // 32)
+    font = _font(max(10, cell_height // 24))
+    line_height = font.getbbox("Ag")[3] + 4
+    pad = 4
+    grid_width = 2 * n * cell_width + gap
+    captions = [_wrap(prompt, font, grid_width - 2 * pad, max_caption_lines) for prompt in prompts]
+    header_height = line_height + 2 * pad
+    caption_height = max(len(lines) for lines in captions) * line_height + 2 * pad
+    row_height = cell_height + caption_height
+    grid = Image.new("RGB", (grid_width, header_height + len(prompts) * row_height), "white")
+    draw = ImageDraw.Draw(grid)
+
+    half = n * cell_width
+    for label, left in zip(labels, (0, half + gap)):
+        draw.text((left + (half - font.getlength(label)) / 2, pad), label, fill="black", font=font)
+    base_columns = [j * cell_width for j in range(n)]
+    dpo_columns = [half + gap + j * cell_width for j in range(n)]
+    row_tops = [header_height + p * row_height for p in range(len(prompts))]
+    for p, top in enumerate(row_tops):
+        for j in range(n):
+            grid.paste(base_images[p * n + j].convert("RGB"), (base_columns[j], top))
+            grid.paste(dpo_images[p * n + j].convert("RGB"), (dpo_columns[j], top))
+        for k, line in enumerate(captions[p]):
+            draw.text((pad, top + cell_height + pad + k * line_height), line, fill="black", font=font)
+    layout = {"cell_width": cell_width, "cell_height": cell_height, "gap": gap, "header_height": header_height,
+              "caption_height": caption_height, "base_columns": base_columns, "dpo_columns": dpo_columns,
+              "row_tops": row_tops}
+    return grid, layout
+
+
+def read_prompts(file):
+    """Prompts from a text file, one per line; blank lines and lines starting with '#' are skipped."""
+    prompts = [line.strip() for line in Path(file).read_text(encoding="utf-8").splitlines()]
+    prompts = [prompt for prompt in prompts if prompt and not prompt.startswith("#")]
+    if not prompts:
+        raise SystemExit(f"{file} holds no prompts (one per line; '#' starts a comment line).")
+    return prompts
+
+
+def run_record(args, pipe, settings, result, images):
+    """What was run, for the JSON written next to the images."""
+    return {
+        "base": args.base, "dpo": args.dpo, "dpo_kind": result.kind if result else None,
+        "pipeline": type(pipe).__name__, "seed": args.seed, "num_images_per_prompt": args.num_images_per_prompt,
+        **settings, "height": images[0].height, "width": images[0].width, "dtype": args.dtype,
+        "device": args.device, "variant": args.variant, "revision": args.revision,
+        "lora_scale": args.lora_scale, "fuse_lora": args.fuse_lora,
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+    }
+
+
+def _slug(text, length=40):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "prompt"
+
+
+def generate(args):
+    pipe = load_dpo_pipeline(args.base, args.dpo, torch_dtype=DTYPES[args.dtype], device=args.device,
+                             variant=args.variant, revision=args.revision, lora_scale=args.lora_scale,
+                             fuse_lora=args.fuse_lora)
+    pipe.set_progress_bar_config(disable=False)
+    result = resolve_dpo_result(args.dpo, variant=args.variant) if args.dpo else None
+    settings = sampling_settings(pipe, args.num_inference_steps, args.guidance_scale)
+    images = generate_images(pipe, args.prompt, seed=args.seed, num_images_per_prompt=args.num_images_per_prompt,
+                             height=args.height, width=args.width, label="dpo" if args.dpo else "base", **settings)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for index, image in enumerate(images):
+        p, j = divmod(index, args.num_images_per_prompt)
+        name = f"{p:03d}-{j:02d}-seed{args.seed + j}-{_slug(args.prompt[p])}.png"
+        image.save(out / name)
+        files.append({"file": name, "prompt": args.prompt[p], "seed": args.seed + j})
+    record = {"command": "generate", **run_record(args, pipe, settings, result, images), "images": files}
+    (out / "generate.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"Wrote {len(files)} images and generate.json to {out}")
+
+
+def compare(args):
+    prompts = read_prompts(args.prompts)
+    result = resolve_dpo_result(args.dpo, variant=args.variant)  # fail on a bad --dpo before any sampling
+    if not result.is_lora and (args.lora_scale != 1.0 or args.fuse_lora):
+        raise SystemExit(f"--lora_scale and --fuse_lora apply to LoRA results; {args.dpo} is a whole UNet.")
+    # One pipeline: the base's images first, then the DPO UNet replaces the base's (or the LoRA is added).
+    pipe = load_dpo_pipeline(args.base, None, torch_dtype=DTYPES[args.dtype], device=args.device,
+                             variant=args.variant, revision=args.revision)
+    pipe.set_progress_bar_config(disable=False)
+    settings = sampling_settings(pipe, args.num_inference_steps, args.guidance_scale)
+    common = dict(seed=args.seed, num_images_per_prompt=args.num_images_per_prompt, height=args.height,
+                  width=args.width, **settings)
+    base_images = generate_images(pipe, prompts, label="base", **common)
+    apply_dpo_result(pipe, result, torch_dtype=DTYPES[args.dtype], lora_scale=args.lora_scale,
+                     fuse_lora=args.fuse_lora, dpo_name=args.dpo)
+    dpo_images = generate_images(pipe, prompts, label="dpo", **common)
+
+    grid, layout = make_comparison_grid(prompts, base_images, dpo_images, args.num_images_per_prompt)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    record = {"command": "compare", "grid": out.name, **run_record(args, pipe, settings, result, base_images),
+              "prompts": prompts, "seeds": [args.seed + j for j in range(args.num_images_per_prompt)],
+              "layout": layout}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"Wrote {out} ({grid.width}x{grid.height}: {len(prompts)} rows, base left, DPO right) and "
+          f"{out.with_suffix('.json')}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--base", required=True,
+                        help="Hub id or folder of the base pipeline the result was trained from "
+                             "(Stable Diffusion 1.x/2.x or SDXL).")
+    common.add_argument("--seed", type=int, default=0,
+                        help="Image j of every prompt starts from seed + j (CPU generator: same noise on any device).")
+    common.add_argument("--num_images_per_prompt", type=int, default=1, help="Images per prompt (and per model).")
+    common.add_argument("--num_inference_steps", type=int, default=None,
+                        help="Sampling steps. Default: 50 (the authors' setting for SD1.5 and SDXL).")
+    common.add_argument("--guidance_scale", type=float, default=None,
+                        help="Classifier-free guidance scale. Default per family: 7.5 for SD 1.x/2.x, 5.0 for SDXL "
+                             "(the authors' values).")
+    common.add_argument("--height", type=int, default=None, help="Image height in pixels. Default: the model's.")
+    common.add_argument("--width", type=int, default=None, help="Image width in pixels. Default: the model's.")
+    common.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="Weights' dtype. float16/bfloat16 halve memory (use them on a GPU).")
+    common.add_argument("--device", default="cpu", help="Device to sample on: cpu, cuda, cuda:1, mps, ...")
+    common.add_argument("--variant", default=None,
+                        help="Weight variant of the base (e.g. fp16); also used for a DPO UNet that has it.")
+    common.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the base.")
+    common.add_argument("--lora_scale", type=float, default=1.0,
+                        help="LoRA results only: strength of the adapter (0 = the base exactly, 1 = as trained).")
+    common.add_argument("--fuse_lora", action="store_true",
+                        help="LoRA results only: merge the adapter into the UNet at --lora_scale (a little faster).")
+
+    parser = argparse.ArgumentParser(description="Load Diffusion-DPO results into stock diffusers pipelines: "
+                                                 "generate images, or compare a result with its base.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,compare}")
+    generate_parser = commands.add_parser(
+        "generate", parents=[common], help="Generate images with a DPO result (or the base alone).",
+        description="Write one PNG per prompt and seed into --out, plus generate.json recording what was run.")
+    generate_parser.add_argument("--dpo", default=None,
+                                 help="The DPO result: full pipeline or unet/ folder or hub id, UNet folder, LoRA "
+                                      "folder or .safetensors file. Omit to generate with the base alone.")
+    generate_parser.add_argument("--prompt", action="append", required=True,
+                                 help="A prompt; repeat the flag for more prompts.")
+    generate_parser.add_argument("--out", required=True, help="Folder to write the images and generate.json to.")
+
+    compare_parser = commands.add_parser(
+        "compare", parents=[common], help="Base and DPO images from the same seeds, side by side, in one grid.",
+        description="One row per prompt: base images on the left, DPO images on the right, the prompt under the "
+                    "row. Writes the grid and a JSON of what was run next to it (grid.png -> grid.json).")
+    compare_parser.add_argument("--dpo", required=True,
+                                help="The DPO result: full pipeline or unet/ folder or hub id, UNet folder, LoRA "
+                                     "folder or .safetensors file.")
+    compare_parser.add_argument("--prompts", required=True,
+                                help="Text file of prompts, one per line ('#' lines and blank lines are skipped).")
+    compare_parser.add_argument("--out", required=True, help="Path of the grid image to write, e.g. grid.png.")
+    return parser
+
+
+def parse_args(input_args=None):
+    parser = build_parser()
+    args = parser.parse_args(input_args)
+    if args.num_images_per_prompt < 1:
+        parser.error("--num_images_per_prompt must be at least 1.")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            parser.error(f"--{name} must be a positive multiple of 8, got {value}.")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} asked for CUDA, but torch sees no CUDA device here.")
+    return args
+
+
+def main(args):
+    try:
+        if args.command == "generate":
+            generate(args)
+        else:
+            compare(args)
+    except DpoResultError as error:  # a user's mistake: say what is wrong, without a traceback
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main(parse_args())
