@@ -167,12 +167,13 @@ def _classify(files, read_json, location, on_hub, variant):
 
 
 def _local_files(folder):
-    """Relative paths of the files in `folder` and its direct subfolders (that is as deep as a result goes)."""
+    """Relative paths of the files in `folder` and its direct subfolders (as deep as a result goes); folders end in /."""
     files = set()
     for entry in os.scandir(folder):
         if entry.is_file():
             files.add(entry.name)
         elif entry.is_dir():
+            files.add(f"{entry.name}/")
             files.update(f"{entry.name}/{sub.name}" for sub in os.scandir(entry.path) if sub.is_file())
     return files
 

@@ -54,7 +54,7 @@ import diffusers
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -163,21 +163,49 @@ def pair_generator(seed, step, pair_index):
 # ----------------------------------------------------------------------------------------------------------------
 # Data: Pick-a-Pic-format preference pairs
 # ----------------------------------------------------------------------------------------------------------------
+class UnusableImage(ValueError):
+    """An image cell that cannot be used; `reason` is the count it goes to (missing_image, undecodable_image)."""
+
+    def __init__(self, reason, message):
+        super().__init__(message)
+        self.reason = reason
+
+
 def load_pil_image(value):
-    """Decode one image cell as stored by parquet/datasets (bytes, {"bytes", "path"}, PIL, or a path) to RGB."""
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict):
-        image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-    elif isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, str):
-        image = Image.open(value)
-    else:
-        raise ValueError(f"cannot read an image from a {type(value).__name__}")
-    image.load()  # decode now, so truncated bytes fail here and not inside the model step
-    # Phone photos carry their rotation in EXIF; apply it so the pixels match what the user saw.
-    image = ImageOps.exif_transpose(image)
+    """Decode one image cell as stored by parquet/datasets (bytes, {"bytes", "path"}, PIL, or a path) to RGB.
+
+    Usable odd images are made right: EXIF rotation applied; grayscale, palette, CMYK and 16-bit images converted;
+    transparency composited on white. Missing or undecodable images raise UnusableImage with the reason.
+    """
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if value is None or (isinstance(value, (bytes, bytearray, str)) and len(value) == 0):
+        raise UnusableImage("missing_image", "the image cell is empty")
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, str):
+            image = Image.open(value)
+        else:
+            raise ValueError(f"cannot read an image from a {type(value).__name__}")
+        image.load()  # decode now, so truncated bytes fail here and not inside the model step
+        # Phone photos carry their rotation in EXIF; apply it so the pixels match what the user saw.
+        image = ImageOps.exif_transpose(image)
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for bad bytes
+        raise UnusableImage("undecodable_image", f"cannot decode the image: {error}") from error
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit (or 32-bit integer) grayscale: scale to 8 bits instead of clipping everything above 255 to white
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
     return image.convert("RGB")
 
 
@@ -218,8 +246,10 @@ def preprocess_pair(winner, loser, resolution, random_crop, hflip, rng):
 def load_preference_dataset(args):
     """Load the dataset, check its columns, and return (dataset, column names, counts of dropped rows).
 
-    Rows are kept when they hold a usable preference: Pick-a-Pic labels (1, 0) or (0, 1); ties (0.5, 0.5) and
-    invalid labels are dropped and counted. A chosen/rejected layout has no labels and keeps every row.
+    Rows are kept when they hold a usable preference: a string caption and Pick-a-Pic labels (1, 0) or (0, 1);
+    ties (0.5, 0.5), other labels and missing captions are dropped and counted by reason, reading only the
+    caption and label columns. A chosen/rejected layout has no labels. Image problems are found (and counted)
+    when the images are decoded during training.
     """
     from datasets import load_dataset
 
@@ -244,7 +274,13 @@ def load_preference_dataset(args):
             "layout) or --chosen_column/--rejected_column (chosen/rejected layout)."
         )
 
-    counts = {"rows": len(dataset), "ties": 0, "invalid_labels": 0}
+    counts = {"rows": len(dataset), "ties": 0, "invalid_labels": 0, "bad_caption": 0}
+    keep = np.ones(len(dataset), dtype=bool)
+    # A caption must be a string (empty is allowed: it is what prompt dropout trains on anyway).
+    captions = dataset.select_columns([columns["caption"]])[columns["caption"]]
+    has_caption = np.fromiter((isinstance(c, str) for c in captions), dtype=bool, count=len(dataset))
+    counts["bad_caption"] = int((~has_caption).sum())
+    keep &= has_caption
     if args.chosen_column is None:
         # Read only the two label columns (no image decoding) to choose the rows to keep.
         labels = dataset.select_columns([columns["label_0"], columns["label_1"]]).with_format("numpy")
@@ -252,17 +288,21 @@ def load_preference_dataset(args):
         label_1 = np.asarray(labels[columns["label_1"]], dtype=np.float64)
         is_tie = (label_0 == 0.5) & (label_1 == 0.5)
         is_decided = ((label_0 == 1) & (label_1 == 0)) | ((label_0 == 0) & (label_1 == 1))
-        counts["ties"] = int(is_tie.sum())
-        counts["invalid_labels"] = int((~is_tie & ~is_decided).sum())
-        dataset = dataset.select(np.flatnonzero(is_decided))
+        # Each dropped row is counted once, under its first reason in the order caption, tie, labels.
+        counts["ties"] = int((is_tie & keep).sum())
+        counts["invalid_labels"] = int((~is_tie & ~is_decided & keep).sum())
+        keep &= is_decided
+    if not keep.all():
+        dataset = dataset.select(np.flatnonzero(keep))
     if args.max_train_samples is not None:
         seed = args.seed if args.seed is not None else 0
         dataset = dataset.shuffle(seed=seed).select(range(min(args.max_train_samples, len(dataset))))
     if len(dataset) == 0:
         raise ValueError(
             f"Dataset {source!r} has no usable preference pairs after filtering ({counts['rows']} rows: "
-            f"{counts['ties']} ties, {counts['invalid_labels']} with invalid labels). Check the label columns "
-            "(--label_0_column/--label_1_column) or use --chosen_column/--rejected_column."
+            f"{counts['ties']} ties, {counts['invalid_labels']} with invalid labels, {counts['bad_caption']} without "
+            "a string caption). Check the columns (--caption_column, --label_0_column/--label_1_column) or use "
+            "--chosen_column/--rejected_column."
         )
     counts["pairs"] = len(dataset)
     return dataset, columns, counts
@@ -272,8 +312,9 @@ class PreferencePairDataset(torch.utils.data.Dataset):
     """Pairs as model inputs: tokenized caption, and winner and loser pixels with joint crop and flip.
 
     Augmentation randomness depends on (seed, epoch, index) only, so it is the same on every process count and
-    after a resume. A row whose images cannot be decoded is replaced by the next decodable row and reported
-    in the example (`skipped`), so batches keep their size and no process waits on another.
+    after a resume. A row whose images are missing or cannot be decoded is replaced by the next usable row and
+    reported in the example (`skipped`: (row, reason) pairs), so batches keep their size and no process waits
+    on another. Captions longer than the tokenizer's limit are truncated and reported (`truncated`).
     """
 
     def __init__(self, dataset, columns, tokenizer, args):
@@ -306,20 +347,29 @@ class PreferencePairDataset(torch.utils.data.Dataset):
             try:
                 winner, loser = self.decode_pair(row)
                 break
-            except Exception:  # noqa: BLE001 - any undecodable image: skip the row, count it, never crash
-                skipped.append(row_index)
+            except UnusableImage as error:
+                skipped.append((row_index, error.reason))
         else:
-            raise ValueError("No row of the dataset has decodable images.")
+            raise ValueError("No row of the dataset has usable images: every image is missing or undecodable.")
         rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
         caption = row[self.columns["caption"]]
         if rng.random() < self.proportion_empty_prompts:
             caption = ""
         pixels_w, pixels_l, _, _ = preprocess_pair(winner, loser, self.resolution, self.random_crop, self.hflip, rng)
-        input_ids = self.tokenizer(
-            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]
-        return {"pixels_w": pixels_w, "pixels_l": pixels_l, "input_ids": input_ids, "index": index, "skipped": skipped}
+        input_ids, truncated = tokenize_caption(self.tokenizer, caption)
+        return {"pixels_w": pixels_w, "pixels_l": pixels_l, "input_ids": input_ids, "index": index,
+                "skipped": skipped, "truncated": [row_index] if truncated else []}
+
+
+def tokenize_caption(tokenizer, caption):
+    """Token ids padded to the tokenizer's limit, and whether the caption had to be cut to fit (end token kept)."""
+    limit = tokenizer.model_max_length
+    token_ids = tokenizer(caption).input_ids
+    truncated = len(token_ids) > limit
+    if truncated:
+        token_ids = token_ids[: limit - 1] + token_ids[-1:]
+    token_ids = token_ids + [tokenizer.pad_token_id] * (limit - len(token_ids))
+    return torch.tensor(token_ids, dtype=torch.long), truncated
 
 
 def collate_pairs(examples):
@@ -328,7 +378,8 @@ def collate_pairs(examples):
         "pixels_l": torch.stack([e["pixels_l"] for e in examples]),
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
         "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
-        "skipped": [i for e in examples for i in e["skipped"]],
+        "skipped": [item for e in examples for item in e["skipped"]],
+        "truncated": [row for e in examples for row in e["truncated"]],
     }
 
 
@@ -718,6 +769,8 @@ def save_checkpoint(args, accelerator, global_step):
     accelerator.wait_for_everyone()
     accelerator.save_state(temp_dir)
     accelerator.wait_for_everyone()
+    if os.environ.get("DIFFUSION_DPO_TEST_CRASH_IN_SAVE") == str(global_step):  # test hook: die mid-save
+        os._exit(17)
     if accelerator.is_main_process:
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(temp_dir, final_dir)
@@ -853,6 +906,18 @@ def log_validation(args, accelerator, models, tokenizer, weight_dtype, global_st
     return grid_path, reference_images
 
 
+def safe_validation(args, accelerator, models, tokenizer, weight_dtype, global_step, reference_images, grid_path):
+    """Validation that cannot end a run: a failure (e.g. out of memory while sampling) is logged, training goes on."""
+    try:
+        return log_validation(args, accelerator, models, tokenizer, weight_dtype, global_step, reference_images)
+    except Exception as error:  # noqa: BLE001 - any sampling failure must not cost the training run
+        logger.warning(f"Validation at step {global_step} failed and was skipped: {type(error).__name__}: {error}")
+        unet_module(models[0]).train()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return grid_path, reference_images
+
+
 def save_results(args, accelerator, unet, text_encoder, vae, tokenizer, weight_dtype):
     """Full fine-tune: a complete pipeline folder (or unet/ alone). LoRA: pytorch_lora_weights.safetensors."""
     policy = unet_module(unet)
@@ -960,6 +1025,33 @@ def public_config(args):
     return config
 
 
+def write_run_info(args):
+    """Save the arguments (without secrets) and library versions, so a run can be reproduced or reported."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": sys.version.split()[0]}
+    for package in ("torch", "diffusers", "transformers", "accelerate", "peft", "datasets", "bitsandbytes"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
+        json.dump({"args": public_config(args), "versions": versions}, f, indent=2, default=str)
+
+
+class StopRequest:
+    """Turns SIGTERM (a preempted cloud job) into a checkpoint at the next optimizer step, then a clean exit."""
+
+    def __init__(self):
+        self.requested = False
+        import signal
+
+        signal.signal(signal.SIGTERM, self.request)
+
+    def request(self, signum, frame):
+        self.requested = True
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------------
@@ -991,14 +1083,18 @@ def main(args):
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        write_run_info(args)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # Dataset first: a wrong column or an empty dataset fails before any model is loaded
     with accelerator.main_process_first():
         dataset, columns, counts = load_preference_dataset(args)
-    logger.info(f"Preference pairs: {counts['pairs']} of {counts['rows']} rows ({counts['ties']} ties and "
-                f"{counts['invalid_labels']} rows with invalid labels dropped)")
+    logger.info(f"Preference pairs: {counts['pairs']} of {counts['rows']} rows (dropped: {counts['ties']} ties, "
+                f"{counts['invalid_labels']} invalid labels, {counts['bad_caption']} missing captions)")
+    if accelerator.is_main_process:  # rewritten at the end with the image problems found while training
+        with open(os.path.join(args.output_dir, "data_summary.json"), "w") as f:
+            json.dump(counts, f, indent=2)
 
     # Load scheduler and models
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -1053,7 +1149,8 @@ def main(args):
 
     models = (unet, ref_unet, vae, text_encoder)
     grid_path, reference_images = None, None
-    skipped_rows = set()
+    row_problems = {"missing_image": set(), "undecodable_image": set(), "truncated_caption": set()}
+    stop_request = StopRequest()
     nonfinite_steps, nonfinite_in_a_row = 0, 0
     nan_test_steps = {int(s) for s in os.environ.get("DIFFUSION_DPO_TEST_NAN_STEPS", "").split(",") if s}
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
@@ -1068,7 +1165,9 @@ def main(args):
         if epoch == first_epoch and resume_batches:
             epoch_dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
         for batch in epoch_dataloader:
-            skipped_rows.update(batch["skipped"])
+            for row, reason in batch["skipped"]:
+                row_problems[reason].add(row)
+            row_problems["truncated_caption"].update(batch["truncated"])
             with accelerator.accumulate(unet):
                 # Train step: per-sample errors, the DPO loss, backward
                 model_losses, ref_losses = dpo_step_losses(args, batch, models, noise_scheduler, global_step,
@@ -1085,13 +1184,16 @@ def main(args):
 
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
-                    # Averaged across processes: every process takes the same skip decision
+                    # Averaged across processes, so every process takes the same skip and stop decisions
+                    step_metrics["stop_requested"] = torch.tensor(float(stop_request.requested), device=loss.device)
+                    step_metrics["stop_requested"] *= micro_steps
                     names = sorted(step_metrics)
                     averaged = accelerator.reduce(torch.stack([step_metrics[n] for n in names]) / micro_steps,
                                                   reduction="mean")
                     logs = dict(zip(names, averaged.tolist()))
                     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
                     finite = logs.pop("nonfinite") == 0 and math.isfinite(grad_norm)
+                    stop_now = logs.pop("stop_requested") > 0
                     if finite:
                         optimizer.step()
                         nonfinite_in_a_row = 0
@@ -1108,8 +1210,8 @@ def main(args):
             # Bookkeeping after each optimizer step
             global_step += 1
             progress_bar.update(1)
-            logs.update({"lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                         "nonfinite_steps": nonfinite_steps, "skipped_undecodable_rows": len(skipped_rows)})
+            logs.update({"lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm, "nonfinite_steps": nonfinite_steps})
+            logs.update({f"rows_{reason}": len(rows) for reason, rows in row_problems.items()})
             accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=global_step)
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}",
                                      lr=f"{logs['lr']:.2e}")
@@ -1119,12 +1221,16 @@ def main(args):
                     f"{nonfinite_in_a_row} optimizer steps in a row had a NaN/Inf loss or gradient; stopping. The "
                     "last checkpoint is intact. Likely causes: an fp16 VAE overflowing (use fp32 or a fixed VAE), "
                     "a learning rate too high, or a beta_dpo so large that the sigmoid saturates.")
-            if global_step % args.checkpointing_steps == 0:
+            if global_step % args.checkpointing_steps == 0 or stop_now:
                 save_checkpoint(args, accelerator, global_step)
+            if stop_now:
+                logger.warning(f"SIGTERM: saved checkpoint-{global_step}; resume with --resume_from_checkpoint latest")
+                accelerator.end_training()
+                return
             if (accelerator.is_main_process and args.num_validation_images > 0
                     and global_step % args.validation_steps == 0 and global_step < args.max_train_steps):
-                grid_path, reference_images = log_validation(args, accelerator, models, tokenizer, weight_dtype,
-                                                             global_step, reference_images)
+                grid_path, reference_images = safe_validation(args, accelerator, models, tokenizer, weight_dtype,
+                                                              global_step, reference_images, grid_path)
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:
@@ -1134,14 +1240,17 @@ def main(args):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if args.num_validation_images > 0:
-            grid_path, reference_images = log_validation(args, accelerator, models, tokenizer, weight_dtype,
-                                                         global_step, reference_images)
+            grid_path, reference_images = safe_validation(args, accelerator, models, tokenizer, weight_dtype,
+                                                          global_step, reference_images, grid_path)
         save_results(args, accelerator, unet, text_encoder, vae, tokenizer, weight_dtype)
-        counts.update({"skipped_undecodable_rows": len(skipped_rows), "nonfinite_steps": nonfinite_steps})
+    # Rows with problems, united over processes (a row may have gone to another process in another epoch)
+    all_problems = gather_object([{reason: sorted(rows) for reason, rows in row_problems.items()}])
+    if accelerator.is_main_process:
+        for reason in row_problems:
+            counts[reason] = len(set().union(*(set(problems[reason]) for problems in all_problems)))
+        counts["nonfinite_steps"] = nonfinite_steps
         with open(os.path.join(args.output_dir, "data_summary.json"), "w") as f:
             json.dump(counts, f, indent=2)
-        with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
-            json.dump(public_config(args), f, indent=2, default=str)
         write_model_card(args, counts, grid_path, global_step)
         if args.push_to_hub:
             push_to_hub(args)

@@ -123,7 +123,7 @@ def data_args(data_dir, *extra):
 
 def test_ties_are_dropped_and_counted(preference_data_path):
     dataset, _, counts = sd.load_preference_dataset(data_args(preference_data_path))
-    assert counts == {"rows": 36, "ties": 4, "invalid_labels": 0, "pairs": 32}
+    assert counts == {"rows": 36, "ties": 4, "invalid_labels": 0, "bad_caption": 0, "pairs": 32}
     assert len(dataset) == 32
     labels = set(zip(dataset["label_0"], dataset["label_1"]))
     assert labels <= {(1.0, 0.0), (0.0, 1.0)}

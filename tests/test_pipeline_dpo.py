@@ -1,0 +1,325 @@
+"""pipeline_dpo.py: every kind of DPO result loads into a stock pipeline and samples what its trained UNet samples.
+
+SD results come from real (2-step) runs of train_diffusion_dpo.py. SDXL results come from
+train_diffusion_dpo_sdxl.py when it is in the repository; otherwise they are made by hand the way the scripts
+save them (a perturbed UNet saved as a full pipeline; a PEFT LoRA saved with save_lora_weights).
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pipeline_dpo
+from launch_utils import REPO_ROOT, launch
+from pipeline_dpo import DpoResultError, load_dpo_pipeline, resolve_dpo_result
+
+PROMPT = "a red circle on a blue background"
+STEPS = 2  # sampling steps for every image here: enough to run the whole pipeline, fast on a CPU
+SDXL_SCRIPT = "train_diffusion_dpo_sdxl.py"
+
+
+def train_args(model, data, output_dir, *extra):
+    return ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", output_dir,
+            "--resolution", "64", "--max_train_steps", "2", "--num_validation_images", "0", "--train_batch_size", "2",
+            "--learning_rate", "1e-3", "--seed", "0", "--lr_warmup_steps", "0", "--checkpointing_steps", "100", *extra]
+
+
+def sample(pipe, prompt=PROMPT, seed=0, **kwargs):
+    """One image (uint8 array, as a user saves it) from `seed` on a CPU generator, as pipeline_dpo samples."""
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    image = pipe(prompt, num_inference_steps=STEPS, generator=generator, **kwargs).images[0]
+    return np.asarray(image)
+
+
+def sample_float(pipe):
+    """The same image before 8-bit quantisation, for tolerance comparisons."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(0),
+                output_type="np").images[0]
+
+
+def has_lora_layers(module):
+    return any("lora" in name for name, _ in module.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results to load
+# ---------------------------------------------------------------------------------------------------------------
+def copy_unet_alone(pipeline_folder, destination):
+    """A folder holding only unet/, as --save_unet_only writes it and the authors released theirs."""
+    shutil.copytree(pipeline_folder / "unet", destination / "unet")
+    return destination
+
+
+def make_sdxl_results_by_hand(base, root):
+    """SDXL results saved the way the training scripts save them, with weights moved off the base's."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(base)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in pipe.unet.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    pipe.save_pretrained(root / "full", safe_serialization=True)
+
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    with torch.no_grad():  # LoRA B starts at zero; give it values so the adapter changes the images
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionXLPipeline.save_lora_weights(root / "lora", unet_lora_layers=lora_state, safe_serialization=True)
+
+
+@pytest.fixture(scope="module")
+def results(tiny_sd_path, tiny_sdxl_path, preference_data_path, tmp_path_factory):
+    """{"sd": {...}, "sdxl": {...}}: the base and its "full", "unet-only" and "lora" results, per family."""
+    sd, sdxl = tmp_path_factory.mktemp("sd-results"), tmp_path_factory.mktemp("sdxl-results")
+    runs = [
+        ("train_diffusion_dpo.py", train_args(tiny_sd_path, preference_data_path, sd / "full")),
+        ("train_diffusion_dpo.py", train_args(tiny_sd_path, preference_data_path, sd / "unet-only",
+                                              "--save_unet_only")),
+        # Checkpoint at the last step: checkpoint-2 holds the same adapter as the result, in the training format.
+        ("train_diffusion_dpo.py", train_args(tiny_sd_path, preference_data_path, sd / "lora", "--use_lora",
+                                              "--checkpointing_steps", "2")),
+    ]
+    have_sdxl_script = (REPO_ROOT / SDXL_SCRIPT).exists()
+    if have_sdxl_script:
+        runs += [(SDXL_SCRIPT, train_args(tiny_sdxl_path, preference_data_path, sdxl / "full")),
+                 (SDXL_SCRIPT, train_args(tiny_sdxl_path, preference_data_path, sdxl / "lora", "--use_lora"))]
+    # The runs are independent and mostly start-up time: run them side by side, one thread each.
+    with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+        running = [pool.submit(launch, script, args, env={"OMP_NUM_THREADS": "1"}) for script, args in runs]
+        if not have_sdxl_script:
+            make_sdxl_results_by_hand(tiny_sdxl_path, sdxl)
+        for run in running:
+            run.result()
+    copy_unet_alone(sdxl / "full", sdxl / "unet-only")  # the SDXL unet-only layout, from the full result
+    return {family: {"base": base, **{kind: root / kind for kind in ("full", "unet-only", "lora")}}
+            for family, base, root in (("sd", tiny_sd_path, sd), ("sdxl", tiny_sdxl_path, sdxl))}
+
+
+@pytest.fixture(scope="module")
+def sd_results(results):
+    return results["sd"]
+
+
+@pytest.fixture(scope="module")
+def sdxl_results(results):
+    return results["sdxl"]
+
+
+@pytest.fixture(scope="module")
+def base_images(results):
+    """What each base samples (PROMPT, seed 0) with no DPO result."""
+    return {family: sample(load_dpo_pipeline(paths["base"])) for family, paths in results.items()}
+
+
+def by_hand(family_results, kind):
+    """The trained result put into a stock pipeline with diffusers' own calls, as a user would without us."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    pipe = DiffusionPipeline.from_pretrained(family_results["base"])
+    if kind == "lora":
+        pipe.load_lora_weights(family_results["lora"])
+    else:
+        pipe.unet = UNet2DConditionModel.from_pretrained(family_results[kind], subfolder="unet")
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading every kind of result
+# ---------------------------------------------------------------------------------------------------------------
+# (what `dpo` is given as, which result it is, what resolve_dpo_result must call it)
+DPO_FORMS = [
+    ("full pipeline folder", "full", lambda r: r["full"], "pipeline"),
+    ("folder holding only unet/", "unet-only", lambda r: r["unet-only"], "unet"),
+    ("the UNet folder itself", "unet-only", lambda r: r["unet-only"] / "unet", "unet"),
+    ("LoRA folder", "lora", lambda r: r["lora"], "lora"),
+    ("LoRA .safetensors file", "lora", lambda r: r["lora"] / "pytorch_lora_weights.safetensors", "lora"),
+]
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("form, result_kind, dpo_path, expected_kind", DPO_FORMS, ids=[f[0] for f in DPO_FORMS])
+def test_every_kind_of_result_samples_what_its_trained_unet_samples(family, form, result_kind, dpo_path,
+                                                                     expected_kind, results, base_images):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    dpo = dpo_path(results[family])
+    assert resolve_dpo_result(dpo).kind == expected_kind
+    pipe = load_dpo_pipeline(results[family]["base"], dpo)
+    assert type(pipe) is {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}[family]
+
+    image = sample(pipe)
+    np.testing.assert_array_equal(image, sample(by_hand(results[family], result_kind)))
+    assert not np.array_equal(image, base_images[family]), "the DPO result should change the image"
+
+
+def test_lora_training_checkpoint_loads_like_the_final_lora(sd_results):
+    checkpoint = sd_results["lora"] / "checkpoint-2"
+    assert resolve_dpo_result(checkpoint).weight_name == "unet_lora_adapter.safetensors"
+    image = sample(load_dpo_pipeline(sd_results["base"], checkpoint))
+    np.testing.assert_array_equal(image, sample(by_hand(sd_results, "lora")))
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_lora_scale_zero_is_exactly_the_base(family, results, base_images):
+    pipe = load_dpo_pipeline(results[family]["base"], results[family]["lora"], lora_scale=0.0)
+    np.testing.assert_array_equal(sample(pipe), base_images[family])
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_fused_lora_samples_like_the_unfused_lora_and_drops_the_adapter(family, results):
+    base, lora = results[family]["base"], results[family]["lora"]
+    for scale in (1.0, 0.5):
+        unfused = load_dpo_pipeline(base, lora, lora_scale=scale)
+        fused = load_dpo_pipeline(base, lora, lora_scale=scale, fuse_lora=True)
+        assert has_lora_layers(unfused.unet) and not has_lora_layers(fused.unet)
+        np.testing.assert_allclose(sample_float(fused), sample_float(unfused), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Clear errors
+# ---------------------------------------------------------------------------------------------------------------
+def test_a_folder_with_nothing_usable_names_what_was_looked_for_and_found(sd_results, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "checkpoint-10").mkdir()
+    with pytest.raises(DpoResultError) as error:
+        load_dpo_pipeline(sd_results["base"], tmp_path)
+    message = str(error.value)
+    for looked_for in ("model_index.json", "pytorch_lora_weights.safetensors", "unet/config.json", "config.json"):
+        assert looked_for in message
+    assert "notes.txt" in message and "checkpoint-N" in message
+
+
+def test_other_unusable_inputs_get_clear_errors(sd_results, sdxl_results, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"conv_in.weight": torch.zeros(2, 2)}, tmp_path / "weights.safetensors")
+    with pytest.raises(DpoResultError, match="holds no LoRA weights"):
+        load_dpo_pipeline(sd_results["base"], tmp_path / "weights.safetensors")
+    (tmp_path / "model.ckpt").write_bytes(b"pickle")
+    with pytest.raises(DpoResultError, match="must be .safetensors"):
+        load_dpo_pipeline(sd_results["base"], tmp_path / "model.ckpt")
+    with pytest.raises(DpoResultError, match="Hugging Face Hub"):  # tests run with HF_HUB_OFFLINE=1
+        load_dpo_pipeline(sd_results["base"], "someone/no-such-dpo-result")
+    with pytest.raises(DpoResultError, match="does not exist"):
+        load_dpo_pipeline(sd_results["base"], str(tmp_path / "missing" / "result"))
+    with pytest.raises(DpoResultError, match="does not fit the base.*cross_attention_dim"):
+        load_dpo_pipeline(sd_results["base"], sdxl_results["full"])
+    with pytest.raises(DpoResultError, match="model_index.json of the base"):
+        load_dpo_pipeline(sd_results["full"] / "unet", sd_results["lora"])
+    with pytest.raises(ValueError, match="apply to LoRA results"):
+        load_dpo_pipeline(sd_results["base"], sd_results["full"], lora_scale=0.5)
+
+
+def test_unet_weights_must_be_safetensors(sd_results, tmp_path):
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    shutil.copy(sd_results["full"] / "unet" / "config.json", unet / "config.json")
+    (unet / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(DpoResultError, match="safetensors only"):
+        resolve_dpo_result(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+def grid_cell(grid, layout, column_x, row_top):
+    return np.asarray(grid.crop((column_x, row_top, column_x + layout["cell_width"],
+                                 row_top + layout["cell_height"])))
+
+
+def check_grid(out, prompts, seeds, base_pipe, dpo_pipe):
+    """Grid size, the JSON, and every cell equal to the image the pipelines sample for that prompt and seed."""
+    record = json.loads(out.with_suffix(".json").read_text())
+    layout = record["layout"]
+    grid = Image.open(out)
+    n = len(seeds)
+    assert grid.size == (2 * n * layout["cell_width"] + layout["gap"],
+                         layout["header_height"] + len(prompts) * (layout["cell_height"] + layout["caption_height"]))
+    assert (layout["cell_width"], layout["cell_height"]) == (record["width"], record["height"]) == (64, 64)
+    assert layout["caption_height"] > 0 and layout["gap"] > 0
+    assert record["prompts"] == prompts and record["seeds"] == seeds
+    for p, prompt in enumerate(prompts):
+        top = layout["row_tops"][p]
+        for j, seed in enumerate(seeds):
+            settings = {"guidance_scale": record["guidance_scale"]}
+            np.testing.assert_array_equal(grid_cell(grid, layout, layout["base_columns"][j], top),
+                                          sample(base_pipe, prompt, seed, **settings))
+            np.testing.assert_array_equal(grid_cell(grid, layout, layout["dpo_columns"][j], top),
+                                          sample(dpo_pipe, prompt, seed, **settings))
+        caption = np.asarray(grid.crop((0, top + layout["cell_height"], grid.width,
+                                        top + layout["cell_height"] + layout["caption_height"])).convert("L"))
+        assert caption.min() < 128, "the prompt is written under its row"
+    return record
+
+
+def test_compare_command_writes_a_grid_of_base_and_dpo_rows_and_its_json(sd_results, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("# prompts for the grid\na red circle\n\na blue square on a green background\n")
+    out = tmp_path / "grid" / "compare.png"
+    command = [sys.executable, str(REPO_ROOT / "pipeline_dpo.py"), "compare", "--base", str(sd_results["base"]),
+               "--dpo", str(sd_results["full"]), "--prompts", str(prompts_file), "--out", str(out), "--seed", "3",
+               "--num_images_per_prompt", "2", "--num_inference_steps", str(STEPS)]
+    completed = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stdout[-4000:]
+
+    prompts = ["a red circle", "a blue square on a green background"]
+    record = check_grid(out, prompts, [3, 4], load_dpo_pipeline(sd_results["base"]),
+                        load_dpo_pipeline(sd_results["base"], sd_results["full"]))
+    assert record["command"] == "compare" and record["pipeline"] == "StableDiffusionPipeline"
+    assert record["dpo_kind"] == "pipeline" and record["dpo"] == str(sd_results["full"])
+    assert record["base"] == str(sd_results["base"])
+    assert (record["num_inference_steps"], record["guidance_scale"]) == (STEPS, 7.5)  # SD's default guidance
+    assert (record["dtype"], record["device"]) == ("float32", "cpu")
+
+
+def test_compare_with_an_sdxl_lora_uses_sdxl_guidance(sdxl_results, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a red circle\n")
+    out = tmp_path / "grid.png"
+    pipeline_dpo.main(pipeline_dpo.parse_args([
+        "compare", "--base", str(sdxl_results["base"]), "--dpo", str(sdxl_results["lora"]), "--prompts",
+        str(prompts_file), "--out", str(out), "--num_inference_steps", str(STEPS)]))
+    record = check_grid(out, ["a red circle"], [0], load_dpo_pipeline(sdxl_results["base"]),
+                        load_dpo_pipeline(sdxl_results["base"], sdxl_results["lora"]))
+    assert record["guidance_scale"] == 5.0 and record["pipeline"] == "StableDiffusionXLPipeline"
+    assert record["dpo_kind"] == "lora"
+
+
+def test_generate_command_writes_images_and_their_json(sd_results, tmp_path):
+    out = tmp_path / "images"
+    pipeline_dpo.main(pipeline_dpo.parse_args([
+        "generate", "--base", str(sd_results["base"]), "--dpo", str(sd_results["lora"]), "--prompt", PROMPT,
+        "--prompt", "a blue square", "--seed", "5", "--num_inference_steps", str(STEPS), "--out", str(out)]))
+    record = json.loads((out / "generate.json").read_text())
+    assert [(image["prompt"], image["seed"]) for image in record["images"]] == [(PROMPT, 5), ("a blue square", 5)]
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(image["file"] for image in record["images"])
+    first = np.asarray(Image.open(out / record["images"][0]["file"]))
+    np.testing.assert_array_equal(first, sample(load_dpo_pipeline(sd_results["base"], sd_results["lora"]), seed=5))
+    assert record["dpo_kind"] == "lora" and record["guidance_scale"] == 7.5
+
+
+def test_command_line_rejects_bad_options():
+    with pytest.raises(SystemExit):
+        pipeline_dpo.parse_args(["compare", "--base", "b", "--dpo", "d", "--prompts", "p", "--out", "o",
+                                 "--dtype", "float8"])
+    with pytest.raises(SystemExit):
+        pipeline_dpo.parse_args(["generate", "--base", "b", "--prompt", "p", "--out", "o", "--height", "60"])
+    parser = pipeline_dpo.build_parser()
+    for subparser in parser._subparsers._group_actions[0].choices.values():
+        assert all(action.help for action in subparser._actions), "every flag has help"

@@ -1,0 +1,1379 @@
+#!/usr/bin/env python
+# Copyright 2026 The Diffusion-DPO open implementation authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Diffusion-DPO fine-tuning of Stable Diffusion XL on preference pairs (Wallace et al., 2311.12908).
+
+Launch (one GPU, LoRA):
+    accelerate launch train_diffusion_dpo_sdxl.py \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+        --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix \
+        --dataset_name yuvalkirstain/pickapic_v2 --use_lora --rank 8 \
+        --train_batch_size 1 --gradient_accumulation_steps 64 --learning_rate 1e-5 --gradient_checkpointing \
+        --beta_dpo 5000 --max_train_steps 2000 --mixed_precision fp16 --output_dir sdxl-dpo-lora
+
+The authors' full fine-tune (16 GPUs x 1 pair x 128 accumulation = 2048 pairs per step, Adafactor, 1024 px):
+    accelerate launch --num_processes 16 train_diffusion_dpo_sdxl.py ... --train_batch_size 1 \
+        --gradient_accumulation_steps 128 --learning_rate 1e-8 --scale_lr --lr_scheduler constant_with_warmup \
+        --lr_warmup_steps 200 --beta_dpo 5000 --max_train_steps 2000 --use_adafactor --gradient_checkpointing \
+        --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix --mixed_precision fp16
+
+Same flags and meanings as train_diffusion_dpo.py (SD 1.x/2.x), plus what SDXL needs: two text encoders
+(penultimate hidden states concatenated, pooled projection of the second), micro-conditioning time ids per pair
+(original size, crop top-left, target size), an optional fixed fp16 VAE, and an optional few-step (turbo) schedule.
+The DPO math lives in `diffusion_dpo_loss`; everything else is data, models and bookkeeping.
+Functions marked `# Copied from train_diffusion_dpo.<name>` are kept identical to the SD script by a test.
+This file is self-contained: it imports only pip packages, so it runs when copied alone.
+"""
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from PIL import Image, ImageOps
+
+import diffusers
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import check_min_version, convert_state_dict_to_diffusers, make_image_grid
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+
+check_min_version("0.30.0")
+
+logger = get_logger(__name__, log_level="INFO")
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "sft")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+DEFAULT_VALIDATION_PROMPTS = [
+    "a photo of an astronaut riding a horse on mars",
+    "a cute corgi wearing a red scarf, studio portrait",
+    "a bowl of ramen on a wooden table, cinematic lighting",
+    "a watercolor painting of a lighthouse at sunset",
+]
+# Names of the files the final results are made of; the hub push uploads these and nothing else.
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+CHECKPOINT_LORA_NAME = "unet_lora_adapter.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DPO objective
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from train_diffusion_dpo.diffusion_dpo_loss
+def diffusion_dpo_loss(model_losses, ref_losses, beta_dpo, loss_type="sigmoid"):
+    """Diffusion-DPO loss from per-sample denoising errors (Wallace et al. 2023, eq. 14).
+
+    L = -log sigmoid( -(beta_dpo / 2) * [ (m_w - m_l) - (r_w - r_l) ] )
+
+    with m_* = ||target - eps_theta(x_t, t, c)||^2 and r_* the same under the frozen reference, each a mean over
+    C, H, W. The -beta/2 convention is the authors' (their T * omega(lambda_t) weighting folded into beta).
+
+    Args:
+        model_losses: float tensor [2B], the policy's errors ordered [winners; losers]. For "sft" only the
+            winners' errors, shape [B] (the SFT step never runs the losers).
+        ref_losses: float tensor [2B], the reference's errors in the same order; None for "sft".
+        beta_dpo: the KL-regularisation strength beta (> 0).
+        loss_type: "sigmoid" (the paper's DPO), "hinge" (SLiC, Zhao et al. 2023: relu(1 - inside)),
+            "ipo" (Azar et al. 2023, eq. 17: (logits - 1/(2 beta))^2 with logits = inside / beta),
+            or "sft" (plain denoising loss on the winners, paper section 5.5).
+
+    Returns:
+        (loss, metrics): a scalar loss and a dict of detached scalars: implicit_acc (fraction of pairs whose
+        winner the model prefers more than the reference does), reward_margin (mean of inside), and the mean
+        errors model_mse_w, model_mse_l, ref_mse_w, ref_mse_l.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"Unknown loss_type {loss_type!r}; valid types are {', '.join(LOSS_TYPES)}.")
+    model_losses = model_losses.float()
+    if loss_type == "sft":
+        loss = model_losses.mean()
+        return loss, {"model_mse_w": model_losses.detach().mean()}
+
+    if ref_losses is None:
+        raise ValueError(f"loss_type {loss_type!r} needs the reference model's errors (ref_losses).")
+    # 1. Split [winners; losers] into per-pair errors.
+    model_mse_w, model_mse_l = model_losses.chunk(2)
+    ref_mse_w, ref_mse_l = ref_losses.float().chunk(2)
+    # 2. How much more the policy prefers the winner than the reference does (>0 = better than reference).
+    logits = -0.5 * ((model_mse_w - model_mse_l) - (ref_mse_w - ref_mse_l))
+    inside = beta_dpo * logits
+    # 3. The loss on those logits.
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(inside)
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - inside)
+    else:  # "ipo"
+        losses = (logits - 1.0 / (2.0 * beta_dpo)) ** 2
+    metrics = {
+        "implicit_acc": (inside > 0).float().mean().detach(),
+        "reward_margin": inside.mean().detach(),
+        "model_mse_w": model_mse_w.mean().detach(),
+        "model_mse_l": model_mse_l.mean().detach(),
+        "ref_mse_w": ref_mse_w.mean().detach(),
+        "ref_mse_l": ref_mse_l.mean().detach(),
+    }
+    return losses.mean(), metrics
+
+
+# Copied from train_diffusion_dpo.lora_adapters_disabled
+@contextlib.contextmanager
+def lora_adapters_disabled(unet):
+    """Run the UNet as the frozen reference: its LoRA adapters off, switched back on even if the body raises."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+# Copied from train_diffusion_dpo.pair_generator
+def pair_generator(seed, step, pair_index):
+    """A torch.Generator for one pair at one optimizer step.
+
+    Noise, timestep and VAE sample of a pair depend on (seed, step, pair) only, never on which process or
+    micro-batch draws them: 2 processes equal 1 process, batch 8 equals batch 1 x 8 accumulation, and a resumed
+    run draws what an uninterrupted one would.
+    """
+    digest = hashlib.sha256(f"{seed}/{step}/{pair_index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def draw_timesteps(generators, num_train_timesteps, timestep_choices=None):
+    """One timestep per pair from its own generator: U{0..T-1}, or uniform over a few-step (turbo) schedule."""
+    if timestep_choices is None:
+        return torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g) for g in generators])
+    picks = torch.cat([torch.randint(0, len(timestep_choices), (1,), generator=g) for g in generators])
+    return timestep_choices[picks]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: Pick-a-Pic-format preference pairs
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from train_diffusion_dpo.UnusableImage
+class UnusableImage(ValueError):
+    """An image cell that cannot be used; `reason` is the count it goes to (missing_image, undecodable_image)."""
+
+    def __init__(self, reason, message):
+        super().__init__(message)
+        self.reason = reason
+
+
+# Copied from train_diffusion_dpo.load_pil_image
+def load_pil_image(value):
+    """Decode one image cell as stored by parquet/datasets (bytes, {"bytes", "path"}, PIL, or a path) to RGB.
+
+    Usable odd images are made right: EXIF rotation applied; grayscale, palette, CMYK and 16-bit images converted;
+    transparency composited on white. Missing or undecodable images raise UnusableImage with the reason.
+    """
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if value is None or (isinstance(value, (bytes, bytearray, str)) and len(value) == 0):
+        raise UnusableImage("missing_image", "the image cell is empty")
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, str):
+            image = Image.open(value)
+        else:
+            raise ValueError(f"cannot read an image from a {type(value).__name__}")
+        image.load()  # decode now, so truncated bytes fail here and not inside the model step
+        # Phone photos carry their rotation in EXIF; apply it so the pixels match what the user saw.
+        image = ImageOps.exif_transpose(image)
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for bad bytes
+        raise UnusableImage("undecodable_image", f"cannot decode the image: {error}") from error
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit (or 32-bit integer) grayscale: scale to 8 bits instead of clipping everything above 255 to white
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+# Copied from train_diffusion_dpo.preprocess_pair
+def preprocess_pair(winner, loser, resolution, random_crop, hflip, rng):
+    """Resize, crop and flip a winner/loser pair *jointly*, and return normalized tensors.
+
+    The loser is first brought to the winner's size, then both get the same resize (short side = resolution),
+    the same crop and the same flip, so that neither image of a pair is favoured by augmentation.
+
+    Returns (winner [3,R,R] in [-1,1], loser likewise, original_size (h, w), crop_top_left (top, left)).
+    """
+    original_size = (winner.height, winner.width)
+    if loser.size != winner.size:
+        loser = loser.resize(winner.size, resample=Image.BICUBIC)
+    scale = resolution / min(winner.width, winner.height)
+    resized = (max(resolution, round(winner.width * scale)), max(resolution, round(winner.height * scale)))
+    winner = winner.resize(resized, resample=Image.BILINEAR)
+    loser = loser.resize(resized, resample=Image.BILINEAR)
+    if random_crop:
+        top = rng.randint(0, resized[1] - resolution)
+        left = rng.randint(0, resized[0] - resolution)
+    else:
+        top = (resized[1] - resolution) // 2
+        left = (resized[0] - resolution) // 2
+    box = (left, top, left + resolution, top + resolution)
+    winner, loser = winner.crop(box), loser.crop(box)
+    if hflip and rng.random() < 0.5:
+        winner = winner.transpose(Image.FLIP_LEFT_RIGHT)
+        loser = loser.transpose(Image.FLIP_LEFT_RIGHT)
+
+    def to_tensor(image):
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return pixels.float().div(127.5).sub(1.0)
+
+    return to_tensor(winner), to_tensor(loser), original_size, (top, left)
+
+
+def preprocess_pair_with_time_ids(winner, loser, resolution, random_crop, hflip, rng):
+    """preprocess_pair, plus SDXL's micro-conditioning for exactly the pixels it returns.
+
+    Returns (winner [3,R,R], loser [3,R,R], time_ids [6]) with time_ids = (original height, original width,
+    crop top, crop left, target height, target width): the winner's real size, the crop applied to both images
+    (the loser is brought to the winner's size first), and the training resolution.
+
+    The flip is applied here, after the joint crop, so the crop's left edge can be given in the frame of the
+    image the model sees: in a mirrored crop, what was cut off on the right now shows as cut off on the left.
+    The random draws happen in the same order as in preprocess_pair, so crops and flips equal the SD script's.
+    """
+    pixels_w, pixels_l, original_size, (top, left) = preprocess_pair(winner, loser, resolution, random_crop, False,
+                                                                     rng)
+    if hflip and rng.random() < 0.5:
+        pixels_w, pixels_l = pixels_w.flip(-1), pixels_l.flip(-1)
+        scale = resolution / min(original_size)  # the resize of preprocess_pair: short side -> resolution
+        resized_width = max(resolution, round(original_size[1] * scale))
+        left = resized_width - resolution - left
+    return pixels_w, pixels_l, torch.tensor([*original_size, top, left, resolution, resolution], dtype=torch.long)
+
+
+# Copied from train_diffusion_dpo.load_preference_dataset
+def load_preference_dataset(args):
+    """Load the dataset, check its columns, and return (dataset, column names, counts of dropped rows).
+
+    Rows are kept when they hold a usable preference: a string caption and Pick-a-Pic labels (1, 0) or (0, 1);
+    ties (0.5, 0.5), other labels and missing captions are dropped and counted by reason, reading only the
+    caption and label columns. A chosen/rejected layout has no labels. Image problems are found (and counted)
+    when the images are decoded during training.
+    """
+    from datasets import load_dataset
+
+    source = args.train_data_dir if args.train_data_dir is not None else args.dataset_name
+    dataset = load_dataset(source, args.dataset_config_name, split=args.dataset_split_name, cache_dir=args.cache_dir)
+
+    if args.chosen_column is not None:
+        columns = {"caption": args.caption_column, "winner": args.chosen_column, "loser": args.rejected_column}
+    else:
+        columns = {
+            "caption": args.caption_column,
+            "image_0": args.image_0_column,
+            "image_1": args.image_1_column,
+            "label_0": args.label_0_column,
+            "label_1": args.label_1_column,
+        }
+    missing = [name for name in columns.values() if name not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"Dataset {source!r} has no column(s) {missing}. Its columns are {dataset.column_names}. Map yours with "
+            "--caption_column, --image_0_column/--image_1_column/--label_0_column/--label_1_column (Pick-a-Pic "
+            "layout) or --chosen_column/--rejected_column (chosen/rejected layout)."
+        )
+
+    counts = {"rows": len(dataset), "ties": 0, "invalid_labels": 0, "bad_caption": 0}
+    keep = np.ones(len(dataset), dtype=bool)
+    # A caption must be a string (empty is allowed: it is what prompt dropout trains on anyway).
+    captions = dataset.select_columns([columns["caption"]])[columns["caption"]]
+    has_caption = np.fromiter((isinstance(c, str) for c in captions), dtype=bool, count=len(dataset))
+    counts["bad_caption"] = int((~has_caption).sum())
+    keep &= has_caption
+    if args.chosen_column is None:
+        # Read only the two label columns (no image decoding) to choose the rows to keep.
+        labels = dataset.select_columns([columns["label_0"], columns["label_1"]]).with_format("numpy")
+        label_0 = np.asarray(labels[columns["label_0"]], dtype=np.float64)
+        label_1 = np.asarray(labels[columns["label_1"]], dtype=np.float64)
+        is_tie = (label_0 == 0.5) & (label_1 == 0.5)
+        is_decided = ((label_0 == 1) & (label_1 == 0)) | ((label_0 == 0) & (label_1 == 1))
+        # Each dropped row is counted once, under its first reason in the order caption, tie, labels.
+        counts["ties"] = int((is_tie & keep).sum())
+        counts["invalid_labels"] = int((~is_tie & ~is_decided & keep).sum())
+        keep &= is_decided
+    if not keep.all():
+        dataset = dataset.select(np.flatnonzero(keep))
+    if args.max_train_samples is not None:
+        seed = args.seed if args.seed is not None else 0
+        dataset = dataset.shuffle(seed=seed).select(range(min(args.max_train_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError(
+            f"Dataset {source!r} has no usable preference pairs after filtering ({counts['rows']} rows: "
+            f"{counts['ties']} ties, {counts['invalid_labels']} with invalid labels, {counts['bad_caption']} without "
+            "a string caption). Check the columns (--caption_column, --label_0_column/--label_1_column) or use "
+            "--chosen_column/--rejected_column."
+        )
+    counts["pairs"] = len(dataset)
+    return dataset, columns, counts
+
+
+class PreferencePairDataset(torch.utils.data.Dataset):
+    """Pairs as model inputs: the caption tokenized by both tokenizers, winner and loser pixels with joint crop
+    and flip, and the pair's micro-conditioning time ids.
+
+    Augmentation randomness depends on (seed, epoch, index) only, so it is the same on every process count and
+    after a resume. A row whose images are missing or cannot be decoded is replaced by the next usable row and
+    reported in the example (`skipped`: (row, reason) pairs), so batches keep their size and no process waits
+    on another. Captions longer than a tokenizer's limit are truncated and reported (`truncated`).
+    """
+
+    def __init__(self, dataset, columns, tokenizers, args):
+        self.dataset = dataset
+        self.columns = columns
+        self.tokenizers = tokenizers
+        self.resolution = args.resolution
+        self.random_crop = args.random_crop
+        self.hflip = not args.no_hflip
+        self.proportion_empty_prompts = args.proportion_empty_prompts
+        self.seed = args.seed if args.seed is not None else 0
+        self.epoch = 0  # set by the training loop before each epoch's iterator is built
+
+    # Copied from train_diffusion_dpo.PreferencePairDataset.__len__
+    def __len__(self):
+        return len(self.dataset)
+
+    # Copied from train_diffusion_dpo.PreferencePairDataset.decode_pair
+    def decode_pair(self, row):
+        if "winner" in self.columns:
+            return load_pil_image(row[self.columns["winner"]]), load_pil_image(row[self.columns["loser"]])
+        image_0 = load_pil_image(row[self.columns["image_0"]])
+        image_1 = load_pil_image(row[self.columns["image_1"]])
+        # Rows were filtered to labels (1, 0) or (0, 1): the winner is the image labelled 1.
+        return (image_0, image_1) if float(row[self.columns["label_0"]]) == 1.0 else (image_1, image_0)
+
+    def __getitem__(self, index):
+        skipped = []
+        for offset in range(len(self.dataset)):
+            row_index = (index + offset) % len(self.dataset)
+            row = self.dataset[row_index]
+            try:
+                winner, loser = self.decode_pair(row)
+                break
+            except UnusableImage as error:
+                skipped.append((row_index, error.reason))
+        else:
+            raise ValueError("No row of the dataset has usable images: every image is missing or undecodable.")
+        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+        caption = row[self.columns["caption"]]
+        if rng.random() < self.proportion_empty_prompts:
+            caption = ""
+        pixels_w, pixels_l, time_ids = preprocess_pair_with_time_ids(winner, loser, self.resolution,
+                                                                     self.random_crop, self.hflip, rng)
+        # Both tokenizers pad to their model_max_length (77); SDXL's second pads with "!", as the pipeline does.
+        input_ids, input_ids_2 = (
+            tokenizer(caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                      return_tensors="pt").input_ids[0]
+            for tokenizer in self.tokenizers
+        )
+        truncated = any(len(tokenizer(caption).input_ids) > tokenizer.model_max_length
+                        for tokenizer in self.tokenizers)
+        return {"pixels_w": pixels_w, "pixels_l": pixels_l, "input_ids": input_ids, "input_ids_2": input_ids_2,
+                "time_ids": time_ids, "index": index, "skipped": skipped, "truncated": [row_index] if truncated else []}
+
+
+def collate_pairs(examples):
+    return {
+        "pixels_w": torch.stack([e["pixels_w"] for e in examples]),
+        "pixels_l": torch.stack([e["pixels_l"] for e in examples]),
+        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        "input_ids_2": torch.stack([e["input_ids_2"] for e in examples]),
+        "time_ids": torch.stack([e["time_ids"] for e in examples]),
+        "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
+        "skipped": [item for e in examples for item in e["skipped"]],
+        "truncated": [row for e in examples for row in e["truncated"]],
+    }
+
+
+# Copied from train_diffusion_dpo.EpochPermutationSampler
+class EpochPermutationSampler(torch.utils.data.Sampler):
+    """Shuffles with a permutation that depends on (seed, epoch) only, so a resume can find its position."""
+
+    def __init__(self, num_items, seed):
+        self.num_items = num_items
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_items
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Diffusion-DPO fine-tuning of Stable Diffusion XL on preference pairs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                       help="Hub id or local folder of a diffusers Stable Diffusion XL pipeline (base or turbo).")
+    model.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                       help="Hub id or local folder of a VAE that is safe in fp16 (e.g. madebyollin/"
+                            "sdxl-vae-fp16-fix); it then runs in the mixed-precision dtype and is saved with a "
+                            "full fine-tune. Without it, the model's own VAE runs in float32 whatever the "
+                            "mixed precision (SDXL's VAE overflows in fp16).")
+    model.add_argument("--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the model.")
+    model.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. 'fp16'.")
+    model.add_argument("--prediction_type", type=str, default=None, choices=PREDICTION_TYPES,
+                       help="Override the scheduler's prediction type. Default: the model's own (SDXL base is "
+                            "epsilon); the regression target follows it.")
+    model.add_argument("--is_turbo", action="store_true",
+                       help="Train a few-step model (SDXL-Turbo) on its own schedule: each pair's timestep is drawn "
+                            "from the --turbo_num_steps timesteps the model's scheduler samples with (SDXL-Turbo, "
+                            "4 steps: 999, 749, 499, 249) instead of from 0..999. Validate it with "
+                            "--validation_num_inference_steps 4 --validation_guidance_scale 0.")
+    model.add_argument("--turbo_num_steps", type=int, default=4,
+                       help="With --is_turbo: the number of sampling steps whose timesteps are trained.")
+
+    dpo = parser.add_argument_group("DPO objective")
+    dpo.add_argument("--loss_type", type=str, default="sigmoid", choices=LOSS_TYPES,
+                     help="sigmoid: the paper's Diffusion-DPO; hinge: SLiC hinge; ipo: IPO squared loss; sft: "
+                          "denoising loss on winners only (paper 5.5 baseline, no reference pass).")
+    dpo.add_argument("--beta_dpo", type=float, default=5000.0,
+                     help="KL strength beta, in the authors' convention: inside = -(beta_dpo/2) * ((m_w - m_l) - "
+                          "(r_w - r_l)). Same meaning in the SD and SDXL scripts. The authors used 5000 (SDXL) and "
+                          "2000-5000 (SD1.5). Larger keeps the model closer to the reference.")
+
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--use_lora", action="store_true",
+                      help="Train LoRA adapters instead of the whole UNet; the reference is the same UNet with "
+                           "its adapters disabled (no second copy in memory).")
+    lora.add_argument("--rank", type=int, default=8, help="LoRA rank.")
+    lora.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (scale = alpha / rank). Default: rank.")
+    lora.add_argument("--lora_target_modules", type=str, default="to_k,to_q,to_v,to_out.0",
+                      help="Comma-separated UNet module names that get adapters.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", type=str, default=None,
+                      help="Hub dataset id, or a local folder of parquet files, in Pick-a-Pic format.")
+    data.add_argument("--dataset_config_name", type=str, default=None, help="Config name of the dataset, if any.")
+    data.add_argument("--train_data_dir", type=str, default=None,
+                      help="Local folder of parquet (or json/csv) files in Pick-a-Pic format; instead of "
+                           "--dataset_name.")
+    data.add_argument("--dataset_split_name", type=str, default="train", help="Split to train on.")
+    data.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+    data.add_argument("--caption_column", type=str, default="caption", help="Column with the prompt.")
+    data.add_argument("--image_0_column", type=str, default="jpg_0", help="Column with the first image (bytes).")
+    data.add_argument("--image_1_column", type=str, default="jpg_1", help="Column with the second image (bytes).")
+    data.add_argument("--label_0_column", type=str, default="label_0",
+                      help="Column with the first image's label: 1 preferred, 0 rejected, 0.5 tie (dropped).")
+    data.add_argument("--label_1_column", type=str, default="label_1", help="Column with the second image's label.")
+    data.add_argument("--chosen_column", type=str, default=None,
+                      help="For datasets that store a chosen and a rejected image with no labels: the chosen "
+                           "image's column (give --rejected_column too; label columns are then ignored).")
+    data.add_argument("--rejected_column", type=str, default=None, help="The rejected image's column.")
+    data.add_argument("--max_train_samples", type=int, default=None,
+                      help="Train on a seeded random subset of this many pairs (after dropping ties).")
+    data.add_argument("--resolution", type=int, default=1024,
+                      help="Training resolution; a multiple of 8. SDXL base: 1024; SDXL-Turbo: 512.")
+    data.add_argument("--random_crop", action="store_true",
+                      help="Random crop instead of center crop (same crop for winner and loser; its top-left "
+                           "corner goes into the time ids).")
+    data.add_argument("--no_hflip", action="store_true",
+                      help="Disable the random horizontal flip (applied to winner and loser together).")
+    data.add_argument("--proportion_empty_prompts", type=float, default=0.2,
+                      help="Fraction of captions replaced by '' (the authors' 0.2), for classifier-free guidance. "
+                           "'' is encoded by both text encoders like any caption; SDXL's force_zeros_for_empty_prompt "
+                           "is an inference-time setting of the pipeline (zeros for an empty negative prompt) and "
+                           "does not apply here.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0,
+                      help="Worker processes that decode images; 0 decodes in the main process.")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", type=str, default="diffusion-dpo-sdxl",
+                       help="Where results and checkpoints go.")
+    train.add_argument("--seed", type=int, default=None,
+                       help="Seed for reproducible training; noise, timesteps and crops depend on it. Default 0.")
+    train.add_argument("--train_batch_size", type=int, default=1, help="Pairs per process per micro-batch.")
+    train.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, unless --max_train_steps is set.")
+    train.add_argument("--max_train_steps", type=int, default=None,
+                       help="Optimizer steps to train; overrides --num_train_epochs.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="Micro-batches per optimizer step. Effective batch = processes x batch x this.")
+    train.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute activations in backward: less memory, about 20-30%% slower.")
+    train.add_argument("--learning_rate", type=float, default=1e-8,
+                       help="Learning rate (per pair of the effective batch when --scale_lr is given). The "
+                            "authors: 1e-8 with --scale_lr, i.e. 2.048e-5 at 2048 pairs. LoRA wants ~1e-5..1e-4.")
+    train.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate by processes x batch size x accumulation steps.")
+    train.add_argument("--lr_scheduler", type=str, default="constant_with_warmup", choices=LR_SCHEDULERS,
+                       help="Learning-rate schedule (diffusers.optimization.get_scheduler).")
+    train.add_argument("--lr_warmup_steps", type=int, default=0, help="Warmup optimizer steps.")
+    train.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit: optimizer state in 8 bit.")
+    train.add_argument("--use_adafactor", action="store_true",
+                       help="transformers Adafactor (the authors' SDXL optimizer): factored second moments.")
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Weight decay.")
+    train.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    train.add_argument("--max_nonfinite_steps", type=int, default=20,
+                       help="Stop after this many optimizer steps in a row with a NaN/Inf loss or gradient "
+                            "(each such step is skipped and counted).")
+    train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Mixed precision; default: accelerate config. Frozen models run in this dtype (the VAE "
+                            "too only with --pretrained_vae_model_name_or_path), trained parameters stay float32.")
+    train.add_argument("--vae_encode_batch_size", type=int, default=8,
+                       help="Images the VAE encodes at once (winners and losers together); lower it if VAE "
+                            "encoding at 1024 px runs out of memory.")
+    train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Use xformers attention (needs CUDA and the xformers package); default is PyTorch SDPA.")
+
+    checkpoints = parser.add_argument_group("checkpoints")
+    checkpoints.add_argument("--checkpointing_steps", type=int, default=500,
+                             help="Save a resumable checkpoint every this many optimizer steps.")
+    checkpoints.add_argument("--checkpoints_total_limit", type=int, default=None,
+                             help="Keep at most this many checkpoints (the oldest are removed).")
+    checkpoints.add_argument("--resume_from_checkpoint", type=str, default=None,
+                             help="A checkpoint folder, or 'latest' for the newest complete one in --output_dir.")
+
+    validation = parser.add_argument_group("validation")
+    validation.add_argument("--validation_prompts", type=str, nargs="+", default=DEFAULT_VALIDATION_PROMPTS,
+                            help="Prompts for the paired reference-vs-trained validation grid.")
+    validation.add_argument("--validation_steps", type=int, default=200,
+                            help="Run validation every this many optimizer steps (and always at the end).")
+    validation.add_argument("--num_validation_images", type=int, default=2,
+                            help="Images per prompt and model; 0 disables validation.")
+    validation.add_argument("--validation_num_inference_steps", type=int, default=25, help="Sampling steps.")
+    validation.add_argument("--validation_guidance_scale", type=float, default=5.0,
+                            help="Classifier-free guidance scale for validation (the authors' 5.0 for SDXL; 0 for "
+                                 "SDXL-Turbo).")
+
+    output = parser.add_argument_group("results, logging and hub")
+    output.add_argument("--save_unet_only", action="store_true",
+                        help="Full fine-tune: save only unet/ instead of the complete pipeline folder.")
+    output.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, relative to --output_dir.")
+    output.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "all"],
+                        help="Tracker for metrics and validation grids (wandb is imported only when asked).")
+    output.add_argument("--tracker_project_name", type=str, default="diffusion-dpo-sdxl", help="Tracker project name.")
+    output.add_argument("--push_to_hub", action="store_true",
+                        help="Upload the final weights, model card and grid (never checkpoints or logs).")
+    output.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id; default: the output folder name.")
+    output.add_argument("--hub_token", type=str, default=None,
+                        help="Hub token; prefer `huggingface-cli login`. Never written to logs or files.")
+    return parser
+
+
+def parse_args(input_args=None):
+    parser = build_parser()
+    args = parser.parse_args(input_args)
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1:
+        args.local_rank = env_local_rank
+    validate_args(parser, args)
+    validate_sdxl_args(parser, args)
+    return args
+
+
+# Copied from train_diffusion_dpo.validate_args
+def validate_args(parser, args):
+    """Refuse bad settings before anything is loaded, each with what to do instead."""
+    if args.dataset_name is None and args.train_data_dir is None:
+        parser.error("No dataset given: pass --dataset_name (hub id or parquet folder) or --train_data_dir.")
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        parser.error("Pass either --dataset_name or --train_data_dir, not both.")
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        parser.error(f"--train_data_dir {args.train_data_dir!r} is not a folder.")
+    if (args.chosen_column is None) != (args.rejected_column is None):
+        parser.error("--chosen_column and --rejected_column go together; give both or neither.")
+    if not args.beta_dpo > 0 or not math.isfinite(args.beta_dpo):
+        parser.error(f"--beta_dpo must be a finite number > 0 (got {args.beta_dpo}); the authors used 2000-5000.")
+    if args.resolution <= 0 or args.resolution % 8 != 0:
+        parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8); got {args.resolution}.")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        parser.error("--proportion_empty_prompts must be between 0 and 1.")
+    if args.use_8bit_adam and args.use_adafactor:
+        parser.error("Choose one optimizer: --use_8bit_adam or --use_adafactor.")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "rank",
+                 "checkpointing_steps", "validation_steps", "max_nonfinite_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1.")
+    for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1 when given.")
+    if args.num_validation_images < 0 or args.dataloader_num_workers < 0 or args.lr_warmup_steps < 0:
+        parser.error("--num_validation_images, --dataloader_num_workers and --lr_warmup_steps must be >= 0.")
+    if not args.learning_rate > 0:
+        parser.error("--learning_rate must be > 0.")
+    if not args.max_grad_norm > 0:
+        parser.error("--max_grad_norm must be > 0 (use a large value such as 1e9 to disable clipping).")
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist; pass a checkpoint "
+                     "folder or 'latest'.")
+    output_parent = Path(args.output_dir).resolve()
+    while not output_parent.exists():
+        output_parent = output_parent.parent
+    if not os.access(output_parent, os.W_OK):
+        parser.error(f"--output_dir {args.output_dir!r} is not writable ({output_parent} is read-only).")
+    if args.lora_alpha is None:
+        args.lora_alpha = args.rank
+    if args.seed is None:
+        args.seed = 0
+
+
+def validate_sdxl_args(parser, args):
+    """The checks of the flags only this script has."""
+    if args.vae_encode_batch_size < 1:
+        parser.error("--vae_encode_batch_size must be at least 1.")
+    if args.turbo_num_steps < 1:
+        parser.error("--turbo_num_steps must be at least 1 (SDXL-Turbo samples with 1 to 4 steps).")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages of main
+# ----------------------------------------------------------------------------------------------------------------
+def build_models(args, accelerator, weight_dtype):
+    """Load scheduler, both tokenizers, frozen encoders and VAE, the trained UNet and the frozen reference."""
+    load = {"revision": args.revision, "cache_dir": args.cache_dir}
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", **load)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type!r}; this script trains "
+                         f"{', '.join(PREDICTION_TYPES)} models (set --prediction_type).")
+    tokenizers = (
+        CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **load),
+        CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer_2", **load),
+    )
+    text_encoders = (
+        CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
+                                      variant=args.variant, **load),
+        CLIPTextModelWithProjection.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder_2",
+                                                    variant=args.variant, **load),
+    )
+    if args.pretrained_vae_model_name_or_path is not None:
+        # A fixed VAE is its own repository: the model's revision and variant don't apply to it.
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+        vae_dtype = weight_dtype
+    else:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
+                                            variant=args.variant, **load)
+        vae_dtype = torch.float32  # SDXL's own VAE overflows in fp16
+    if getattr(vae.config, "latents_mean", None) is not None or getattr(vae.config, "shift_factor", None):
+        raise ValueError("This VAE normalizes latents with a mean/shift (e.g. Playground v2.5); this script "
+                         "trains SDXL-family models whose latents are only scaled by scaling_factor.")
+    unet = UNet2DConditionModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **load)
+    if unet.config.addition_embed_type != "text_time":
+        raise ValueError(f"{args.pretrained_model_name_or_path!r} is not an SDXL UNet (addition_embed_type "
+                         f"{unet.config.addition_embed_type!r}, SDXL has 'text_time'); use train_diffusion_dpo.py "
+                         "for SD 1.x/2.x.")
+
+    for frozen, dtype in ((vae, vae_dtype), (text_encoders[0], weight_dtype), (text_encoders[1], weight_dtype)):
+        frozen.requires_grad_(False)
+        frozen.eval()
+        frozen.to(accelerator.device, dtype=dtype)
+
+    if args.enable_xformers_memory_efficient_attention:
+        enable_xformers(unet)
+
+    ref_unet = None
+    if args.use_lora:
+        from peft import LoraConfig
+
+        # The base weights are frozen and can live in the weight dtype; only the adapters train (in float32).
+        unet.requires_grad_(False)
+        unet.to(accelerator.device, dtype=weight_dtype)
+        unet.add_adapter(LoraConfig(
+            r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+            target_modules=[name.strip() for name in args.lora_target_modules.split(",") if name.strip()],
+        ))
+        cast_training_params(unet, dtype=torch.float32)
+    elif args.loss_type != "sft":
+        # A frozen copy of the starting UNet is the reference: weight dtype, eval mode, no grads.
+        ref_unet = copy.deepcopy(unet)
+        ref_unet.requires_grad_(False)
+        ref_unet.eval()
+        ref_unet.to(accelerator.device, dtype=weight_dtype)
+        unet.to(accelerator.device)
+    else:
+        unet.to(accelerator.device)
+    unet.train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return noise_scheduler, tokenizers, text_encoders, vae, unet, ref_unet
+
+
+def few_step_timesteps(args):
+    """The timesteps a few-step model (SDXL-Turbo) samples with: its own scheduler's set_timesteps(n).
+
+    SDXL-Turbo ships EulerAncestralDiscreteScheduler with "trailing" spacing: 4 steps are 999, 749, 499, 249.
+    """
+    config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                       revision=args.revision, cache_dir=args.cache_dir)
+    sampling_scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+    sampling_scheduler.set_timesteps(args.turbo_num_steps)
+    return sampling_scheduler.timesteps.round().long().cpu()
+
+
+# Copied from train_diffusion_dpo.enable_xformers
+def enable_xformers(unet):
+    if not torch.cuda.is_available():
+        raise ValueError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag (PyTorch SDPA "
+                         "attention, the default, is as fast on recent PyTorch).")
+    try:
+        import xformers  # noqa: F401
+    except ImportError as error:
+        raise ImportError("--enable_xformers_memory_efficient_attention needs `pip install xformers`.") from error
+    unet.enable_xformers_memory_efficient_attention()
+
+
+# Copied from train_diffusion_dpo.build_optimizer
+def build_optimizer(args, params):
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("--use_8bit_adam needs `pip install bitsandbytes`.") from error
+        return bnb.optim.AdamW8bit(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.use_adafactor:
+        from transformers.optimization import Adafactor
+
+        # A fixed learning rate, like the authors: Adafactor's own relative-step schedule is switched off.
+        return Adafactor(params, lr=args.learning_rate, scale_parameter=False, relative_step=False,
+                         warmup_init=False, weight_decay=args.adam_weight_decay)
+    fused = torch.cuda.is_available()  # fused AdamW is a single CUDA kernel; on CPU the default path is used
+    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=fused or None)
+
+
+# Copied from train_diffusion_dpo.encode_latents
+def encode_latents(vae, pixels, generators):
+    """VAE-encode pixels [N,3,H,W] and draw one latent sample per image from its own generator."""
+    posterior = vae.encode(pixels.to(vae.device, dtype=vae.dtype)).latent_dist
+    sample_noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in generators])
+    latents = posterior.mean + posterior.std * sample_noise.to(posterior.mean.device, posterior.mean.dtype)
+    return latents * vae.config.scaling_factor
+
+
+def encode_latents_in_chunks(vae, pixels, generators, chunk_size, dtype):
+    """encode_latents on chunk_size images at a time (VAE activations at 1024 px are large), cast to dtype."""
+    chunks = [encode_latents(vae, pixels[start:start + chunk_size], generators[start:start + chunk_size])
+              for start in range(0, pixels.shape[0], chunk_size)]
+    return torch.cat(chunks).to(dtype)
+
+
+def encode_prompt(text_encoders, input_ids_list):
+    """SDXL's text condition, as StableDiffusionXLPipeline.encode_prompt computes it.
+
+    Returns (prompt_embeds [B, 77, hidden_1 + hidden_2]: the penultimate hidden states of both encoders,
+    concatenated; pooled_prompt_embeds [B, projection_dim]: the second encoder's pooled projection, text_embeds).
+    """
+    hidden_states = []
+    for text_encoder, input_ids in zip(text_encoders, input_ids_list):
+        output = text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True)
+        hidden_states.append(output.hidden_states[-2])
+    pooled_prompt_embeds = output.text_embeds  # the last encoder is CLIPTextModelWithProjection
+    return torch.cat(hidden_states, dim=-1), pooled_prompt_embeds
+
+
+def dpo_step_losses(args, batch, models, noise_scheduler, global_step, weight_dtype, timestep_choices=None):
+    """Per-sample denoising errors of the policy and the reference for one micro-batch of pairs.
+
+    timestep_choices: None to draw t from 0..T-1, or the few-step schedule of a turbo model.
+    Returns (model_losses, ref_losses): [2B] ordered [winners; losers], or winners only [B] for sft (ref None).
+    """
+    unet, ref_unet, vae, text_encoders = models
+    device = unet.device
+    num_pairs = batch["index"].shape[0]
+    generators = [pair_generator(args.seed, global_step, int(i)) for i in batch["index"]]
+
+    # 1. One timestep and one noise per pair, shared by winner and loser (the same generator, drawn in order).
+    timesteps = draw_timesteps(generators, noise_scheduler.config.num_train_timesteps, timestep_choices)
+    with torch.no_grad():
+        if args.loss_type == "sft":
+            latents = encode_latents_in_chunks(vae, batch["pixels_w"], generators, args.vae_encode_batch_size,
+                                               weight_dtype)
+        else:
+            pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])
+            loser_generators = [pair_generator(args.seed, global_step, f"{int(i)}/l") for i in batch["index"]]
+            latents = encode_latents_in_chunks(vae, pixels, generators + loser_generators,
+                                               args.vae_encode_batch_size, weight_dtype)
+        # 2. Text encoded once per pair and repeated for the loser, like the micro-conditioning.
+        prompt_embeds, pooled_prompt_embeds = encode_prompt(text_encoders, [batch["input_ids"], batch["input_ids_2"]])
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+    noise = noise.to(device, dtype=latents.dtype)
+    timesteps = timesteps.to(device)
+    repeats = latents.shape[0] // num_pairs
+    noise, timesteps = noise.repeat(repeats, 1, 1, 1), timesteps.repeat(repeats)
+    prompt_embeds = prompt_embeds.repeat(repeats, 1, 1)
+    added_cond_kwargs = {
+        "text_embeds": pooled_prompt_embeds.repeat(repeats, 1),
+        "time_ids": batch["time_ids"].to(device, dtype=prompt_embeds.dtype).repeat(repeats, 1),
+    }
+
+    # 3. Noise both images; the target follows the scheduler's prediction type.
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+
+    def per_sample_mse(model):
+        prediction = model(noisy_latents, timesteps, prompt_embeds, added_cond_kwargs=added_cond_kwargs).sample
+        return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+
+    # 4. Reference first, under no_grad: its activations are freed before the policy's are kept.
+    ref_losses = None
+    if args.loss_type != "sft":
+        with torch.no_grad():
+            if args.use_lora:
+                with lora_adapters_disabled(unet_module(unet)) as reference:
+                    ref_losses = per_sample_mse(reference)
+            else:
+                ref_losses = per_sample_mse(ref_unet)
+    model_losses = per_sample_mse(unet)
+    return model_losses, ref_losses
+
+
+# Copied from train_diffusion_dpo.unet_module
+def unet_module(unet):
+    """The bare UNet under any DDP/compile wrapper (the reference pass must not go through DDP's hooks)."""
+    while hasattr(unet, "module") or hasattr(unet, "_orig_mod"):
+        unet = getattr(unet, "module", None) or unet._orig_mod
+    return unet
+
+
+# Copied from train_diffusion_dpo.checkpoint_dirs
+def checkpoint_dirs(output_dir):
+    """Complete checkpoints in output_dir, oldest first (temporary folders of interrupted saves are ignored)."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[-1].isdigit()]
+    return sorted(names, key=lambda name: int(name.split("-")[-1]))
+
+
+# Copied from train_diffusion_dpo.save_checkpoint
+def save_checkpoint(args, accelerator, global_step):
+    """Save a resumable state atomically: written to a temporary folder, renamed when complete."""
+    final_dir = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    temp_dir = os.path.join(args.output_dir, f".tmp-checkpoint-{global_step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if args.checkpoints_total_limit is not None:
+            existing = checkpoint_dirs(args.output_dir)
+            for name in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+                shutil.rmtree(os.path.join(args.output_dir, name))
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temp_dir)
+    accelerator.wait_for_everyone()
+    if os.environ.get("DIFFUSION_DPO_TEST_CRASH_IN_SAVE") == str(global_step):  # test hook: die mid-save
+        os._exit(17)
+    if accelerator.is_main_process:
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(temp_dir, final_dir)
+        logger.info(f"Saved checkpoint {final_dir}")
+    accelerator.wait_for_everyone()
+
+
+# Copied from train_diffusion_dpo.register_checkpoint_hooks
+def register_checkpoint_hooks(args, accelerator):
+    """Checkpoints hold the LoRA adapter alone (not the frozen base) or the full UNet, and restore in place.
+
+    Restoring in place matters for LoRA: loading saved LoRA weights as a new adapter would put a fresh adapter
+    beside the trained one, which is the resume bug of the reference implementation.
+    """
+    from safetensors.torch import load_file, save_file
+
+    def save_model_hook(models, weights, output_dir):
+        for model in models:
+            unet = unet_module(model)
+            if accelerator.is_main_process:
+                if args.use_lora:
+                    from peft import get_peft_model_state_dict
+
+                    state = {k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+                    save_file(state, os.path.join(output_dir, CHECKPOINT_LORA_NAME))
+                else:
+                    unet.save_pretrained(os.path.join(output_dir, "unet"))
+            if weights:
+                weights.pop()
+
+    def load_model_hook(models, input_dir):
+        while models:
+            unet = unet_module(models.pop())
+            if args.use_lora:
+                from peft import set_peft_model_state_dict
+
+                result = set_peft_model_state_dict(unet, load_file(os.path.join(input_dir, CHECKPOINT_LORA_NAME)))
+                if getattr(result, "unexpected_keys", None):
+                    raise ValueError(f"Checkpoint has LoRA keys this UNet lacks: {result.unexpected_keys[:5]}")
+            else:
+                loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+                unet.load_state_dict(loaded.state_dict())
+                del loaded
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+# Copied from train_diffusion_dpo.resolve_resume_dir
+def resolve_resume_dir(args):
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint != "latest":
+        return args.resume_from_checkpoint
+    existing = checkpoint_dirs(args.output_dir)
+    return os.path.join(args.output_dir, existing[-1]) if existing else None
+
+
+def build_pipeline(args, accelerator, unet, text_encoders, vae, tokenizers, weight_dtype):
+    """A StableDiffusionXLPipeline around the given modules (text_encoders and tokenizers are the SDXL pairs)."""
+    return StableDiffusionXLPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, unet=unet, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
+        vae=vae, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], revision=args.revision, variant=args.variant,
+        cache_dir=args.cache_dir, dtype=weight_dtype,
+    )
+
+
+def generate_images(pipeline, args, device, weight_dtype):
+    """num_validation_images per prompt, image j of every prompt from seed (seed + j): paired across models.
+
+    The denoising loop runs under autocast (float32 trained weights beside half-precision frozen ones); the VAE
+    decodes outside it, in its own dtype: float32 unless a fixed fp16 VAE was given (SDXL's VAE overflows in fp16).
+    """
+    images = []
+    autocast = (torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32
+                else contextlib.nullcontext())
+    vae = pipeline.vae
+    for prompt in args.validation_prompts:
+        for j in range(args.num_validation_images):
+            generator = torch.Generator(device=device).manual_seed(args.seed + j)
+            with autocast:
+                latents = pipeline(
+                    prompt, num_inference_steps=args.validation_num_inference_steps,
+                    guidance_scale=args.validation_guidance_scale, generator=generator,
+                    height=args.resolution, width=args.resolution, output_type="latent",
+                ).images
+            decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+            images += pipeline.image_processor.postprocess(decoded, output_type="pil")
+    return images
+
+
+# Copied from train_diffusion_dpo.log_validation
+def log_validation(args, accelerator, models, tokenizer, weight_dtype, global_step, reference_images):
+    """Reference and trained model from the same seeds, side by side: a row per prompt, reference on the left.
+
+    Returns (grid path, reference images); the reference never changes, so its images are made once.
+    """
+    unet, ref_unet, vae, text_encoder = models
+    policy = unet_module(unet)
+    logger.info(f"Validation at step {global_step}: {len(args.validation_prompts)} prompts")
+    policy.eval()
+    with torch.no_grad():
+        pipeline = build_pipeline(args, accelerator, policy, text_encoder, vae, tokenizer, weight_dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        if reference_images is None:
+            if args.use_lora:
+                with lora_adapters_disabled(policy):
+                    reference_images = generate_images(pipeline, args, accelerator.device, weight_dtype)
+            elif ref_unet is not None:
+                pipeline.unet = ref_unet
+                reference_images = generate_images(pipeline, args, accelerator.device, weight_dtype)
+                pipeline.unet = policy
+            else:  # sft full fine-tune keeps no reference copy: the base is what we started from, on disk
+                base_unet = UNet2DConditionModel.from_pretrained(
+                    args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision,
+                    variant=args.variant, cache_dir=args.cache_dir).to(accelerator.device, dtype=weight_dtype)
+                pipeline.unet = base_unet
+                reference_images = generate_images(pipeline, args, accelerator.device, weight_dtype)
+                pipeline.unet = policy
+                del base_unet
+        trained_images = generate_images(pipeline, args, accelerator.device, weight_dtype)
+    policy.train()
+    del pipeline
+
+    n = args.num_validation_images
+    rows = []
+    for p in range(len(args.validation_prompts)):
+        rows += reference_images[p * n:(p + 1) * n] + trained_images[p * n:(p + 1) * n]
+    grid = make_image_grid(rows, rows=len(args.validation_prompts), cols=2 * n)
+    grid_dir = os.path.join(args.output_dir, "validation")
+    os.makedirs(grid_dir, exist_ok=True)
+    grid_path = os.path.join(grid_dir, f"step-{global_step:06d}.png")
+    grid.save(grid_path)
+
+    for tracker in accelerator.trackers:  # the grid is also logged, so a dashboard shows it beside the curves
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation/reference_vs_dpo", np.asarray(grid), global_step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation/reference_vs_dpo": wandb.Image(grid, caption="left: reference, right: DPO")},
+                        step=global_step)
+    return grid_path, reference_images
+
+
+def save_results(args, accelerator, unet, text_encoders, vae, tokenizers, weight_dtype):
+    """Full fine-tune: a complete SDXL pipeline folder (or unet/ alone). LoRA: pytorch_lora_weights.safetensors.
+
+    The saved pipeline holds the VAE the run used: the fixed one when --pretrained_vae_model_name_or_path was given.
+    """
+    policy = unet_module(unet)
+    if args.use_lora:
+        from peft import get_peft_model_state_dict
+
+        lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(policy))
+        StableDiffusionXLPipeline.save_lora_weights(args.output_dir, unet_lora_layers=lora_state,
+                                                    safe_serialization=True)
+    elif args.save_unet_only:
+        policy.save_pretrained(os.path.join(args.output_dir, "unet"), safe_serialization=True)
+    else:
+        text_encoders = tuple(text_encoder.to(torch.float32) for text_encoder in text_encoders)
+        pipeline = build_pipeline(args, accelerator, policy.to(torch.float32), text_encoders, vae.to(torch.float32),
+                                  tokenizers, torch.float32)
+        pipeline.save_pretrained(args.output_dir, safe_serialization=True)
+
+
+# Copied from train_diffusion_dpo.hub_upload_patterns
+def hub_upload_patterns(args):
+    """What --push_to_hub uploads: final artifacts, card and grid; never checkpoints, logs or saved arguments."""
+    if args.use_lora:
+        allow = [LORA_WEIGHTS_NAME]
+    elif args.save_unet_only:
+        allow = ["unet/*"]
+    else:
+        allow = ["model_index.json", "unet/*", "vae/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
+                 "tokenizer_2/*", "scheduler/*", "feature_extractor/*"]
+    allow += ["README.md", "validation_grid.png"]
+    ignore = ["checkpoint-*", ".tmp-checkpoint-*", "logs/*", "validation/*", "*.bin", "*.pkl"]
+    return allow, ignore
+
+
+def write_model_card(args, counts, grid_path, final_step):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    repo_id = args.hub_model_id or Path(args.output_dir).name
+    if grid_path is not None:
+        shutil.copyfile(grid_path, os.path.join(args.output_dir, "validation_grid.png"))
+    if args.use_lora:
+        usage = (f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", '
+                 'torch_dtype=torch.float16).to("cuda")\n'
+                 f'pipe.load_lora_weights("{repo_id}")')
+    elif args.save_unet_only:
+        usage = (f'unet = UNet2DConditionModel.from_pretrained("{repo_id}", subfolder="unet", '
+                 'torch_dtype=torch.float16)\n'
+                 f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", unet=unet, '
+                 'torch_dtype=torch.float16).to("cuda")')
+    else:
+        usage = f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float16).to("cuda")'
+    if args.is_turbo:
+        call = (f'pipe("a photo of an astronaut riding a horse on mars", num_inference_steps={args.turbo_num_steps}, '
+                'guidance_scale=0.0).images[0]')
+    else:
+        call = 'pipe("a photo of an astronaut riding a horse on mars", guidance_scale=5.0).images[0]'
+    dataset = args.dataset_name or "local preference data"
+    settings = {
+        "mode": f"LoRA (rank {args.rank}, alpha {args.lora_alpha})" if args.use_lora else "full fine-tune",
+        "loss_type": args.loss_type, "beta_dpo": args.beta_dpo, "learning_rate": args.learning_rate,
+        "scale_lr": args.scale_lr, "lr_scheduler": args.lr_scheduler,
+        "optimizer": "Adafactor" if args.use_adafactor else ("AdamW8bit" if args.use_8bit_adam else "AdamW"),
+        "effective batch (pairs)": args.train_batch_size * args.gradient_accumulation_steps * args.num_processes,
+        "optimizer steps": final_step, "resolution": args.resolution, "mixed_precision": args.mixed_precision,
+        "vae": args.pretrained_vae_model_name_or_path or "the model's own (float32)",
+        "timesteps": f"few-step schedule ({args.turbo_num_steps} steps)" if args.is_turbo else "0..T-1",
+        "pairs used": counts["pairs"], "ties dropped": counts["ties"], "seed": args.seed,
+    }
+    grid_md = ("![reference (left) vs DPO (right), same seeds](./validation_grid.png)\n\nEach row is a prompt; the "
+               "left half is the base model, the right half the DPO model, from the same seeds.\n"
+               if grid_path is not None else "")
+    body = f"""# Diffusion-DPO (SDXL): {repo_id}
+
+{"LoRA adapters" if args.use_lora else "A UNet"} for `{args.pretrained_model_name_or_path}` aligned to human \
+preference pairs from `{dataset}` with Diffusion-DPO ([Wallace et al., 2023](https://arxiv.org/abs/2311.12908)).
+
+## Use
+
+```python
+import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+{usage}
+image = {call}
+```
+
+## Validation
+
+{grid_md}
+## Training settings
+
+| setting | value |
+|---|---|
+""" + "".join(f"| {key} | {value} |\n" for key, value in settings.items())
+    card_data = ModelCardData(
+        base_model=args.pretrained_model_name_or_path, library_name="diffusers", license="openrail++",
+        datasets=[args.dataset_name] if args.dataset_name and not os.path.isdir(args.dataset_name) else None,
+        tags=["diffusion-dpo", "dpo", "stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image",
+              "diffusers"] + (["lora", "diffusers-training"] if args.use_lora else ["diffusers-training"]),
+    )
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
+# Copied from train_diffusion_dpo.push_to_hub
+def push_to_hub(args):
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
+                          token=args.hub_token).repo_id
+    allow, ignore = hub_upload_patterns(args)
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="Diffusion-DPO final weights",
+                  allow_patterns=allow, ignore_patterns=ignore, token=args.hub_token)
+    logger.info(f"Pushed the final artifacts to https://huggingface.co/{repo_id}")
+
+
+# Copied from train_diffusion_dpo.public_config
+def public_config(args):
+    """The run's arguments without secrets, for trackers and the saved args file."""
+    config = {k: v for k, v in vars(args).items() if k != "hub_token"}
+    config["validation_prompts"] = " | ".join(args.validation_prompts)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+def main(args):
+    # Accelerator, logging and seeds
+    logging_dir = Path(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+    )
+    args.num_processes = accelerator.num_processes
+    args.mixed_precision = accelerator.mixed_precision
+    if args.report_to in ("wandb", "all"):
+        try:
+            import wandb  # noqa: F401
+        except ImportError as error:
+            raise ImportError("--report_to wandb needs `pip install wandb`.") from error
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # Dataset first: a wrong column or an empty dataset fails before any model is loaded
+    with accelerator.main_process_first():
+        dataset, columns, counts = load_preference_dataset(args)
+    logger.info(f"Preference pairs: {counts['pairs']} of {counts['rows']} rows ({counts['ties']} ties and "
+                f"{counts['invalid_labels']} rows with invalid labels dropped)")
+
+    # Load scheduler and models
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    noise_scheduler, tokenizers, text_encoders, vae, unet, ref_unet = build_models(args, accelerator, weight_dtype)
+    timestep_choices = few_step_timesteps(args) if args.is_turbo else None
+    if timestep_choices is not None:
+        logger.info(f"Turbo: training on the timesteps {timestep_choices.tolist()}")
+    register_checkpoint_hooks(args, accelerator)
+
+    # DataLoader: a (seed, epoch)-seeded permutation; accelerate shards its batches across processes
+    train_dataset = PreferencePairDataset(dataset, columns, tokenizers, args)
+    sampler = EpochPermutationSampler(len(train_dataset), args.seed)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate_pairs,
+        num_workers=args.dataloader_num_workers,
+    )
+
+    # Optimizer and learning-rate schedule
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = build_optimizer(args, params_to_optimize)
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes
+                                           / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
+                                                                          lr_scheduler)
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=public_config(args))
+
+    # Resume
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    resume_dir = resolve_resume_dir(args)
+    if args.resume_from_checkpoint is not None and resume_dir is None:
+        logger.info("No checkpoint found in --output_dir; starting a new run.")
+    if resume_dir is not None:
+        logger.info(f"Resuming from {resume_dir}")
+        accelerator.load_state(resume_dir)
+        global_step = int(os.path.basename(os.path.normpath(resume_dir)).split("-")[-1])
+        first_epoch = global_step // num_update_steps_per_epoch
+        resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"***** Diffusion-DPO SDXL ({args.loss_type}, beta_dpo={args.beta_dpo}, "
+                f"{'LoRA' if args.use_lora else 'full'}) *****")
+    logger.info(f"  Pairs = {len(train_dataset)}, epochs = {args.num_train_epochs}, effective batch = "
+                f"{total_batch_size} pairs, optimizer steps = {args.max_train_steps}")
+
+    models = (unet, ref_unet, vae, text_encoders)
+    grid_path, reference_images = None, None
+    skipped_rows = set()
+    nonfinite_steps, nonfinite_in_a_row = 0, 0
+    nan_test_steps = {int(s) for s in os.environ.get("DIFFUSION_DPO_TEST_NAN_STEPS", "").split(",") if s}
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    step_metrics, micro_steps = {}, 0
+
+    for epoch in range(first_epoch, args.num_train_epochs):
+        # accelerate re-sets the sampler's epoch from its own counter when iteration starts: set it there
+        train_dataloader.set_epoch(epoch)
+        train_dataset.epoch = epoch
+        epoch_dataloader = train_dataloader
+        if epoch == first_epoch and resume_batches:
+            epoch_dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
+        for batch in epoch_dataloader:
+            skipped_rows.update(batch["skipped"])
+            with accelerator.accumulate(unet):
+                # Train step: per-sample errors, the DPO loss, backward
+                model_losses, ref_losses = dpo_step_losses(args, batch, models, noise_scheduler, global_step,
+                                                           weight_dtype, timestep_choices)
+                loss, metrics = diffusion_dpo_loss(model_losses, ref_losses, args.beta_dpo, args.loss_type)
+                if global_step + 1 in nan_test_steps:  # test hook: inject a non-finite loss at this step
+                    loss = loss * float("nan")
+                accelerator.backward(loss)
+                metrics["loss"] = loss.detach()
+                metrics["nonfinite"] = torch.tensor(float(not torch.isfinite(loss).item()), device=loss.device)
+                for name, value in metrics.items():
+                    step_metrics[name] = step_metrics.get(name, 0.0) + value.float()
+                micro_steps += 1
+
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
+                    # Averaged across processes: every process takes the same skip decision
+                    names = sorted(step_metrics)
+                    averaged = accelerator.reduce(torch.stack([step_metrics[n] for n in names]) / micro_steps,
+                                                  reduction="mean")
+                    logs = dict(zip(names, averaged.tolist()))
+                    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+                    finite = logs.pop("nonfinite") == 0 and math.isfinite(grad_norm)
+                    if finite:
+                        optimizer.step()
+                        nonfinite_in_a_row = 0
+                    else:
+                        nonfinite_steps += 1
+                        nonfinite_in_a_row += 1
+                        logger.warning(f"Step {global_step + 1}: non-finite loss or gradient; optimizer step skipped")
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step_metrics, micro_steps = {}, 0
+                else:
+                    continue
+
+            # Bookkeeping after each optimizer step
+            global_step += 1
+            progress_bar.update(1)
+            logs.update({"lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                         "nonfinite_steps": nonfinite_steps, "skipped_undecodable_rows": len(skipped_rows)})
+            accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=global_step)
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}",
+                                     lr=f"{logs['lr']:.2e}")
+            if nonfinite_in_a_row > args.max_nonfinite_steps:
+                accelerator.end_training()
+                raise RuntimeError(
+                    f"{nonfinite_in_a_row} optimizer steps in a row had a NaN/Inf loss or gradient; stopping. The "
+                    "last checkpoint is intact. Likely causes: an fp16 VAE overflowing (use fp32 or a fixed VAE), "
+                    "a learning rate too high, or a beta_dpo so large that the sigmoid saturates.")
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(args, accelerator, global_step)
+            if (accelerator.is_main_process and args.num_validation_images > 0
+                    and global_step % args.validation_steps == 0 and global_step < args.max_train_steps):
+                grid_path, reference_images = log_validation(args, accelerator, models, tokenizers, weight_dtype,
+                                                             global_step, reference_images)
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+
+    # Final validation, results, model card and hub push
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if args.num_validation_images > 0:
+            grid_path, reference_images = log_validation(args, accelerator, models, tokenizers, weight_dtype,
+                                                         global_step, reference_images)
+        save_results(args, accelerator, unet, text_encoders, vae, tokenizers, weight_dtype)
+        counts.update({"skipped_undecodable_rows": len(skipped_rows), "nonfinite_steps": nonfinite_steps})
+        with open(os.path.join(args.output_dir, "data_summary.json"), "w") as f:
+            json.dump(counts, f, indent=2)
+        with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
+            json.dump(public_config(args), f, indent=2, default=str)
+        write_model_card(args, counts, grid_path, global_step)
+        if args.push_to_hub:
+            push_to_hub(args)
+        logger.info(f"Done: {global_step} steps; results in {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
