@@ -108,7 +108,7 @@ class DpoResult:
 # Telling what a DPO result is
 # ----------------------------------------------------------------------------------------------------------------
 def _dtype_kwarg(dtype):
-    """from_pretrained's dtype keyword: diffusers that deprecate `torch_dtype` want `dtype`, older ones `torch_dtype`."""
+    """from_pretrained's dtype keyword: `dtype` where diffusers deprecates `torch_dtype`, else `torch_dtype`."""
     from diffusers.utils import deprecation_utils
 
     return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
@@ -126,8 +126,14 @@ def _unet_weights_variant(files, prefix, variant, where):
         return None
     found = sorted(f for f in files if f.startswith(prefix) and "/" not in f[len(prefix):])
     pickled = [f for f in found if f.endswith((".bin", ".ckpt", ".pt", ".pth"))]
-    hint = (" It has only pickled weights; pipeline_dpo loads safetensors only (re-save the UNet with "
-            "save_pretrained(..., safe_serialization=True))." if pickled else "")
+    variants = [f for f in found if f.startswith(f"{prefix}{UNET_WEIGHTS}.") and f.endswith(".safetensors")]
+    if variants:
+        hint = f" It has variant weights ({', '.join(variants)}): pass that variant (variant=..., --variant)."
+    elif pickled:
+        hint = (" It has only pickled weights; pipeline_dpo loads safetensors only (re-save the UNet with "
+                "save_pretrained(..., safe_serialization=True)).")
+    else:
+        hint = ""
     raise DpoResultError(f"{where}: the UNet config is there but no {prefix}{UNET_WEIGHTS}.safetensors (or sharded "
                          f"index) next to it. Found: {found}.{hint}")
 
@@ -167,7 +173,7 @@ def _classify(files, read_json, location, on_hub, variant):
 
 
 def _local_files(folder):
-    """Relative paths of the files in `folder` and its direct subfolders (as deep as a result goes); folders end in /."""
+    """Relative paths of the files in `folder` and its direct subfolders (as deep as results go); folders end in /."""
     files = set()
     for entry in os.scandir(folder):
         if entry.is_file():
@@ -244,21 +250,21 @@ def base_pipeline_class_name(base, revision=None):
     return class_name
 
 
-def load_dpo_unet(result, torch_dtype=None):
-    """The UNet of a full-pipeline or UNet-only DPO result (safetensors only)."""
+def load_dpo_unet(result, base_unet_config, torch_dtype=None, base_name="the base"):
+    """The UNet of a full-pipeline or UNet-only DPO result (safetensors only), checked against the base's config.
+
+    The configs are compared before any weights load, so a mismatched pair fails in a second, not after minutes.
+    """
+    dpo_unet_config = UNet2DConditionModel.load_config(result.location, subfolder=result.subfolder)
+    differences = [f"{key}: base {base_unet_config.get(key)!r}, DPO {dpo_unet_config.get(key)!r}"
+                   for key in UNET_FIT_KEYS if base_unet_config.get(key) != dpo_unet_config.get(key)]
+    if differences:
+        raise DpoResultError(f"The DPO UNet in {result.location!r} does not fit {base_name} "
+                             f"({'; '.join(differences)}). Pass the base model the result was trained from.")
     return UNet2DConditionModel.from_pretrained(
         result.location, subfolder=result.subfolder, variant=result.variant, use_safetensors=True,
         **_dtype_kwarg(torch_dtype),
     )
-
-
-def check_unet_fits(base_unet_config, dpo_unet_config, base, dpo):
-    """Raise if the DPO UNet is not the base's architecture (e.g. an SDXL UNet on an SD1.5 base)."""
-    differences = [f"{key}: base {base_unet_config.get(key)!r}, DPO {dpo_unet_config.get(key)!r}"
-                   for key in UNET_FIT_KEYS if base_unet_config.get(key) != dpo_unet_config.get(key)]
-    if differences:
-        raise DpoResultError(f"The DPO UNet in {dpo!r} does not fit the base {base!r} ({'; '.join(differences)}). "
-                             "Pass the base model the result was trained from.")
 
 
 def _lora_state_dict(result):
@@ -283,17 +289,22 @@ def _lora_state_dict(result):
     return state_dict
 
 
+def _check_lora_options(result, lora_scale, fuse_lora, dpo_name):
+    if (result is None or not result.is_lora) and (lora_scale != 1.0 or fuse_lora):
+        what = "not given" if result is None else f"{dpo_name!r}, a whole UNet"
+        raise DpoResultError(f"lora_scale and fuse_lora apply to LoRA results; the DPO result is {what}.")
+
+
 def apply_dpo_result(pipe, result, *, torch_dtype=None, lora_scale=1.0, fuse_lora=False, dpo_name=None):
     """Put a DPO result into a loaded base pipeline, in place: swap its UNet, or add the LoRA adapter.
 
     The base UNet is released before the DPO UNet moves to the pipeline's device, so only one UNet is ever on it.
     """
     dpo_name = dpo_name or result.location
+    _check_lora_options(result, lora_scale, fuse_lora, dpo_name)
     if not result.is_lora:
-        if lora_scale != 1.0 or fuse_lora:
-            raise ValueError(f"lora_scale and fuse_lora apply to LoRA results; {dpo_name!r} is a whole UNet.")
-        dpo_unet = load_dpo_unet(result, torch_dtype=torch_dtype or pipe.unet.dtype)
-        check_unet_fits(pipe.unet.config, dpo_unet.config, "the loaded base", dpo_name)
+        dpo_unet = load_dpo_unet(result, pipe.unet.config, torch_dtype=torch_dtype or pipe.unet.dtype,
+                                 base_name="the loaded base")
         device = pipe.unet.device
         pipe.unet = dpo_unet  # still on the CPU: the base UNet, now unreferenced, leaves the device first
         gc.collect()
@@ -326,23 +337,25 @@ def load_dpo_pipeline(base, dpo=None, *, torch_dtype=None, device=None, variant=
     base: hub id or folder of the model the result was trained from. dpo: None (the base alone), a full
     pipeline folder or hub id (its UNet is used), a folder or hub id holding unet/, a UNet folder, or LoRA
     weights (a folder with pytorch_lora_weights.safetensors, or a .safetensors file); see the module docstring.
+    A DpoResult from resolve_dpo_result is taken as it is.
     variant and revision apply to the base (variant also to a DPO UNet that has such files).
     lora_scale: strength of a LoRA result (0 gives exactly the base, 1 as trained); fuse_lora merges it into
     the weights at that scale and drops the adapter (slightly faster sampling; cannot be switched off after).
     """
     pipeline_class_name = base_pipeline_class_name(base, revision=revision)
-    result = resolve_dpo_result(dpo, variant=variant) if dpo is not None else None
-    if (result is None or not result.is_lora) and (lora_scale != 1.0 or fuse_lora):
-        raise ValueError(f"lora_scale and fuse_lora apply to LoRA results; dpo={dpo!r} is "
-                         f"{'not given' if result is None else 'a whole UNet'}.")
+    if dpo is None or isinstance(dpo, DpoResult):
+        result = dpo
+    else:
+        result = resolve_dpo_result(dpo, variant=variant)
+    dpo_name = None if result is None else (result.location if isinstance(dpo, DpoResult) else os.fspath(dpo))
+    _check_lora_options(result, lora_scale, fuse_lora, dpo_name)
 
     components = {}
     if result is not None and not result.is_lora:
         # Load the DPO UNet instead of the base's, never both.
-        dpo_unet = load_dpo_unet(result, torch_dtype=torch_dtype)
         base_unet_config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision)
-        check_unet_fits(base_unet_config, dpo_unet.config, base, dpo)
-        components["unet"] = dpo_unet
+        components["unet"] = load_dpo_unet(result, base_unet_config, torch_dtype=torch_dtype,
+                                           base_name=f"the base {base!r}")
     pipe = DiffusionPipeline.from_pretrained(base, revision=revision, variant=variant, use_safetensors=True,
                                              **_dtype_kwarg(torch_dtype), **components)
     if type(pipe).__name__ != pipeline_class_name or not isinstance(pipe, SUPPORTED_PIPELINES):
@@ -351,7 +364,7 @@ def load_dpo_pipeline(base, dpo=None, *, torch_dtype=None, device=None, variant=
         pipe.to(device)
     if result is not None and result.is_lora:
         apply_dpo_result(pipe, result, torch_dtype=torch_dtype, lora_scale=lora_scale, fuse_lora=fuse_lora,
-                         dpo_name=os.fspath(dpo))
+                         dpo_name=dpo_name)
     return pipe
 
 
@@ -474,11 +487,11 @@ def _slug(text, length=40):
 
 
 def generate(args):
-    pipe = load_dpo_pipeline(args.base, args.dpo, torch_dtype=DTYPES[args.dtype], device=args.device,
+    result = resolve_dpo_result(args.dpo, variant=args.variant) if args.dpo else None
+    pipe = load_dpo_pipeline(args.base, result, torch_dtype=DTYPES[args.dtype], device=args.device,
                              variant=args.variant, revision=args.revision, lora_scale=args.lora_scale,
                              fuse_lora=args.fuse_lora)
     pipe.set_progress_bar_config(disable=False)
-    result = resolve_dpo_result(args.dpo, variant=args.variant) if args.dpo else None
     settings = sampling_settings(pipe, args.num_inference_steps, args.guidance_scale)
     images = generate_images(pipe, args.prompt, seed=args.seed, num_images_per_prompt=args.num_images_per_prompt,
                              height=args.height, width=args.width, label="dpo" if args.dpo else "base", **settings)
@@ -498,8 +511,7 @@ def generate(args):
 def compare(args):
     prompts = read_prompts(args.prompts)
     result = resolve_dpo_result(args.dpo, variant=args.variant)  # fail on a bad --dpo before any sampling
-    if not result.is_lora and (args.lora_scale != 1.0 or args.fuse_lora):
-        raise SystemExit(f"--lora_scale and --fuse_lora apply to LoRA results; {args.dpo} is a whole UNet.")
+    _check_lora_options(result, args.lora_scale, args.fuse_lora, args.dpo)
     # One pipeline: the base's images first, then the DPO UNet replaces the base's (or the LoRA is added).
     pipe = load_dpo_pipeline(args.base, None, torch_dtype=DTYPES[args.dtype], device=args.device,
                              variant=args.variant, revision=args.revision)

@@ -42,6 +42,7 @@ import os
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -199,9 +200,9 @@ def load_pil_image(value):
         # 16-bit (or 32-bit integer) grayscale: scale to 8 bits instead of clipping everything above 255 to white
         pixels = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(pixels / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(pixels / peak * 255.0, 0, 255).astype(np.uint8))
     elif image.mode == "F":
-        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
     if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -748,6 +749,11 @@ def unet_module(unet):
     return unet
 
 
+def fault_injection(name):
+    """Faults the reliability tests inject (NaN losses, a crash inside a save, slow steps); empty in normal use."""
+    return os.environ.get(f"DIFFUSION_DPO_TEST_{name}", "")
+
+
 def checkpoint_dirs(output_dir):
     """Complete checkpoints in output_dir, oldest first (temporary folders of interrupted saves are ignored)."""
     if not os.path.isdir(output_dir):
@@ -769,7 +775,7 @@ def save_checkpoint(args, accelerator, global_step):
     accelerator.wait_for_everyone()
     accelerator.save_state(temp_dir)
     accelerator.wait_for_everyone()
-    if os.environ.get("DIFFUSION_DPO_TEST_CRASH_IN_SAVE") == str(global_step):  # test hook: die mid-save
+    if fault_injection("CRASH_IN_SAVE") == str(global_step):  # the checkpoint is written but not yet renamed
         os._exit(17)
     if accelerator.is_main_process:
         shutil.rmtree(final_dir, ignore_errors=True)
@@ -1152,7 +1158,8 @@ def main(args):
     row_problems = {"missing_image": set(), "undecodable_image": set(), "truncated_caption": set()}
     stop_request = StopRequest()
     nonfinite_steps, nonfinite_in_a_row = 0, 0
-    nan_test_steps = {int(s) for s in os.environ.get("DIFFUSION_DPO_TEST_NAN_STEPS", "").split(",") if s}
+    nan_test_steps = {int(step) for step in fault_injection("NAN_STEPS").split(",") if step}
+    step_delay = float(fault_injection("STEP_DELAY") or 0)
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
     step_metrics, micro_steps = {}, 0
@@ -1173,8 +1180,10 @@ def main(args):
                 model_losses, ref_losses = dpo_step_losses(args, batch, models, noise_scheduler, global_step,
                                                            weight_dtype)
                 loss, metrics = diffusion_dpo_loss(model_losses, ref_losses, args.beta_dpo, args.loss_type)
-                if global_step + 1 in nan_test_steps:  # test hook: inject a non-finite loss at this step
+                if global_step + 1 in nan_test_steps:
                     loss = loss * float("nan")
+                if step_delay:
+                    time.sleep(step_delay)
                 accelerator.backward(loss)
                 metrics["loss"] = loss.detach()
                 metrics["nonfinite"] = torch.tensor(float(not torch.isfinite(loss).item()), device=loss.device)

@@ -48,6 +48,7 @@ import os
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ import diffusers
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -169,12 +170,12 @@ def pair_generator(seed, step, pair_index):
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def draw_timesteps(generators, num_train_timesteps, timestep_choices=None):
+def draw_timesteps(generators, num_train_timesteps, training_timesteps=None):
     """One timestep per pair from its own generator: U{0..T-1}, or uniform over a few-step (turbo) schedule."""
-    if timestep_choices is None:
+    if training_timesteps is None:
         return torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g) for g in generators])
-    picks = torch.cat([torch.randint(0, len(timestep_choices), (1,), generator=g) for g in generators])
-    return timestep_choices[picks]
+    picks = torch.cat([torch.randint(0, len(training_timesteps), (1,), generator=g) for g in generators])
+    return training_timesteps[picks]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,9 +219,9 @@ def load_pil_image(value):
         # 16-bit (or 32-bit integer) grayscale: scale to 8 bits instead of clipping everything above 255 to white
         pixels = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(pixels / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(pixels / peak * 255.0, 0, 255).astype(np.uint8))
     elif image.mode == "F":
-        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
     if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -402,16 +403,23 @@ class PreferencePairDataset(torch.utils.data.Dataset):
             caption = ""
         pixels_w, pixels_l, time_ids = preprocess_pair_with_time_ids(winner, loser, self.resolution,
                                                                      self.random_crop, self.hflip, rng)
-        # Both tokenizers pad to their model_max_length (77); SDXL's second pads with "!", as the pipeline does.
-        input_ids, input_ids_2 = (
-            tokenizer(caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                      return_tensors="pt").input_ids[0]
-            for tokenizer in self.tokenizers
-        )
-        truncated = any(len(tokenizer(caption).input_ids) > tokenizer.model_max_length
-                        for tokenizer in self.tokenizers)
+        # Each tokenizer pads with its own pad token (SDXL's second uses "!"), as the pipeline does.
+        (input_ids, truncated), (input_ids_2, truncated_2) = (tokenize_caption(t, caption) for t in self.tokenizers)
+        truncated = truncated or truncated_2
         return {"pixels_w": pixels_w, "pixels_l": pixels_l, "input_ids": input_ids, "input_ids_2": input_ids_2,
                 "time_ids": time_ids, "index": index, "skipped": skipped, "truncated": [row_index] if truncated else []}
+
+
+# Copied from train_diffusion_dpo.tokenize_caption
+def tokenize_caption(tokenizer, caption):
+    """Token ids padded to the tokenizer's limit, and whether the caption had to be cut to fit (end token kept)."""
+    limit = tokenizer.model_max_length
+    token_ids = tokenizer(caption).input_ids
+    truncated = len(token_ids) > limit
+    if truncated:
+        token_ids = token_ids[: limit - 1] + token_ids[-1:]
+    token_ids = token_ids + [tokenizer.pad_token_id] * (limit - len(token_ids))
+    return torch.tensor(token_ids, dtype=torch.long), truncated
 
 
 def collate_pairs(examples):
@@ -676,7 +684,11 @@ def validate_sdxl_args(parser, args):
 # Stages of main
 # ----------------------------------------------------------------------------------------------------------------
 def build_models(args, accelerator, weight_dtype):
-    """Load scheduler, both tokenizers, frozen encoders and VAE, the trained UNet and the frozen reference."""
+    """Load scheduler, both tokenizers, frozen encoders and VAE, the trained UNet and the frozen reference.
+
+    `noise_scheduler.training_timesteps` is the set each pair's timestep is drawn from: None for all of 0..T-1,
+    or with --is_turbo the model's few-step sampling schedule.
+    """
     load = {"revision": args.revision, "cache_dir": args.cache_dir}
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", **load)
     if args.prediction_type is not None:
@@ -684,6 +696,14 @@ def build_models(args, accelerator, weight_dtype):
     if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type!r}; this script trains "
                          f"{', '.join(PREDICTION_TYPES)} models (set --prediction_type).")
+    noise_scheduler.training_timesteps = few_step_timesteps(args) if args.is_turbo else None
+    if args.is_turbo:
+        logger.info(f"Turbo: training on the timesteps {noise_scheduler.training_timesteps.tolist()}")
+    unet_config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet", **load)
+    if unet_config.get("addition_embed_type") != "text_time":
+        raise ValueError(f"{args.pretrained_model_name_or_path!r} is not an SDXL model (its UNet's addition_embed_type "
+                         f"is {unet_config.get('addition_embed_type')!r}, SDXL's is 'text_time'); train SD 1.x/2.x "
+                         "with train_diffusion_dpo.py.")
     tokenizers = (
         CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **load),
         CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer_2", **load),
@@ -707,10 +727,6 @@ def build_models(args, accelerator, weight_dtype):
                          "trains SDXL-family models whose latents are only scaled by scaling_factor.")
     unet = UNet2DConditionModel.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **load)
-    if unet.config.addition_embed_type != "text_time":
-        raise ValueError(f"{args.pretrained_model_name_or_path!r} is not an SDXL UNet (addition_embed_type "
-                         f"{unet.config.addition_embed_type!r}, SDXL has 'text_time'); use train_diffusion_dpo.py "
-                         "for SD 1.x/2.x.")
 
     for frozen, dtype in ((vae, vae_dtype), (text_encoders[0], weight_dtype), (text_encoders[1], weight_dtype)):
         frozen.requires_grad_(False)
@@ -821,10 +837,9 @@ def encode_prompt(text_encoders, input_ids_list):
     return torch.cat(hidden_states, dim=-1), pooled_prompt_embeds
 
 
-def dpo_step_losses(args, batch, models, noise_scheduler, global_step, weight_dtype, timestep_choices=None):
+def dpo_step_losses(args, batch, models, noise_scheduler, global_step, weight_dtype):
     """Per-sample denoising errors of the policy and the reference for one micro-batch of pairs.
 
-    timestep_choices: None to draw t from 0..T-1, or the few-step schedule of a turbo model.
     Returns (model_losses, ref_losses): [2B] ordered [winners; losers], or winners only [B] for sft (ref None).
     """
     unet, ref_unet, vae, text_encoders = models
@@ -833,7 +848,8 @@ def dpo_step_losses(args, batch, models, noise_scheduler, global_step, weight_dt
     generators = [pair_generator(args.seed, global_step, int(i)) for i in batch["index"]]
 
     # 1. One timestep and one noise per pair, shared by winner and loser (the same generator, drawn in order).
-    timesteps = draw_timesteps(generators, noise_scheduler.config.num_train_timesteps, timestep_choices)
+    timesteps = draw_timesteps(generators, noise_scheduler.config.num_train_timesteps,
+                               noise_scheduler.training_timesteps)
     with torch.no_grad():
         if args.loss_type == "sft":
             latents = encode_latents_in_chunks(vae, batch["pixels_w"], generators, args.vae_encode_batch_size,
@@ -888,6 +904,12 @@ def unet_module(unet):
     return unet
 
 
+# Copied from train_diffusion_dpo.fault_injection
+def fault_injection(name):
+    """Faults the reliability tests inject (NaN losses, a crash inside a save, slow steps); empty in normal use."""
+    return os.environ.get(f"DIFFUSION_DPO_TEST_{name}", "")
+
+
 # Copied from train_diffusion_dpo.checkpoint_dirs
 def checkpoint_dirs(output_dir):
     """Complete checkpoints in output_dir, oldest first (temporary folders of interrupted saves are ignored)."""
@@ -911,7 +933,7 @@ def save_checkpoint(args, accelerator, global_step):
     accelerator.wait_for_everyone()
     accelerator.save_state(temp_dir)
     accelerator.wait_for_everyone()
-    if os.environ.get("DIFFUSION_DPO_TEST_CRASH_IN_SAVE") == str(global_step):  # test hook: die mid-save
+    if fault_injection("CRASH_IN_SAVE") == str(global_step):  # the checkpoint is written but not yet renamed
         os._exit(17)
     if accelerator.is_main_process:
         shutil.rmtree(final_dir, ignore_errors=True)
@@ -1004,18 +1026,18 @@ def generate_images(pipeline, args, device, weight_dtype):
     return images
 
 
-# Copied from train_diffusion_dpo.log_validation
-def log_validation(args, accelerator, models, tokenizer, weight_dtype, global_step, reference_images):
+# Copied from train_diffusion_dpo.log_validation with tokenizer->tokenizers, text_encoder->text_encoders
+def log_validation(args, accelerator, models, tokenizers, weight_dtype, global_step, reference_images):
     """Reference and trained model from the same seeds, side by side: a row per prompt, reference on the left.
 
     Returns (grid path, reference images); the reference never changes, so its images are made once.
     """
-    unet, ref_unet, vae, text_encoder = models
+    unet, ref_unet, vae, text_encoders = models
     policy = unet_module(unet)
     logger.info(f"Validation at step {global_step}: {len(args.validation_prompts)} prompts")
     policy.eval()
     with torch.no_grad():
-        pipeline = build_pipeline(args, accelerator, policy, text_encoder, vae, tokenizer, weight_dtype)
+        pipeline = build_pipeline(args, accelerator, policy, text_encoders, vae, tokenizers, weight_dtype)
         pipeline.set_progress_bar_config(disable=True)
         if reference_images is None:
             if args.use_lora:
@@ -1056,6 +1078,19 @@ def log_validation(args, accelerator, models, tokenizer, weight_dtype, global_st
             tracker.log({"validation/reference_vs_dpo": wandb.Image(grid, caption="left: reference, right: DPO")},
                         step=global_step)
     return grid_path, reference_images
+
+
+# Copied from train_diffusion_dpo.safe_validation with tokenizer->tokenizers
+def safe_validation(args, accelerator, models, tokenizers, weight_dtype, global_step, reference_images, grid_path):
+    """Validation that cannot end a run: a failure (e.g. out of memory while sampling) is logged, training goes on."""
+    try:
+        return log_validation(args, accelerator, models, tokenizers, weight_dtype, global_step, reference_images)
+    except Exception as error:  # noqa: BLE001 - any sampling failure must not cost the training run
+        logger.warning(f"Validation at step {global_step} failed and was skipped: {type(error).__name__}: {error}")
+        unet_module(models[0]).train()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return grid_path, reference_images
 
 
 def save_results(args, accelerator, unet, text_encoders, vae, tokenizers, weight_dtype):
@@ -1184,9 +1219,39 @@ def public_config(args):
     return config
 
 
+# Copied from train_diffusion_dpo.write_run_info
+def write_run_info(args):
+    """Save the arguments (without secrets) and library versions, so a run can be reproduced or reported."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": sys.version.split()[0]}
+    for package in ("torch", "diffusers", "transformers", "accelerate", "peft", "datasets", "bitsandbytes"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
+        json.dump({"args": public_config(args), "versions": versions}, f, indent=2, default=str)
+
+
+# Copied from train_diffusion_dpo.StopRequest
+class StopRequest:
+    """Turns SIGTERM (a preempted cloud job) into a checkpoint at the next optimizer step, then a clean exit."""
+
+    def __init__(self):
+        self.requested = False
+        import signal
+
+        signal.signal(signal.SIGTERM, self.request)
+
+    def request(self, signum, frame):
+        self.requested = True
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------------
+# Copied from train_diffusion_dpo.main with tokenizer->tokenizers, text_encoder->text_encoders
 def main(args):
     # Accelerator, logging and seeds
     logging_dir = Path(args.output_dir, args.logging_dir)
@@ -1215,21 +1280,22 @@ def main(args):
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        write_run_info(args)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # Dataset first: a wrong column or an empty dataset fails before any model is loaded
     with accelerator.main_process_first():
         dataset, columns, counts = load_preference_dataset(args)
-    logger.info(f"Preference pairs: {counts['pairs']} of {counts['rows']} rows ({counts['ties']} ties and "
-                f"{counts['invalid_labels']} rows with invalid labels dropped)")
+    logger.info(f"Preference pairs: {counts['pairs']} of {counts['rows']} rows (dropped: {counts['ties']} ties, "
+                f"{counts['invalid_labels']} invalid labels, {counts['bad_caption']} missing captions)")
+    if accelerator.is_main_process:  # rewritten at the end with the image problems found while training
+        with open(os.path.join(args.output_dir, "data_summary.json"), "w") as f:
+            json.dump(counts, f, indent=2)
 
     # Load scheduler and models
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     noise_scheduler, tokenizers, text_encoders, vae, unet, ref_unet = build_models(args, accelerator, weight_dtype)
-    timestep_choices = few_step_timesteps(args) if args.is_turbo else None
-    if timestep_choices is not None:
-        logger.info(f"Turbo: training on the timesteps {timestep_choices.tolist()}")
     register_checkpoint_hooks(args, accelerator)
 
     # DataLoader: a (seed, epoch)-seeded permutation; accelerate shards its batches across processes
@@ -1258,6 +1324,7 @@ def main(args):
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=public_config(args))
+        accelerator.log({f"data/{name}": value for name, value in counts.items()}, step=0)
 
     # Resume
     global_step, first_epoch, resume_batches = 0, 0, 0
@@ -1272,16 +1339,18 @@ def main(args):
         resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"***** Diffusion-DPO SDXL ({args.loss_type}, beta_dpo={args.beta_dpo}, "
+    logger.info(f"***** Diffusion-DPO ({args.loss_type}, beta_dpo={args.beta_dpo}, "
                 f"{'LoRA' if args.use_lora else 'full'}) *****")
     logger.info(f"  Pairs = {len(train_dataset)}, epochs = {args.num_train_epochs}, effective batch = "
                 f"{total_batch_size} pairs, optimizer steps = {args.max_train_steps}")
 
     models = (unet, ref_unet, vae, text_encoders)
     grid_path, reference_images = None, None
-    skipped_rows = set()
+    row_problems = {"missing_image": set(), "undecodable_image": set(), "truncated_caption": set()}
+    stop_request = StopRequest()
     nonfinite_steps, nonfinite_in_a_row = 0, 0
-    nan_test_steps = {int(s) for s in os.environ.get("DIFFUSION_DPO_TEST_NAN_STEPS", "").split(",") if s}
+    nan_test_steps = {int(step) for step in fault_injection("NAN_STEPS").split(",") if step}
+    step_delay = float(fault_injection("STEP_DELAY") or 0)
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
     step_metrics, micro_steps = {}, 0
@@ -1294,14 +1363,18 @@ def main(args):
         if epoch == first_epoch and resume_batches:
             epoch_dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
         for batch in epoch_dataloader:
-            skipped_rows.update(batch["skipped"])
+            for row, reason in batch["skipped"]:
+                row_problems[reason].add(row)
+            row_problems["truncated_caption"].update(batch["truncated"])
             with accelerator.accumulate(unet):
                 # Train step: per-sample errors, the DPO loss, backward
                 model_losses, ref_losses = dpo_step_losses(args, batch, models, noise_scheduler, global_step,
-                                                           weight_dtype, timestep_choices)
+                                                           weight_dtype)
                 loss, metrics = diffusion_dpo_loss(model_losses, ref_losses, args.beta_dpo, args.loss_type)
-                if global_step + 1 in nan_test_steps:  # test hook: inject a non-finite loss at this step
+                if global_step + 1 in nan_test_steps:
                     loss = loss * float("nan")
+                if step_delay:
+                    time.sleep(step_delay)
                 accelerator.backward(loss)
                 metrics["loss"] = loss.detach()
                 metrics["nonfinite"] = torch.tensor(float(not torch.isfinite(loss).item()), device=loss.device)
@@ -1311,13 +1384,16 @@ def main(args):
 
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
-                    # Averaged across processes: every process takes the same skip decision
+                    # Averaged across processes, so every process takes the same skip and stop decisions
+                    step_metrics["stop_requested"] = torch.tensor(float(stop_request.requested), device=loss.device)
+                    step_metrics["stop_requested"] *= micro_steps
                     names = sorted(step_metrics)
                     averaged = accelerator.reduce(torch.stack([step_metrics[n] for n in names]) / micro_steps,
                                                   reduction="mean")
                     logs = dict(zip(names, averaged.tolist()))
                     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
                     finite = logs.pop("nonfinite") == 0 and math.isfinite(grad_norm)
+                    stop_now = logs.pop("stop_requested") > 0
                     if finite:
                         optimizer.step()
                         nonfinite_in_a_row = 0
@@ -1334,8 +1410,8 @@ def main(args):
             # Bookkeeping after each optimizer step
             global_step += 1
             progress_bar.update(1)
-            logs.update({"lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                         "nonfinite_steps": nonfinite_steps, "skipped_undecodable_rows": len(skipped_rows)})
+            logs.update({"lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm, "nonfinite_steps": nonfinite_steps})
+            logs.update({f"rows_{reason}": len(rows) for reason, rows in row_problems.items()})
             accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=global_step)
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}",
                                      lr=f"{logs['lr']:.2e}")
@@ -1345,12 +1421,16 @@ def main(args):
                     f"{nonfinite_in_a_row} optimizer steps in a row had a NaN/Inf loss or gradient; stopping. The "
                     "last checkpoint is intact. Likely causes: an fp16 VAE overflowing (use fp32 or a fixed VAE), "
                     "a learning rate too high, or a beta_dpo so large that the sigmoid saturates.")
-            if global_step % args.checkpointing_steps == 0:
+            if global_step % args.checkpointing_steps == 0 or stop_now:
                 save_checkpoint(args, accelerator, global_step)
+            if stop_now:
+                logger.warning(f"SIGTERM: saved checkpoint-{global_step}; resume with --resume_from_checkpoint latest")
+                accelerator.end_training()
+                return
             if (accelerator.is_main_process and args.num_validation_images > 0
                     and global_step % args.validation_steps == 0 and global_step < args.max_train_steps):
-                grid_path, reference_images = log_validation(args, accelerator, models, tokenizers, weight_dtype,
-                                                             global_step, reference_images)
+                grid_path, reference_images = safe_validation(args, accelerator, models, tokenizers, weight_dtype,
+                                                              global_step, reference_images, grid_path)
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:
@@ -1360,14 +1440,17 @@ def main(args):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if args.num_validation_images > 0:
-            grid_path, reference_images = log_validation(args, accelerator, models, tokenizers, weight_dtype,
-                                                         global_step, reference_images)
+            grid_path, reference_images = safe_validation(args, accelerator, models, tokenizers, weight_dtype,
+                                                          global_step, reference_images, grid_path)
         save_results(args, accelerator, unet, text_encoders, vae, tokenizers, weight_dtype)
-        counts.update({"skipped_undecodable_rows": len(skipped_rows), "nonfinite_steps": nonfinite_steps})
+    # Rows with problems, united over processes (a row may have gone to another process in another epoch)
+    all_problems = gather_object([{reason: sorted(rows) for reason, rows in row_problems.items()}])
+    if accelerator.is_main_process:
+        for reason in row_problems:
+            counts[reason] = len(set().union(*(set(problems[reason]) for problems in all_problems)))
+        counts["nonfinite_steps"] = nonfinite_steps
         with open(os.path.join(args.output_dir, "data_summary.json"), "w") as f:
             json.dump(counts, f, indent=2)
-        with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
-            json.dump(public_config(args), f, indent=2, default=str)
         write_model_card(args, counts, grid_path, global_step)
         if args.push_to_hub:
             push_to_hub(args)

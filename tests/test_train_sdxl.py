@@ -1,0 +1,581 @@
+"""train_diffusion_dpo_sdxl.py: drift from the SD script, SDXL conditioning, and whole runs on a tiny SDXL."""
+
+import argparse
+import ast
+import io
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import test_train_sd
+import train_diffusion_dpo as sd
+import train_diffusion_dpo_sdxl as sdxl
+from launch_utils import (REPO_ROOT, all_finite, launch, logged_scalars, max_abs_difference, max_movement, summary,
+                          trained_weights)
+from tools.make_preference_data import make_preference_dataset
+from tools.tiny_models import build_tiny_vae
+
+SCRIPT = "train_diffusion_dpo_sdxl.py"
+
+
+def cpu_state():
+    """What build_models needs of an Accelerator (its device), without preparing anything."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Drift between the two scripts
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers' convention: "# Copied from module.name", optionally "with old->new, ..." (whole-word renames).
+COPIED_FROM = re.compile(r"^\s*# Copied from train_diffusion_dpo\.([\w.]+)(?: with (.+))?$")
+
+
+def renamed(lines, renames):
+    text = "\n".join(lines)
+    for pair in renames.split(",") if renames else []:
+        old, new = pair.strip().split("->")
+        text = re.sub(rf"\b{re.escape(old)}\b", new, text)
+    return text.splitlines()
+
+
+def definitions(path):
+    """{qualified name: (first line incl. decorators, source lines)} of every function and class, methods too."""
+    lines = Path(path).read_text().splitlines()
+
+    def walk(body, prefix):
+        found = {}
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + node.name
+                start = min([d.lineno for d in node.decorator_list] + [node.lineno])
+                found[name] = (start, lines[start - 1:node.end_lineno])
+                if isinstance(node, ast.ClassDef):
+                    found.update(walk(node.body, name + "."))
+        return found
+
+    return walk(ast.parse("\n".join(lines)).body, ""), lines
+
+
+def test_copied_pieces_are_identical_to_the_sd_script():
+    sd_defs, _ = definitions(REPO_ROOT / "train_diffusion_dpo.py")
+    sdxl_defs, sdxl_lines = definitions(REPO_ROOT / SCRIPT)
+    marked = {}
+    for name, (start, source) in sdxl_defs.items():
+        match = COPIED_FROM.match(sdxl_lines[start - 2]) if start >= 2 else None
+        if match:
+            marked[name] = match.groups()
+    # Every marker sits directly above a definition: none is orphaned by an edit.
+    marker_lines = [i for i, line in enumerate(sdxl_lines, 1) if COPIED_FROM.match(line)]
+    assert len(marker_lines) == len(marked)
+    drifted = []
+    for name, (source_name, renames) in marked.items():
+        assert source_name in sd_defs, f"{name} is marked as copied from {source_name}, which the SD script lacks"
+        if sdxl_defs[name][1] != renamed(sd_defs[source_name][1], renames):
+            drifted.append(name)
+    assert not drifted, f"copied pieces differ from train_diffusion_dpo.py: {drifted}; copy them again"
+    assert len(marked) >= 8, sorted(marked)
+    for shared in ("diffusion_dpo_loss", "pair_generator", "preprocess_pair", "load_preference_dataset",
+                   "save_checkpoint", "register_checkpoint_hooks", "log_validation", "hub_upload_patterns", "main"):
+        assert shared in marked
+
+
+@pytest.mark.parametrize("loss_type", sd.LOSS_TYPES)
+def test_loss_gives_equal_outputs_in_both_scripts(loss_type):
+    generator = torch.Generator().manual_seed(0)
+    model_losses = torch.rand(8, generator=generator)
+    ref_losses = None if loss_type == "sft" else torch.rand(8, generator=generator)
+    if loss_type == "sft":
+        model_losses = model_losses[:4]
+    for beta in (1.0, 5000.0):
+        loss_sd, metrics_sd = sd.diffusion_dpo_loss(model_losses, ref_losses, beta, loss_type)
+        loss_xl, metrics_xl = sdxl.diffusion_dpo_loss(model_losses, ref_losses, beta, loss_type)
+        assert torch.equal(loss_sd, loss_xl)
+        assert metrics_sd.keys() == metrics_xl.keys()
+        assert all(torch.equal(metrics_sd[k], metrics_xl[k]) for k in metrics_sd)
+
+
+def test_flags_have_the_sd_scripts_names_choices_and_meanings(capsys):
+    sd_actions = {a.dest: a for a in sd.build_parser()._actions}
+    sdxl_actions = {a.dest: a for a in sdxl.build_parser()._actions}
+    assert sd_actions.keys() <= sdxl_actions.keys(), sd_actions.keys() - sdxl_actions.keys()
+    # Defaults that are SDXL's own: 1024 px, the authors' guidance 5.0 for SDXL, and distinct output names.
+    own_defaults = {"resolution": 1024, "validation_guidance_scale": 5.0, "output_dir": "diffusion-dpo-sdxl",
+                    "tracker_project_name": "diffusion-dpo-sdxl"}
+    for dest, action in sd_actions.items():
+        other = sdxl_actions[dest]
+        assert (other.option_strings, other.type, other.choices, other.nargs) == (
+            action.option_strings, action.type, action.choices, action.nargs), dest
+        assert other.default == own_defaults.get(dest, action.default), dest
+    assert sdxl_actions["beta_dpo"].help == sd_actions["beta_dpo"].help
+    with pytest.raises(SystemExit):
+        sdxl.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for action in sdxl.build_parser()._actions:
+        assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+        assert action.option_strings[0] in text
+    assert "beta_dpo/2" in text and "--pretrained_vae_model_name_or_path" in text and "--is_turbo" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: the SD script's bad inputs get the same clear errors here
+# ---------------------------------------------------------------------------------------------------------------
+def data_args(data_dir, *extra):
+    return sdxl.parse_args(["--pretrained_model_name_or_path", "unused", "--train_data_dir", str(data_dir), *extra])
+
+
+SD_BAD_ARGUMENTS = next(mark.args[1] for mark in test_train_sd.test_bad_arguments_get_a_clear_error.pytestmark
+                        if mark.name == "parametrize")
+SDXL_BAD_ARGUMENTS = [
+    (["--vae_encode_batch_size", "0"], "--vae_encode_batch_size must be at least 1"),
+    (["--turbo_num_steps", "0"], "--turbo_num_steps must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("extra, message", SD_BAD_ARGUMENTS + SDXL_BAD_ARGUMENTS)
+def test_bad_arguments_get_a_clear_error(preference_data_path, capsys, extra, message):
+    with pytest.raises(SystemExit):
+        data_args(preference_data_path, *extra)
+    assert message in capsys.readouterr().err
+
+
+def test_no_dataset_and_unwritable_output_dir_are_clear_errors(preference_data_path, tmp_path, capsys):
+    import os
+
+    with pytest.raises(SystemExit):
+        sdxl.parse_args(["--pretrained_model_name_or_path", "unused"])
+    assert "No dataset given" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root can write anywhere
+        read_only = tmp_path / "ro"
+        read_only.mkdir(mode=0o500)
+        with pytest.raises(SystemExit):
+            data_args(preference_data_path, "--output_dir", str(read_only / "out"))
+        assert "not writable" in capsys.readouterr().err
+
+
+def test_data_errors_match_the_sd_script(preference_data_path, tmp_path):
+    with pytest.raises(ValueError) as error:
+        sdxl.load_preference_dataset(data_args(preference_data_path, "--caption_column", "prompt"))
+    assert "['prompt']" in str(error.value) and "jpg_0" in str(error.value)
+    ties_only = make_preference_dataset(str(tmp_path / "ties"), num_pairs=0, num_ties=3)
+    with pytest.raises(ValueError, match="no usable preference pairs.*3 ties"):
+        sdxl.load_preference_dataset(data_args(ties_only))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            sdxl.enable_xformers(None)
+
+
+def test_an_sd_model_is_refused_with_a_pointer_to_the_sd_script(tiny_sd_path, preference_data_path):
+    args = data_args(preference_data_path)
+    args.pretrained_model_name_or_path = tiny_sd_path
+    with pytest.raises(ValueError, match="not an SDXL model.*train_diffusion_dpo.py"):
+        sdxl.build_models(args, cpu_state(), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Micro-conditioning: time ids from the real size and the crop applied, winner and loser together
+# ---------------------------------------------------------------------------------------------------------------
+# (width, height) of winner and loser per row: landscape and portrait winners, losers of another size.
+NOISE_PAIR_SIZES = [((72, 40), (36, 20)), ((40, 88), (48, 48)), ((100, 56), (100, 56)), ((56, 64), (80, 40))]
+RESOLUTION = 32
+
+
+def noise_png(size, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")  # lossless: the test can redo every step exactly
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def noise_pairs_path(tmp_path_factory):
+    """Pick-a-Pic-layout parquet of random-noise PNG pairs of different non-square sizes (every crop unique)."""
+    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
+    for i, (winner_size, loser_size) in enumerate(NOISE_PAIR_SIZES):
+        winner, loser = noise_png(winner_size, 2 * i), noise_png(loser_size, 2 * i + 1)
+        winner_first = i % 2 == 0
+        rows["caption"].append(f"a red circle {i}")
+        rows["jpg_0"].append(winner if winner_first else loser)
+        rows["jpg_1"].append(loser if winner_first else winner)
+        rows["label_0"].append(1.0 if winner_first else 0.0)
+        rows["label_1"].append(0.0 if winner_first else 1.0)
+    path = tmp_path_factory.mktemp("noise-pairs")
+    pq.write_table(pa.table(rows), path / "train-00000-of-00001.parquet")
+    return str(path)
+
+
+def find_window(pixels, image):
+    """(top, left) of the RESOLUTION-square window of `image` (PIL) whose pixels are `pixels` ([3,R,R] in [-1,1])."""
+    target = np.rint((pixels.permute(1, 2, 0).numpy() + 1.0) * 127.5).astype(np.uint8)
+    array = np.asarray(image)
+    hits = [(top, left) for top in range(array.shape[0] - RESOLUTION + 1)
+            for left in range(array.shape[1] - RESOLUTION + 1)
+            if np.array_equal(array[top:top + RESOLUTION, left:left + RESOLUTION], target)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def test_time_ids_are_the_real_size_and_the_crop_seen_and_both_images_flip_together(noise_pairs_path,
+                                                                                     tiny_sdxl_path):
+    from transformers import CLIPTokenizer
+
+    args = data_args(noise_pairs_path, "--resolution", str(RESOLUTION), "--random_crop", "--proportion_empty_prompts",
+                     "0")
+    dataset, columns, _ = sdxl.load_preference_dataset(args)
+    tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl_path, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
+    pairs = sdxl.PreferencePairDataset(dataset, columns, tokenizers, args)
+    seen = {"flipped": 0, "unflipped": 0, "crops": set()}
+    for epoch in range(4):
+        pairs.epoch = epoch
+        for index, ((width, height), _) in enumerate(NOISE_PAIR_SIZES):
+            example = pairs[index]
+            row = dataset[index]
+            winner_bytes, loser_bytes = (row["jpg_0"], row["jpg_1"]) if row["label_0"] == 1 else (row["jpg_1"],
+                                                                                                 row["jpg_0"])
+            winner, loser = Image.open(io.BytesIO(winner_bytes)), Image.open(io.BytesIO(loser_bytes))
+            assert winner.size == (width, height)
+            # Redo the resize by hand: short side to RESOLUTION; the loser first to the winner's size.
+            scale = RESOLUTION / min(width, height)
+            resized = (round(width * scale), round(height * scale))
+            winner_resized = winner.resize(resized, Image.BILINEAR)
+            loser_resized = loser.resize(winner.size, Image.BICUBIC).resize(resized, Image.BILINEAR)
+            mirror = Image.Transpose.FLIP_LEFT_RIGHT
+            plain = find_window(example["pixels_w"], winner_resized)
+            flipped = find_window(example["pixels_w"], winner_resized.transpose(mirror))
+            assert (plain is None) != (flipped is None), "the winner is one unique window of its resized image"
+            # The crop as the model sees it: in the mirrored image when the pair was flipped.
+            top, left = plain if plain is not None else flipped
+            loser_frame = loser_resized if plain is not None else loser_resized.transpose(mirror)
+            assert find_window(example["pixels_l"], loser_frame) == (top, left), "the loser got the same crop/flip"
+            assert example["time_ids"].tolist() == [height, width, top, left, RESOLUTION, RESOLUTION]
+            seen["flipped" if plain is None else "unflipped"] += 1
+            seen["crops"].add((index, top, left))
+    assert seen["flipped"] and seen["unflipped"] and len(seen["crops"]) > len(NOISE_PAIR_SIZES)
+
+
+def test_pixels_equal_the_sd_scripts_for_the_same_draws(noise_pairs_path):
+    winner = Image.open(io.BytesIO(noise_png((72, 40), 0)))
+    loser = Image.open(io.BytesIO(noise_png((36, 20), 1)))
+    for seed in range(6):
+        for random_crop in (True, False):
+            pixels_w, pixels_l, _, _ = sd.preprocess_pair(winner, loser, 32, random_crop, True, random.Random(seed))
+            xl_w, xl_l, time_ids = sdxl.preprocess_pair_with_time_ids(winner, loser, 32, random_crop, True,
+                                                                      random.Random(seed))
+            assert torch.equal(pixels_w, xl_w) and torch.equal(pixels_l, xl_l)
+            assert time_ids[:2].tolist() == [40, 72] and time_ids[4:].tolist() == [32, 32]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step: text encoded once per pair, conditions repeated for winner and loser
+# ---------------------------------------------------------------------------------------------------------------
+def test_encode_prompt_matches_the_sdxl_pipeline(noise_pairs_path, tiny_sdxl_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    args = data_args(noise_pairs_path, "--resolution", str(RESOLUTION), "--proportion_empty_prompts", "0")
+    dataset, columns, _ = sdxl.load_preference_dataset(args)
+    pairs = sdxl.PreferencePairDataset(dataset, columns, (pipe.tokenizer, pipe.tokenizer_2), args)
+    batch = sdxl.collate_pairs([pairs[0], pairs[1]])
+    prompt_embeds, pooled = sdxl.encode_prompt((pipe.text_encoder, pipe.text_encoder_2),
+                                               [batch["input_ids"], batch["input_ids_2"]])
+    expected, _, expected_pooled, _ = pipe.encode_prompt([dataset[0]["caption"], dataset[1]["caption"]],
+                                                         device="cpu", do_classifier_free_guidance=False)
+    assert prompt_embeds.shape == (2, 77, 64) and pooled.shape == (2, 32)
+    assert torch.equal(prompt_embeds, expected) and torch.equal(pooled, expected_pooled)
+
+
+class Recorder:
+    """Forward pre-hooks that record what each module was called with."""
+
+    def __init__(self):
+        self.calls = []
+        self.handles = []
+
+    def watch(self, name, module):
+        def hook(_, args, kwargs):
+            self.calls.append((name, args, kwargs))
+
+        self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def named(self, name):
+        return [(args, kwargs) for called, args, kwargs in self.calls if called == name]
+
+
+def step_inputs(model_path, data_path, *extra, weight_dtype=torch.float32):
+    args = data_args(data_path, "--pretrained_model_name_or_path", model_path, "--resolution", str(RESOLUTION),
+                     "--random_crop", *extra)
+    noise_scheduler, tokenizers, text_encoders, vae, unet, ref_unet = sdxl.build_models(args, cpu_state(), weight_dtype)
+    dataset, columns, _ = sdxl.load_preference_dataset(args)
+    pairs = sdxl.PreferencePairDataset(dataset, columns, tokenizers, args)
+    batch = sdxl.collate_pairs([pairs[i] for i in range(3)])
+    return args, batch, (unet, ref_unet, vae, text_encoders), noise_scheduler
+
+
+@pytest.mark.parametrize("mode", ["lora", "full", "sft"])
+def test_step_encodes_text_once_per_pair_and_repeats_every_condition(mode, noise_pairs_path, tiny_sdxl_path):
+    extra = {"lora": ["--use_lora"], "full": [], "sft": ["--loss_type", "sft"]}[mode]
+    args, batch, models, noise_scheduler = step_inputs(tiny_sdxl_path, noise_pairs_path, *extra,
+                                                       "--vae_encode_batch_size", "4")
+    unet, ref_unet, vae, text_encoders = models
+    assert noise_scheduler.training_timesteps is None  # without --is_turbo, t is drawn from all of 0..T-1
+    recorder = Recorder()
+    recorder.watch("text_encoder", text_encoders[0])
+    recorder.watch("text_encoder_2", text_encoders[1])
+    recorder.watch("vae", vae.encoder)
+    recorder.watch("unet", unet)
+    if ref_unet is not None:
+        recorder.watch("unet", ref_unet)
+    model_losses, ref_losses = sdxl.dpo_step_losses(args, batch, models, noise_scheduler, 0, torch.float32)
+
+    # Each text encoder runs once, on the 3 captions: never once for winners and again for losers.
+    for name in ("text_encoder", "text_encoder_2"):
+        (call_args, _), = recorder.named(name)
+        assert call_args[0].shape[0] == 3
+    # The VAE encodes in chunks of --vae_encode_batch_size images: 6 images -> 4 + 2; sft: 3 winners -> 3.
+    assert [a[0].shape[0] for a, _ in recorder.named("vae")] == ([3] if mode == "sft" else [4, 2])
+    prompt_embeds, pooled = sdxl.encode_prompt(text_encoders, [batch["input_ids"], batch["input_ids_2"]])
+    unet_calls = recorder.named("unet")
+    assert len(unet_calls) == (1 if mode == "sft" else 2)  # reference then policy, or the policy alone
+    pairs_per_call = 1 if mode == "sft" else 2
+    for (sample, timesteps, hidden_states), kwargs in unet_calls:
+        added = kwargs["added_cond_kwargs"]
+        assert sample.shape[0] == 3 * pairs_per_call
+        # [winners; losers]: the same timestep, text and micro-conditioning for both images of a pair
+        assert torch.equal(timesteps, timesteps[:3].repeat(pairs_per_call))
+        assert torch.equal(hidden_states, prompt_embeds.repeat(pairs_per_call, 1, 1))
+        assert torch.equal(added["text_embeds"], pooled.repeat(pairs_per_call, 1))
+        assert torch.equal(added["time_ids"], batch["time_ids"].float().repeat(pairs_per_call, 1))
+        if mode != "sft":  # shared noise: winner and loser inputs differ only by their latents
+            assert not torch.equal(sample[:3], sample[3:])
+    assert model_losses.shape == (3 * pairs_per_call,) and torch.isfinite(model_losses).all()
+    assert (ref_losses is None) == (mode == "sft")
+    if mode == "lora":  # the adapters start at zero: the reference pass equals the policy's
+        assert torch.allclose(model_losses, ref_losses)
+
+
+def test_vae_runs_in_float32_unless_a_fixed_vae_is_given(noise_pairs_path, tiny_sdxl_path):
+    args, batch, models, noise_scheduler = step_inputs(tiny_sdxl_path, noise_pairs_path, "--use_lora",
+                                                       weight_dtype=torch.bfloat16)
+    unet, _, vae, text_encoders = models
+    assert vae.dtype == torch.float32
+    assert text_encoders[0].dtype == text_encoders[1].dtype == torch.bfloat16
+    trained = [p for p in unet.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    recorder = Recorder()
+    recorder.watch("unet", unet)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what accelerate wraps the policy's forward in
+        model_losses, ref_losses = sdxl.dpo_step_losses(args, batch, models, noise_scheduler, 0, torch.bfloat16)
+    assert recorder.named("unet")[0][0][0].dtype == torch.bfloat16  # latents cast to the weight dtype after the VAE
+    assert torch.isfinite(model_losses).all() and torch.isfinite(ref_losses).all()
+
+    fixed = data_args(noise_pairs_path, "--pretrained_model_name_or_path", tiny_sdxl_path, "--use_lora",
+                      "--pretrained_vae_model_name_or_path", f"{tiny_sdxl_path}/vae")
+    assert sdxl.build_models(fixed, cpu_state(), torch.bfloat16)[3].dtype == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def tiny_turbo_path(tiny_sdxl_path, tmp_path_factory):
+    """The tiny SDXL with SDXL-Turbo's scheduler: Euler ancestral, "trailing" timestep spacing."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    path = tmp_path_factory.mktemp("tiny-turbo") / "model"
+    shutil.copytree(tiny_sdxl_path, path)
+    EulerAncestralDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                    beta_schedule="scaled_linear", timestep_spacing="trailing", steps_offset=1,
+                                    prediction_type="epsilon").save_pretrained(path / "scheduler")
+    index = json.loads((path / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "EulerAncestralDiscreteScheduler"]
+    (path / "model_index.json").write_text(json.dumps(index))
+    return str(path)
+
+
+def test_turbo_trains_on_the_models_few_step_schedule(tiny_turbo_path, tiny_sdxl_path, noise_pairs_path):
+    args, batch, models, noise_scheduler = step_inputs(tiny_turbo_path, noise_pairs_path, "--use_lora", "--is_turbo")
+    turbo_steps = [999, 749, 499, 249]  # SDXL-Turbo's 4 sampling steps ("trailing" spacing)
+    assert noise_scheduler.training_timesteps.tolist() == turbo_steps
+    drawn = sdxl.draw_timesteps([sdxl.pair_generator(0, 0, i) for i in range(200)], 1000,
+                                noise_scheduler.training_timesteps)
+    assert sorted(set(drawn.tolist())) == sorted(turbo_steps)
+    recorder = Recorder()
+    recorder.watch("unet", models[0])
+    for step in range(3):
+        sdxl.dpo_step_losses(args, batch, models, noise_scheduler, step, torch.float32)
+    assert {t for (_, timesteps, _), _ in recorder.named("unet") for t in timesteps.tolist()} <= set(turbo_steps)
+    # Another model's few-step schedule is its own: the tiny SDXL ships "leading" spacing with steps_offset 1.
+    base_args = data_args(noise_pairs_path, "--pretrained_model_name_or_path", tiny_sdxl_path, "--is_turbo",
+                          "--turbo_num_steps", "2")
+    assert sdxl.few_step_timesteps(base_args).tolist() == [501, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole runs through accelerate launch
+# ---------------------------------------------------------------------------------------------------------------
+def run_args(model, data, output_dir, *extra):
+    return ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", output_dir,
+            "--resolution", "64", "--train_batch_size", "2", "--learning_rate", "1e-3", "--seed", "0",
+            "--num_validation_images", "0", "--checkpointing_steps", "2", "--lr_warmup_steps", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def non_square_data_path(tmp_path_factory):
+    """Pick-a-Pic-layout parquet of non-square images (96x64, 64x80, ...) whose winner and loser sizes differ."""
+    return make_preference_dataset(str(tmp_path_factory.mktemp("non-square")), num_pairs=16, num_ties=2,
+                                   non_square=True)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_sdxl_path, non_square_data_path, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("sdxl-lora-run")
+    launch(SCRIPT, run_args(tiny_sdxl_path, non_square_data_path, output_dir, "--use_lora", "--max_train_steps", "4",
+                            "--random_crop", "--num_validation_images", "1", "--validation_steps", "2",
+                            "--validation_num_inference_steps", "2", "--validation_prompts", "a red circle",
+                            "a blue square", "--hub_token", "hf_SECRETtoken123"))
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_sdxl_path, preference_data_path, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("sdxl-full-run")
+    launch(SCRIPT, run_args(tiny_sdxl_path, preference_data_path, output_dir, "--max_train_steps", "4",
+                            "--learning_rate", "1e-4", "--num_validation_images", "1", "--validation_steps", "4",
+                            "--validation_num_inference_steps", "2", "--validation_prompts", "a green triangle"))
+    return output_dir
+
+
+def generate(pipe, prompt):
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+
+def test_lora_run_trains_and_loads_with_diffusers(lora_run, tiny_sdxl_path):
+    from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+
+    weights = trained_weights(lora_run)
+    assert weights and all_finite(weights)
+    assert all(k.startswith("unet.") for k in weights)  # the UNet's adapters only
+    lora_up = [t for k, t in weights.items() if "lora_B" in k or "lora.up" in k]
+    assert lora_up and all(t.abs().max() > 0 for t in lora_up)  # every up-projection left its zero init
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_sdxl_path)
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    base = generate(pipe, "a red circle")
+    pipe.load_lora_weights(str(lora_run))
+    tuned = generate(pipe, "a red circle")
+    assert tuned.shape == (64, 64, 3) and np.isfinite(tuned).all()
+    assert np.abs(tuned - base).max() > 0
+
+
+def test_lora_run_writes_card_grid_checkpoints_and_no_token(lora_run):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(lora_run / "README.md")
+    assert {"diffusion-dpo", "stable-diffusion-xl", "lora"} <= set(card.data.tags) and card.data.base_model
+    assert "load_lora_weights" in card.text and "validation_grid.png" in card.text
+    assert Image.open(lora_run / "validation_grid.png").size == (2 * 64, 2 * 64)  # 2 prompts x (ref, DPO)
+    assert sorted(p.name for p in lora_run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert summary(lora_run)["ties"] == 2
+    saved_args = json.loads((lora_run / "training_args.json").read_text())
+    assert "hub_token" not in saved_args and saved_args["resolution"] == 64
+    for path in lora_run.rglob("*"):
+        if path.is_file():
+            assert b"hf_SECRETtoken123" not in path.read_bytes(), path
+
+
+def test_full_run_saves_an_sdxl_pipeline_diffusers_loads(full_run, tiny_sdxl_path):
+    from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import filter_repo_objects
+    from safetensors.torch import load_file
+
+    base = load_file(f"{tiny_sdxl_path}/unet/diffusion_pytorch_model.safetensors")
+    tuned = trained_weights(full_run)
+    assert all_finite(tuned)
+    changed = [k for k in base if not torch.equal(base[k], tuned[k])]
+    assert len(changed) > 0.9 * len(base)
+    pipe = DiffusionPipeline.from_pretrained(str(full_run))
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    image = pipe("a green triangle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    assert Image.open(full_run / "validation_grid.png").size == (128, 64)
+    assert "stable-diffusion-xl" in ModelCard.load(full_run / "README.md").data.tags
+
+    allow, ignore = sdxl.hub_upload_patterns(argparse.Namespace(use_lora=False, save_unet_only=False))
+    files = [str(p.relative_to(full_run)) for p in full_run.rglob("*") if p.is_file()]
+    uploaded = list(filter_repo_objects(files, allow_patterns=allow, ignore_patterns=ignore))
+    assert {"model_index.json", "README.md", "text_encoder_2/model.safetensors", "tokenizer_2/vocab.json",
+            "unet/diffusion_pytorch_model.safetensors"} <= set(uploaded)
+    assert not [f for f in uploaded if f.startswith(("checkpoint-", "logs", "validation/")) or "args" in f]
+
+
+def resume_from(run, tmp_path, model, data, *extra):
+    """Resume to step 4 from a fresh 2-step run in tmp_path; return (resumed weights, uninterrupted weights)."""
+    half = run_args(model, data, tmp_path, *extra)
+    launch(SCRIPT, half + ["--max_train_steps", "2"])
+    result = launch(SCRIPT, half + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
+    assert "Resuming from" in result.stdout
+    return trained_weights(tmp_path), trained_weights(run)
+
+
+def test_lora_resume_equals_an_uninterrupted_run(lora_run, tiny_sdxl_path, non_square_data_path, tmp_path):
+    # lora_run trained 4 steps in one go, with validation in between (which must not change training)
+    resumed, uninterrupted = resume_from(lora_run, tmp_path, tiny_sdxl_path, non_square_data_path, "--use_lora",
+                                         "--random_crop")
+    assert max_abs_difference(resumed, uninterrupted) < 1e-6
+
+
+def test_full_resume_equals_an_uninterrupted_run(full_run, tiny_sdxl_path, preference_data_path, tmp_path):
+    resumed, uninterrupted = resume_from(full_run, tmp_path, tiny_sdxl_path, preference_data_path,
+                                         "--learning_rate", "1e-4")
+    assert max_abs_difference(resumed, uninterrupted) < 1e-6
+
+
+def test_two_process_ddp_equals_one_process(tiny_sdxl_path, non_square_data_path, tmp_path):
+    # As in the SD test: a large Adam epsilon keeps Adam from magnifying float-summation noise in near-zero
+    # gradients into lr-sized weight differences.
+    common = ["--use_lora", "--max_train_steps", "3", "--checkpointing_steps", "100", "--adam_epsilon", "1e-4",
+              "--random_crop"]
+    launch(SCRIPT, run_args(tiny_sdxl_path, non_square_data_path, tmp_path / "one", *common))  # 1 process x 2 pairs
+    launch(SCRIPT, run_args(tiny_sdxl_path, non_square_data_path, tmp_path / "two", *common, "--train_batch_size", "1"),
+           num_processes=2)  # 2 processes x 1 pair
+    assert logged_scalars(tmp_path / "one") == pytest.approx(logged_scalars(tmp_path / "two"), rel=1e-3)
+    one, two = trained_weights(tmp_path / "one"), trained_weights(tmp_path / "two")
+    assert max_abs_difference(one, two) < 1e-3 * max_movement(one)
+
+
+def test_turbo_sft_adafactor_checkpointing_fixed_vae_run(tiny_turbo_path, preference_data_path, tmp_path):
+    """The other paths in one run: full fine-tune with the sft loss (validation then reloads the base UNet),
+    few-step timesteps, Adafactor, gradient checkpointing, a separate fp16-safe VAE, chunked VAE encoding, and
+    a NaN injected at step 2 that must be skipped."""
+    from diffusers import AutoencoderKL, DiffusionPipeline
+    from safetensors.torch import load_file
+
+    fixed_vae = str(tmp_path / "fixed-vae")
+    build_tiny_vae(seed=7, scaling_factor=0.13025).save_pretrained(fixed_vae)
+    output_dir = tmp_path / "out"
+    launch(SCRIPT, run_args(tiny_turbo_path, preference_data_path, output_dir, "--max_train_steps", "3",
+                            "--learning_rate", "1e-4", "--loss_type", "sft", "--is_turbo", "--use_adafactor",
+                            "--gradient_checkpointing", "--pretrained_vae_model_name_or_path", fixed_vae,
+                            "--vae_encode_batch_size", "1", "--num_validation_images", "1",
+                            "--validation_num_inference_steps", "4", "--validation_guidance_scale", "0",
+                            "--validation_prompts", "a red circle"),
+           env={"DIFFUSION_DPO_TEST_NAN_STEPS": "2"})
+    assert summary(output_dir)["nonfinite_steps"] == 1
+    base = load_file(f"{tiny_turbo_path}/unet/diffusion_pytorch_model.safetensors")
+    tuned = trained_weights(output_dir)
+    assert all_finite(tuned) and sum(not torch.equal(base[k], tuned[k]) for k in base) > 0.9 * len(base)
+    # The saved pipeline carries the VAE the run used.
+    saved_vae = AutoencoderKL.from_pretrained(output_dir / "vae").state_dict()
+    expected_vae = AutoencoderKL.from_pretrained(fixed_vae).state_dict()
+    assert all(torch.equal(saved_vae[k], expected_vae[k]) for k in expected_vae)
+    assert Image.open(output_dir / "validation_grid.png").size == (128, 64)
+    assert "num_inference_steps=4" in (output_dir / "README.md").read_text()
+    pipe = DiffusionPipeline.from_pretrained(str(output_dir))
+    assert np.isfinite(generate(pipe, "a red circle")).all()
