@@ -57,6 +57,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import check_min_version, convert_state_dict_to_diffusers, make_image_grid
@@ -384,6 +385,188 @@ def collate_pairs(examples):
     }
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Latent and text-embedding cache (--cache_latents)
+# ----------------------------------------------------------------------------------------------------------------
+ROW_USABLE, ROW_MISSING_IMAGE, ROW_UNDECODABLE_IMAGE = 1, 2, 3
+ROW_STATUS_REASONS = {ROW_MISSING_IMAGE: "missing_image", ROW_UNDECODABLE_IMAGE: "undecodable_image"}
+
+
+def weights_fingerprint(model):
+    """A cheap digest of a model's weights (names, shapes and first values of every tensor)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().flatten()[:8].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def latent_cache_path(args, dataset, columns, vae, text_encoders, cache_dtype):
+    """Cache folder for these inputs: any change of model weights, resolution, flip, data or dtype gives a new key."""
+    key = {
+        "format": 1, "model": args.pretrained_model_name_or_path, "revision": args.revision,
+        "variant": args.variant, "vae": weights_fingerprint(vae), "vae_config": dict(vae.config),
+        "text_encoders": [weights_fingerprint(encoder) for encoder in text_encoders],
+        "resolution": args.resolution, "hflip": not args.no_hflip, "dataset": dataset._fingerprint,
+        "columns": columns, "dtype": str(cache_dtype),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return Path(args.latent_cache_dir) / digest
+
+
+def build_latent_cache(args, accelerator, dataset, columns, tokenizer, vae, encode_text, text_encoders,
+                       weight_dtype):
+    """Encode every image (both orientations when flipping) and every unique prompt once, on disk.
+
+    Each process encodes its share of rows and prompts into shared memory-mapped .npy files; the folder is
+    complete once meta.json exists, and a later run with the same key reuses it without loading a pixel.
+    Returns (LatentCache, stats with the number of images and prompts encoded by this run).
+    """
+    cache_dtype = np.float16 if weight_dtype == torch.float16 else np.float32  # bf16 is stored exactly as fp32
+    cache_dir = latent_cache_path(args, dataset, columns, vae, text_encoders, cache_dtype)
+    stats = {"cache_dir": str(cache_dir), "reused": (cache_dir / "meta.json").exists(),
+             "images_encoded": 0, "prompts_encoded": 0}
+    if stats["reused"]:
+        logger.info(f"Reusing the latent cache {cache_dir}")
+        return LatentCache(cache_dir), stats
+
+    num_rows = len(dataset)
+    flips = 2 if not args.no_hflip else 1
+    latent_size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+    posterior_shape = (2 * vae.config.latent_channels, latent_size, latent_size)
+    captions = dataset[columns["caption"]]
+    prompts = [""] + sorted(set(captions) - {""})  # id 0 is the empty prompt that prompt dropout uses
+    prompt_ids = {prompt: i for i, prompt in enumerate(prompts)}
+    with torch.no_grad():
+        embedding_shape = tuple(encode_text([""]).shape[1:])
+    if accelerator.is_main_process:
+        logger.info(f"Building the latent cache {cache_dir}: {num_rows} pairs, {len(prompts)} unique prompts")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(cache_dir / "posteriors.npy", mode="w+", dtype=cache_dtype,
+                                  shape=(num_rows, 2, flips) + posterior_shape).flush()
+        np.lib.format.open_memmap(cache_dir / "prompts.npy", mode="w+", dtype=cache_dtype,
+                                  shape=(len(prompts),) + embedding_shape).flush()
+        np.save(cache_dir / "row_prompt.npy", np.array([prompt_ids[c] for c in captions], dtype=np.int64))
+        np.save(cache_dir / "prompt_truncated.npy", np.zeros(len(prompts), dtype=bool))
+    accelerator.wait_for_everyone()
+
+    posteriors = np.load(cache_dir / "posteriors.npy", mmap_mode="r+")
+    embeddings = np.load(cache_dir / "prompts.npy", mmap_mode="r+")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    status = np.zeros(num_rows, dtype=np.int8)
+    truncated = np.zeros(len(prompts), dtype=bool)
+    decoder = PreferencePairDataset(dataset, columns, tokenizer, args)
+    my_rows = list(range(rank, num_rows, world))
+    chunk = args.vae_encode_batch_size
+    with torch.no_grad():
+        for start in tqdm(range(0, len(my_rows), chunk), desc="Caching latents",
+                          disable=not accelerator.is_local_main_process):
+            rows, pixels = [], []
+            for row in my_rows[start:start + chunk]:
+                try:
+                    winner, loser = decoder.decode_pair(dataset[row])
+                except UnusableImage as error:
+                    status[row] = ROW_MISSING_IMAGE if error.reason == "missing_image" else ROW_UNDECODABLE_IMAGE
+                    continue
+                status[row] = ROW_USABLE
+                pixels_w, pixels_l, _, _ = preprocess_pair(winner, loser, args.resolution, False, False, None)
+                rows.append(row)
+                pixels += [pixels_w, pixels_l]
+            if not rows:
+                continue
+            pixels = torch.stack(pixels)
+            # both orientations, flipped after the crop: the same pixels preprocess_pair makes when it flips
+            variants = [pixels] + ([torch.flip(pixels, dims=[-1])] if flips == 2 else [])
+            for flip, variant in enumerate(variants):
+                params = vae.encode(variant.to(vae.device, dtype=vae.dtype)).latent_dist.parameters
+                params = params.float().cpu().numpy().astype(cache_dtype).reshape((len(rows), 2) + posterior_shape)
+                posteriors[rows, :, flip] = params
+                stats["images_encoded"] += 2 * len(rows)
+        my_prompts = list(range(rank, len(prompts), world))
+        for start in range(0, len(my_prompts), chunk):
+            ids = my_prompts[start:start + chunk]
+            batch_prompts = [prompts[i] for i in ids]
+            embeddings[ids] = encode_text(batch_prompts).float().cpu().numpy().astype(cache_dtype)
+            truncated[ids] = [tokenize_caption(tokenizer, prompt)[1] for prompt in batch_prompts]
+            stats["prompts_encoded"] += len(ids)
+    posteriors.flush()
+    embeddings.flush()
+    np.save(cache_dir / f"status-{rank}.npy", status)
+    np.save(cache_dir / f"truncated-{rank}.npy", truncated)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        status = np.max([np.load(cache_dir / f"status-{r}.npy") for r in range(world)], axis=0)
+        truncated = np.any([np.load(cache_dir / f"truncated-{r}.npy") for r in range(world)], axis=0)
+        np.save(cache_dir / "row_status.npy", status)
+        np.save(cache_dir / "prompt_truncated.npy", truncated)
+        for r in range(world):
+            os.remove(cache_dir / f"status-{r}.npy")
+            os.remove(cache_dir / f"truncated-{r}.npy")
+        # meta.json last, through a rename: its presence means the cache is complete
+        with open(cache_dir / "meta.tmp", "w") as f:
+            json.dump({"rows": num_rows, "prompts": len(prompts), "flips": flips}, f)
+        os.replace(cache_dir / "meta.tmp", cache_dir / "meta.json")
+    accelerator.wait_for_everyone()
+    return LatentCache(cache_dir), stats
+
+
+class LatentCache:
+    """Read side of the cache: memory-mapped posteriors [rows, (w, l), flips, 2C, h, w] and prompt embeddings."""
+
+    def __init__(self, cache_dir):
+        self.posteriors = np.load(cache_dir / "posteriors.npy", mmap_mode="r")
+        self.prompt_embeddings = np.load(cache_dir / "prompts.npy", mmap_mode="r")
+        self.row_prompt = np.load(cache_dir / "row_prompt.npy")
+        self.row_status = np.load(cache_dir / "row_status.npy")
+        self.prompt_truncated = np.load(cache_dir / "prompt_truncated.npy")
+
+    def problem_counts(self):
+        counts = {reason: int((self.row_status == status).sum()) for status, reason in ROW_STATUS_REASONS.items()}
+        usable = self.row_status == ROW_USABLE
+        counts["truncated_caption"] = int(self.prompt_truncated[self.row_prompt[usable]].sum())
+        return counts
+
+
+class CachedPairDataset(torch.utils.data.Dataset):
+    """PreferencePairDataset's pairs from the cache: the same rows, flips and prompt dropout, no decoding."""
+
+    def __init__(self, cache, args):
+        self.cache = cache
+        self.hflip = not args.no_hflip
+        self.proportion_empty_prompts = args.proportion_empty_prompts
+        self.seed = args.seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.cache.row_status)
+
+    def __getitem__(self, index):
+        skipped = []
+        for offset in range(len(self)):  # an unusable row is replaced by the next usable one, as when decoding
+            row = (index + offset) % len(self)
+            if self.cache.row_status[row] == ROW_USABLE:
+                break
+            skipped.append((row, ROW_STATUS_REASONS[int(self.cache.row_status[row])]))
+        else:
+            raise ValueError("No row of the dataset has usable images: every image is missing or undecodable.")
+        # the same draws, in the same order, as PreferencePairDataset + preprocess_pair with a centre crop
+        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+        prompt = 0 if rng.random() < self.proportion_empty_prompts else int(self.cache.row_prompt[row])
+        flip = int(self.hflip and rng.random() < 0.5)
+        posteriors = torch.from_numpy(np.array(self.cache.posteriors[row, :, flip]))
+        return {"posterior_w": posteriors[0], "posterior_l": posteriors[1], "index": index, "skipped": skipped,
+                "text_embeddings": torch.from_numpy(np.array(self.cache.prompt_embeddings[prompt])),
+                "truncated": [row] if prompt and self.cache.prompt_truncated[prompt] else []}
+
+
+def collate_cached_pairs(examples):
+    batch = {key: torch.stack([e[key] for e in examples]) for key in ("posterior_w", "posterior_l", "text_embeddings")}
+    batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+    batch["skipped"] = [item for e in examples for item in e["skipped"]]
+    batch["truncated"] = [row for e in examples for row in e["truncated"]]
+    return batch
+
+
 class EpochPermutationSampler(torch.utils.data.Sampler):
     """Shuffles with a permutation that depends on (seed, epoch) only, so a resume can find its position."""
 
@@ -468,6 +651,16 @@ def build_parser():
                       help="Fraction of captions replaced by '' (the authors' 0.2), for classifier-free guidance.")
     data.add_argument("--dataloader_num_workers", type=int, default=0,
                       help="Worker processes that decode images; 0 decodes in the main process.")
+    data.add_argument("--cache_latents", action="store_true",
+                      help="Encode every image (both orientations, for the flip) and every unique prompt once, "
+                           "before training, into --latent_cache_dir; training then never runs the VAE or the text "
+                           "encoder, which leave the accelerator. Reused by later runs with the same model, data, "
+                           "resolution and dtype. Needs the centre crop (not --random_crop).")
+    data.add_argument("--latent_cache_dir", type=str,
+                      default=os.path.join(os.path.expanduser("~"), ".cache", "diffusion-dpo", "latents"),
+                      help="Where --cache_latents keeps its caches; one subfolder per model/data/resolution key.")
+    data.add_argument("--vae_encode_batch_size", type=int, default=8,
+                      help="Images (and prompts) per encoder call while building the latent cache.")
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default="diffusion-dpo", help="Where results and checkpoints go.")
@@ -567,10 +760,13 @@ def validate_args(parser, args):
         parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8); got {args.resolution}.")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         parser.error("--proportion_empty_prompts must be between 0 and 1.")
+    if args.cache_latents and args.random_crop:
+        parser.error("--cache_latents stores one centre crop per image (both orientations for the flip); drop "
+                     "--random_crop, or train without the cache.")
     if args.use_8bit_adam and args.use_adafactor:
         parser.error("Choose one optimizer: --use_8bit_adam or --use_adafactor.")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "rank",
-                 "checkpointing_steps", "validation_steps", "max_nonfinite_steps"):
+                 "checkpointing_steps", "validation_steps", "max_nonfinite_steps", "vae_encode_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1.")
     for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
@@ -681,12 +877,15 @@ def build_optimizer(args, params):
                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=fused or None)
 
 
-def encode_latents(vae, pixels, generators):
-    """VAE-encode pixels [N,3,H,W] and draw one latent sample per image from its own generator."""
-    posterior = vae.encode(pixels.to(vae.device, dtype=vae.dtype)).latent_dist
+def sample_latents(posterior_params, generators, scaling_factor):
+    """One latent sample per image from its VAE posterior (mean and log-variance, as the VAE outputs them).
+
+    The same function serves freshly encoded and cached posteriors, so both give the same latents.
+    """
+    posterior = DiagonalGaussianDistribution(posterior_params)
     sample_noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in generators])
     latents = posterior.mean + posterior.std * sample_noise.to(posterior.mean.device, posterior.mean.dtype)
-    return latents * vae.config.scaling_factor
+    return latents * scaling_factor
 
 
 def dpo_step_losses(args, batch, models, noise_scheduler, global_step, weight_dtype):
@@ -703,14 +902,21 @@ def dpo_step_losses(args, batch, models, noise_scheduler, global_step, weight_dt
     timesteps = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g)
                            for g in generators])
     with torch.no_grad():
-        if args.loss_type == "sft":
-            latents = encode_latents(vae, batch["pixels_w"], generators)
+        # 2. Latents from the VAE posterior of each image (cached, or encoded now); the losers' sample noise has
+        #    its own generator. Text encoded once per pair (or cached once per prompt), repeated for the loser.
+        sft = args.loss_type == "sft"  # winners only
+        if "posterior_w" in batch:
+            posterior_params = batch["posterior_w"] if sft else torch.cat([batch["posterior_w"], batch["posterior_l"]])
+            text_embeddings = batch["text_embeddings"].to(device, dtype=weight_dtype)
         else:
-            pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])
-            latents = encode_latents(vae, pixels, generators + [pair_generator(args.seed, global_step, f"{int(i)}/l")
-                                                                for i in batch["index"]])
-        # 2. Text encoded once per pair and repeated for the loser.
-        text_embeddings = text_encoder(batch["input_ids"].to(device))[0]
+            pixels = batch["pixels_w"] if sft else torch.cat([batch["pixels_w"], batch["pixels_l"]])
+            posterior_params = vae.encode(pixels.to(vae.device, dtype=vae.dtype)).latent_dist.parameters
+            text_embeddings = text_encoder(batch["input_ids"].to(device))[0]
+        if not sft:
+            generators = generators + [pair_generator(args.seed, global_step, f"{int(i)}/l") for i in batch["index"]]
+        latents = sample_latents(posterior_params.to(device, dtype=weight_dtype), generators,
+                                 vae.config.scaling_factor)
+        generators = generators[:num_pairs]
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
     noise = noise.to(device, dtype=latents.dtype)
     timesteps = timesteps.to(device)
@@ -914,14 +1120,26 @@ def log_validation(args, accelerator, models, tokenizer, weight_dtype, global_st
 
 def safe_validation(args, accelerator, models, tokenizer, weight_dtype, global_step, reference_images, grid_path):
     """Validation that cannot end a run: a failure (e.g. out of memory while sampling) is logged, training goes on."""
+    frozen_encoders = models[2:]
     try:
+        if args.cache_latents:  # the encoders wait on the CPU while training from the cache
+            for encoder in frozen_encoders:
+                encoder.to(accelerator.device)
         return log_validation(args, accelerator, models, tokenizer, weight_dtype, global_step, reference_images)
     except Exception as error:  # noqa: BLE001 - any sampling failure must not cost the training run
         logger.warning(f"Validation at step {global_step} failed and was skipped: {type(error).__name__}: {error}")
         unet_module(models[0]).train()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         return grid_path, reference_images
+    finally:
+        if args.cache_latents:
+            for encoder in frozen_encoders:
+                encoder.to("cpu")
+        free_accelerator_memory()
+
+
+def free_accelerator_memory():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def save_results(args, accelerator, unet, text_encoder, vae, tokenizer, weight_dtype):
@@ -1107,11 +1325,28 @@ def main(args):
     noise_scheduler, tokenizer, text_encoder, vae, unet, ref_unet = build_models(args, accelerator, weight_dtype)
     register_checkpoint_hooks(args, accelerator)
 
+    # Optional cache: every image and prompt encoded once; the frozen encoders then leave the accelerator
+    cache, cache_stats = None, None
+    if args.cache_latents:
+        def encode_text(prompts):
+            input_ids = torch.stack([tokenize_caption(tokenizer, prompt)[0] for prompt in prompts])
+            return text_encoder(input_ids.to(text_encoder.device))[0]
+
+        cache, cache_stats = build_latent_cache(args, accelerator, dataset, columns, tokenizer, vae, encode_text,
+                                                [text_encoder], weight_dtype)
+        counts.update(cache.problem_counts())
+        vae.to("cpu")
+        text_encoder.to("cpu")
+        free_accelerator_memory()
+
     # DataLoader: a (seed, epoch)-seeded permutation; accelerate shards its batches across processes
-    train_dataset = PreferencePairDataset(dataset, columns, tokenizer, args)
+    if cache is not None:
+        train_dataset, collate_fn = CachedPairDataset(cache, args), collate_cached_pairs
+    else:
+        train_dataset, collate_fn = PreferencePairDataset(dataset, columns, tokenizer, args), collate_pairs
     sampler = EpochPermutationSampler(len(train_dataset), args.seed)
     train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate_pairs,
+        train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate_fn,
         num_workers=args.dataloader_num_workers,
     )
 
@@ -1254,10 +1489,17 @@ def main(args):
         save_results(args, accelerator, unet, text_encoder, vae, tokenizer, weight_dtype)
     # Rows with problems, united over processes (a row may have gone to another process in another epoch)
     all_problems = gather_object([{reason: sorted(rows) for reason, rows in row_problems.items()}])
+    all_cache_stats = gather_object([cache_stats]) if cache_stats is not None else []
     if accelerator.is_main_process:
-        for reason in row_problems:
-            counts[reason] = len(set().union(*(set(problems[reason]) for problems in all_problems)))
+        if cache is None:  # with the cache, every row was checked (and counted) when the cache was built
+            for reason in row_problems:
+                counts[reason] = len(set().union(*(set(problems[reason]) for problems in all_problems)))
         counts["nonfinite_steps"] = nonfinite_steps
+        if cache_stats is not None:
+            for name in ("images_encoded", "prompts_encoded"):
+                cache_stats[name] = sum(stats[name] for stats in all_cache_stats)
+            with open(os.path.join(args.output_dir, "latent_cache_stats.json"), "w") as f:
+                json.dump(cache_stats, f, indent=2)
         with open(os.path.join(args.output_dir, "data_summary.json"), "w") as f:
             json.dump(counts, f, indent=2)
         write_model_card(args, counts, grid_path, global_step)
