@@ -256,7 +256,8 @@ def load_preference_dataset(args):
     from datasets import load_dataset
 
     source = args.train_data_dir if args.train_data_dir is not None else args.dataset_name
-    dataset = load_dataset(source, args.dataset_config_name, split=args.dataset_split_name, cache_dir=args.cache_dir)
+    dataset = load_dataset(source, args.dataset_config_name, split=args.dataset_split_name, cache_dir=args.cache_dir,
+                           streaming=args.streaming)
 
     if args.chosen_column is not None:
         columns = {"caption": args.caption_column, "winner": args.chosen_column, "loser": args.rejected_column}
@@ -268,14 +269,17 @@ def load_preference_dataset(args):
             "label_0": args.label_0_column,
             "label_1": args.label_1_column,
         }
-    missing = [name for name in columns.values() if name not in dataset.column_names]
+    column_names = dataset.column_names or list(next(iter(dataset)).keys())
+    missing = [name for name in columns.values() if name not in column_names]
     if missing:
         raise ValueError(
-            f"Dataset {source!r} has no column(s) {missing}. Its columns are {dataset.column_names}. Map yours with "
+            f"Dataset {source!r} has no column(s) {missing}. Its columns are {column_names}. Map yours with "
             "--caption_column, --image_0_column/--image_1_column/--label_0_column/--label_1_column (Pick-a-Pic "
             "layout) or --chosen_column/--rejected_column (chosen/rejected layout)."
         )
 
+    if args.streaming:  # rows are checked (and counted) as they stream past
+        return dataset, columns, {}
     counts = {"rows": len(dataset), "ties": 0, "invalid_labels": 0, "bad_caption": 0}
     keep = np.ones(len(dataset), dtype=bool)
     # A caption must be a string (empty is allowed: it is what prompt dropout trains on anyway).
@@ -353,14 +357,25 @@ class PreferencePairDataset(torch.utils.data.Dataset):
                 skipped.append((row_index, error.reason))
         else:
             raise ValueError("No row of the dataset has usable images: every image is missing or undecodable.")
-        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+        example = self.make_example(row, None, decoded=(winner, loser), index=index)
+        example.update(skipped=skipped, truncated=[row_index] if example["truncated"] else [])
+        return example
+
+    def make_example(self, row, stream_key, decoded=None, index=None):
+        """Model inputs for one row; `index` (map-style) or `stream_key` (streaming) seeds its augmentation."""
+        winner, loser = decoded if decoded is not None else self.decode_pair(row)
+        if stream_key is not None:
+            index = stream_pair_index(*stream_key)
+            rng = random.Random(f"{self.seed}/stream/{index}")
+        else:
+            rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
         caption = row[self.columns["caption"]]
         if rng.random() < self.proportion_empty_prompts:
             caption = ""
         pixels_w, pixels_l, _, _ = preprocess_pair(winner, loser, self.resolution, self.random_crop, self.hflip, rng)
         input_ids, truncated = tokenize_caption(self.tokenizer, caption)
         return {"pixels_w": pixels_w, "pixels_l": pixels_l, "input_ids": input_ids, "index": index,
-                "skipped": skipped, "truncated": [row_index] if truncated else []}
+                "truncated": truncated}
 
 
 def tokenize_caption(tokenizer, caption):
@@ -382,6 +397,7 @@ def collate_pairs(examples):
         "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
         "skipped": [item for e in examples for item in e["skipped"]],
         "truncated": [row for e in examples for row in e["truncated"]],
+        "stream_state": examples[-1].get("stream_state"),
     }
 
 
@@ -567,6 +583,70 @@ def collate_cached_pairs(examples):
     return batch
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming (--streaming): datasets too large to download
+# ----------------------------------------------------------------------------------------------------------------
+def row_label_problem(row, columns):
+    """Why a streamed row holds no usable preference (the map-style checks, one row at a time), or None."""
+    if not isinstance(row[columns["caption"]], str):
+        return "bad_caption"
+    if "winner" in columns:
+        return None
+    labels = (row[columns["label_0"]], row[columns["label_1"]])
+    if labels == (0.5, 0.5):
+        return "ties"
+    if labels not in ((1, 0), (0, 1)):
+        return "invalid_labels"
+    return None
+
+
+class StreamingPairDataset(torch.utils.data.IterableDataset):
+    """This process's shard of a streamed dataset as model inputs, endlessly, epoch after epoch.
+
+    The stream is split by process (disjoint shards) and shuffled with a seeded buffer re-seeded every epoch, so
+    its order is a function of (seed, epoch, process). Each example carries `stream_state` = (epoch, rows read):
+    a checkpoint stores it, and a resumed run skips exactly that many rows of the same order. Rows without a
+    usable preference or image are skipped and reported (`skipped`) like in the map-style dataset.
+    """
+
+    def __init__(self, stream, columns, tokenizer, args, rank):
+        self.stream = stream
+        self.rank = rank
+        self.pairs = PreferencePairDataset(None, columns, tokenizer, args)  # decoding, augmentation, tokens
+        self.start_state = (0, 0)
+
+    def __iter__(self):
+        epoch, rows_read = self.start_state
+        while True:
+            self.stream.set_epoch(epoch)
+            skipped, yielded = [], False
+            for position, row in enumerate(self.stream):
+                if position < rows_read:
+                    continue  # resume: these rows were trained on before the checkpoint
+                row_key = f"{epoch}/{self.rank}/{position}"
+                reason = row_label_problem(row, self.pairs.columns)
+                if reason is None:
+                    try:
+                        example = self.pairs.make_example(row, (epoch, self.rank, position))
+                    except UnusableImage as error:
+                        reason = error.reason
+                if reason is not None:
+                    skipped.append((row_key, reason))
+                    continue
+                example.update(skipped=skipped, truncated=[row_key] if example["truncated"] else [],
+                               stream_state=(epoch, position + 1))
+                skipped, yielded = [], True
+                yield example
+            if not yielded:
+                raise ValueError(f"Process {self.rank}'s shard of the stream has no usable preference pairs.")
+            epoch, rows_read = epoch + 1, 0
+
+
+def stream_pair_index(epoch, rank, position):
+    """A unique integer per streamed row and epoch: the key of its noise, timestep and augmentation."""
+    return (epoch * 4096 + rank) * (1 << 40) + position
+
+
 class EpochPermutationSampler(torch.utils.data.Sampler):
     """Shuffles with a permutation that depends on (seed, epoch) only, so a resume can find its position."""
 
@@ -651,6 +731,13 @@ def build_parser():
                       help="Fraction of captions replaced by '' (the authors' 0.2), for classifier-free guidance.")
     data.add_argument("--dataloader_num_workers", type=int, default=0,
                       help="Worker processes that decode images; 0 decodes in the main process.")
+    data.add_argument("--streaming", action="store_true",
+                      help="Stream the dataset instead of downloading it (Pick-a-Pic v2 is ~335 GB): each process "
+                           "reads its own shard through a seeded shuffle buffer; rows are checked and counted as "
+                           "they pass. Needs --max_train_steps; decodes in the main process; resumes at the exact "
+                           "row by re-reading the shard up to it.")
+    data.add_argument("--shuffle_buffer_size", type=int, default=1000,
+                      help="Rows in the streaming shuffle buffer (more = better mixed, more memory).")
     data.add_argument("--cache_latents", action="store_true",
                       help="Encode every image (both orientations, for the flip) and every unique prompt once, "
                            "before training, into --latent_cache_dir; training then never runs the VAE or the text "
@@ -760,13 +847,23 @@ def validate_args(parser, args):
         parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8); got {args.resolution}.")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         parser.error("--proportion_empty_prompts must be between 0 and 1.")
+    if args.streaming:
+        if args.max_train_steps is None:
+            parser.error("--streaming has no epoch length: give --max_train_steps.")
+        for flag in ("cache_latents", "max_train_samples"):
+            if getattr(args, flag):
+                parser.error(f"--{flag} needs the whole dataset on disk; it does not combine with --streaming.")
+        if args.dataloader_num_workers:
+            parser.error("--streaming decodes in the main process (its exact resume counts rows there); "
+                         "drop --dataloader_num_workers.")
     if args.cache_latents and args.random_crop:
         parser.error("--cache_latents stores one centre crop per image (both orientations for the flip); drop "
                      "--random_crop, or train without the cache.")
     if args.use_8bit_adam and args.use_adafactor:
         parser.error("Choose one optimizer: --use_8bit_adam or --use_adafactor.")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "rank",
-                 "checkpointing_steps", "validation_steps", "max_nonfinite_steps", "vae_encode_batch_size"):
+                 "checkpointing_steps", "validation_steps", "max_nonfinite_steps", "vae_encode_batch_size",
+                 "shuffle_buffer_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1.")
     for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
@@ -968,8 +1065,11 @@ def checkpoint_dirs(output_dir):
     return sorted(names, key=lambda name: int(name.split("-")[-1]))
 
 
-def save_checkpoint(args, accelerator, global_step):
-    """Save a resumable state atomically: written to a temporary folder, renamed when complete."""
+def save_checkpoint(args, accelerator, global_step, stream_state=None):
+    """Save a resumable state atomically: written to a temporary folder, renamed when complete.
+
+    With --streaming each process also records how far into its shard it has read (`stream_state`).
+    """
     final_dir = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     temp_dir = os.path.join(args.output_dir, f".tmp-checkpoint-{global_step}")
     if accelerator.is_main_process:
@@ -980,6 +1080,9 @@ def save_checkpoint(args, accelerator, global_step):
                 shutil.rmtree(os.path.join(args.output_dir, name))
     accelerator.wait_for_everyone()
     accelerator.save_state(temp_dir)
+    if stream_state is not None:
+        with open(os.path.join(temp_dir, f"stream_state_{accelerator.process_index}.json"), "w") as f:
+            json.dump(list(stream_state), f)
     accelerator.wait_for_everyone()
     if fault_injection("CRASH_IN_SAVE") == str(global_step):  # the checkpoint is written but not yet renamed
         os._exit(17)
@@ -1194,7 +1297,7 @@ def write_model_card(args, counts, grid_path, final_step):
         "scale_lr": args.scale_lr, "lr_scheduler": args.lr_scheduler,
         "effective batch (pairs)": args.train_batch_size * args.gradient_accumulation_steps * args.num_processes,
         "optimizer steps": final_step, "resolution": args.resolution, "mixed_precision": args.mixed_precision,
-        "pairs used": counts["pairs"], "ties dropped": counts["ties"], "seed": args.seed,
+        "pairs used": counts.get("pairs", "streamed"), "ties dropped": counts.get("ties"), "seed": args.seed,
     }
     grid_md = ("![reference (left) vs DPO (right), same seeds](./validation_grid.png)\n\nEach row is a prompt; the "
                "left half is the base model, the right half the DPO model, from the same seeds.\n"
@@ -1314,8 +1417,9 @@ def main(args):
     # Dataset first: a wrong column or an empty dataset fails before any model is loaded
     with accelerator.main_process_first():
         dataset, columns, counts = load_preference_dataset(args)
-    logger.info(f"Preference pairs: {counts['pairs']} of {counts['rows']} rows (dropped: {counts['ties']} ties, "
-                f"{counts['invalid_labels']} invalid labels, {counts['bad_caption']} missing captions)")
+    if not args.streaming:
+        logger.info(f"Preference pairs: {counts['pairs']} of {counts['rows']} rows (dropped: {counts['ties']} ties, "
+                    f"{counts['invalid_labels']} invalid labels, {counts['bad_caption']} missing captions)")
     if accelerator.is_main_process:  # rewritten at the end with the image problems found while training
         with open(os.path.join(args.output_dir, "data_summary.json"), "w") as f:
             json.dump(counts, f, indent=2)
@@ -1339,33 +1443,46 @@ def main(args):
         text_encoder.to("cpu")
         free_accelerator_memory()
 
-    # DataLoader: a (seed, epoch)-seeded permutation; accelerate shards its batches across processes
-    if cache is not None:
-        train_dataset, collate_fn = CachedPairDataset(cache, args), collate_cached_pairs
+    # DataLoader: a (seed, epoch)-seeded permutation that accelerate shards across processes; or, streaming,
+    # this process's own shard of the stream (not given to accelerate, which would read every shard everywhere)
+    if args.streaming:
+        from datasets.distributed import split_dataset_by_node
+
+        stream = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        stream = stream.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
+        train_dataset = StreamingPairDataset(stream, columns, tokenizer, args, accelerator.process_index)
+        train_dataloader = torch.utils.data.DataLoader(train_dataset, batch_size=args.train_batch_size,
+                                                       collate_fn=collate_pairs)
     else:
-        train_dataset, collate_fn = PreferencePairDataset(dataset, columns, tokenizer, args), collate_pairs
-    sampler = EpochPermutationSampler(len(train_dataset), args.seed)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate_fn,
-        num_workers=args.dataloader_num_workers,
-    )
+        if cache is not None:
+            train_dataset, collate_fn = CachedPairDataset(cache, args), collate_cached_pairs
+        else:
+            train_dataset, collate_fn = PreferencePairDataset(dataset, columns, tokenizer, args), collate_pairs
+        sampler = EpochPermutationSampler(len(train_dataset), args.seed)
+        train_dataloader = torch.utils.data.DataLoader(
+            train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate_fn,
+            num_workers=args.dataloader_num_workers,
+        )
 
     # Optimizer and learning-rate schedule
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
     optimizer = build_optimizer(args, params_to_optimize)
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes
-                                           / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+        args.max_train_steps = args.num_train_epochs * math.ceil(
+            len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
-                                                                          lr_scheduler)
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    if args.streaming:  # one endless pass: the stream itself moves from epoch to epoch
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+        num_update_steps_per_epoch, args.num_train_epochs = args.max_train_steps, 1
+    else:
+        unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
+                                                                              lr_scheduler)
+        num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+        args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=public_config(args))
         accelerator.log({f"data/{name}": value for name, value in counts.items()}, step=0)
@@ -1379,18 +1496,27 @@ def main(args):
         logger.info(f"Resuming from {resume_dir}")
         accelerator.load_state(resume_dir)
         global_step = int(os.path.basename(os.path.normpath(resume_dir)).split("-")[-1])
-        first_epoch = global_step // num_update_steps_per_epoch
-        resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+        if args.streaming:
+            with open(os.path.join(resume_dir, f"stream_state_{accelerator.process_index}.json")) as f:
+                train_dataset.start_state = tuple(json.load(f))
+        else:
+            first_epoch = global_step // num_update_steps_per_epoch
+            resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Diffusion-DPO ({args.loss_type}, beta_dpo={args.beta_dpo}, "
                 f"{'LoRA' if args.use_lora else 'full'}) *****")
-    logger.info(f"  Pairs = {len(train_dataset)}, epochs = {args.num_train_epochs}, effective batch = "
+    logger.info(f"  Pairs = {'streamed' if args.streaming else len(train_dataset)}, epochs = "
+                f"{'endless' if args.streaming else args.num_train_epochs}, effective batch = "
                 f"{total_batch_size} pairs, optimizer steps = {args.max_train_steps}")
 
     models = (unet, ref_unet, vae, text_encoder)
     grid_path, reference_images = None, None
-    row_problems = {"missing_image": set(), "undecodable_image": set(), "truncated_caption": set()}
+    # rows skipped (or captions cut) by reason; streaming also finds ties, labels and captions here
+    row_problems = {reason: set() for reason in ("missing_image", "undecodable_image", "truncated_caption")}
+    if args.streaming:
+        row_problems.update({reason: set() for reason in ("ties", "invalid_labels", "bad_caption")})
+    stream_state = None
     stop_request = StopRequest()
     nonfinite_steps, nonfinite_in_a_row = 0, 0
     nan_test_steps = {int(step) for step in fault_injection("NAN_STEPS").split(",") if step}
@@ -1400,9 +1526,10 @@ def main(args):
     step_metrics, micro_steps = {}, 0
 
     for epoch in range(first_epoch, args.num_train_epochs):
-        # accelerate re-sets the sampler's epoch from its own counter when iteration starts: set it there
-        train_dataloader.set_epoch(epoch)
-        train_dataset.epoch = epoch
+        if not args.streaming:
+            # accelerate re-sets the sampler's epoch from its own counter when iteration starts: set it there
+            train_dataloader.set_epoch(epoch)
+            train_dataset.epoch = epoch
         epoch_dataloader = train_dataloader
         if epoch == first_epoch and resume_batches:
             epoch_dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
@@ -1410,6 +1537,7 @@ def main(args):
             for row, reason in batch["skipped"]:
                 row_problems[reason].add(row)
             row_problems["truncated_caption"].update(batch["truncated"])
+            stream_state = batch.get("stream_state")
             with accelerator.accumulate(unet):
                 # Train step: per-sample errors, the DPO loss, backward
                 model_losses, ref_losses = dpo_step_losses(args, batch, models, noise_scheduler, global_step,
@@ -1466,7 +1594,7 @@ def main(args):
                     "last checkpoint is intact. Likely causes: an fp16 VAE overflowing (use fp32 or a fixed VAE), "
                     "a learning rate too high, or a beta_dpo so large that the sigmoid saturates.")
             if global_step % args.checkpointing_steps == 0 or stop_now:
-                save_checkpoint(args, accelerator, global_step)
+                save_checkpoint(args, accelerator, global_step, stream_state)
             if stop_now:
                 logger.warning(f"SIGTERM: saved checkpoint-{global_step}; resume with --resume_from_checkpoint latest")
                 accelerator.end_training()
