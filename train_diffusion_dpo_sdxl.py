@@ -63,6 +63,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import check_min_version, convert_state_dict_to_diffusers, make_image_grid
@@ -285,14 +286,14 @@ def preprocess_pair_with_time_ids(winner, loser, resolution, random_crop, hflip,
     return pixels_w, pixels_l, torch.tensor([*original_size, top, left, resolution, resolution], dtype=torch.long)
 
 
-# Copied from train_diffusion_dpo.load_preference_dataset
 def load_preference_dataset(args):
     """Load the dataset, check its columns, and return (dataset, column names, counts of dropped rows).
 
     Rows are kept when they hold a usable preference: a string caption and Pick-a-Pic labels (1, 0) or (0, 1);
     ties (0.5, 0.5), other labels and missing captions are dropped and counted by reason, reading only the
     caption and label columns. A chosen/rejected layout has no labels. Image problems are found (and counted)
-    when the images are decoded during training.
+    when the images are decoded during training. (The SD script's function, without its --streaming branch;
+    a test checks that both give the same rows and counts.)
     """
     from datasets import load_dataset
 
@@ -615,6 +616,7 @@ def build_parser():
     return parser
 
 
+# Copied from train_diffusion_dpo.parse_args
 def parse_args(input_args=None):
     parser = build_parser()
     args = parser.parse_args(input_args)
@@ -622,13 +624,12 @@ def parse_args(input_args=None):
     if env_local_rank != -1:
         args.local_rank = env_local_rank
     validate_args(parser, args)
-    validate_sdxl_args(parser, args)
     return args
 
 
-# Copied from train_diffusion_dpo.validate_args
 def validate_args(parser, args):
-    """Refuse bad settings before anything is loaded, each with what to do instead."""
+    """Refuse bad settings before anything is loaded, each with what to do instead (the SD script's checks, and
+    those of the flags only this script has)."""
     if args.dataset_name is None and args.train_data_dir is None:
         parser.error("No dataset given: pass --dataset_name (hub id or parquet folder) or --train_data_dir.")
     if args.dataset_name is not None and args.train_data_dir is not None:
@@ -640,15 +641,18 @@ def validate_args(parser, args):
     if not args.beta_dpo > 0 or not math.isfinite(args.beta_dpo):
         parser.error(f"--beta_dpo must be a finite number > 0 (got {args.beta_dpo}); the authors used 2000-5000.")
     if args.resolution <= 0 or args.resolution % 8 != 0:
-        parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8); got {args.resolution}.")
+        parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8); got "
+                     f"{args.resolution}.")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         parser.error("--proportion_empty_prompts must be between 0 and 1.")
     if args.use_8bit_adam and args.use_adafactor:
         parser.error("Choose one optimizer: --use_8bit_adam or --use_adafactor.")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "rank",
-                 "checkpointing_steps", "validation_steps", "max_nonfinite_steps"):
+                 "checkpointing_steps", "validation_steps", "max_nonfinite_steps", "vae_encode_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1.")
+    if args.turbo_num_steps < 1:
+        parser.error("--turbo_num_steps must be at least 1 (SDXL-Turbo samples with 1 to 4 steps).")
     for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1 when given.")
@@ -672,14 +676,6 @@ def validate_args(parser, args):
         args.seed = 0
 
 
-def validate_sdxl_args(parser, args):
-    """The checks of the flags only this script has."""
-    if args.vae_encode_batch_size < 1:
-        parser.error("--vae_encode_batch_size must be at least 1.")
-    if args.turbo_num_steps < 1:
-        parser.error("--turbo_num_steps must be at least 1 (SDXL-Turbo samples with 1 to 4 steps).")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Stages of main
 # ----------------------------------------------------------------------------------------------------------------
@@ -697,8 +693,6 @@ def build_models(args, accelerator, weight_dtype):
         raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type!r}; this script trains "
                          f"{', '.join(PREDICTION_TYPES)} models (set --prediction_type).")
     noise_scheduler.training_timesteps = few_step_timesteps(args) if args.is_turbo else None
-    if args.is_turbo:
-        logger.info(f"Turbo: training on the timesteps {noise_scheduler.training_timesteps.tolist()}")
     unet_config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet", **load)
     if unet_config.get("addition_embed_type") != "text_time":
         raise ValueError(f"{args.pretrained_model_name_or_path!r} is not an SDXL model (its UNet's addition_embed_type "
@@ -807,20 +801,23 @@ def build_optimizer(args, params):
                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=fused or None)
 
 
-# Copied from train_diffusion_dpo.encode_latents
-def encode_latents(vae, pixels, generators):
-    """VAE-encode pixels [N,3,H,W] and draw one latent sample per image from its own generator."""
-    posterior = vae.encode(pixels.to(vae.device, dtype=vae.dtype)).latent_dist
+# Copied from train_diffusion_dpo.sample_latents
+def sample_latents(posterior_params, generators, scaling_factor):
+    """One latent sample per image from its VAE posterior (mean and log-variance, as the VAE outputs them).
+
+    The same function serves freshly encoded and cached posteriors, so both give the same latents.
+    """
+    posterior = DiagonalGaussianDistribution(posterior_params)
     sample_noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in generators])
     latents = posterior.mean + posterior.std * sample_noise.to(posterior.mean.device, posterior.mean.dtype)
-    return latents * vae.config.scaling_factor
+    return latents * scaling_factor
 
 
-def encode_latents_in_chunks(vae, pixels, generators, chunk_size, dtype):
-    """encode_latents on chunk_size images at a time (VAE activations at 1024 px are large), cast to dtype."""
-    chunks = [encode_latents(vae, pixels[start:start + chunk_size], generators[start:start + chunk_size])
-              for start in range(0, pixels.shape[0], chunk_size)]
-    return torch.cat(chunks).to(dtype)
+def encode_posteriors(vae, pixels, chunk_size):
+    """The VAE posterior parameters (mean and log-variance) of pixels [N,3,H,W], chunk_size images per call
+    (VAE activations at 1024 px are large), in the VAE's dtype: float32 unless a fixed fp16 VAE was given."""
+    chunks = [pixels[start:start + chunk_size] for start in range(0, pixels.shape[0], chunk_size)]
+    return torch.cat([vae.encode(chunk.to(vae.device, dtype=vae.dtype)).latent_dist.parameters for chunk in chunks])
 
 
 def encode_prompt(text_encoders, input_ids_list):
@@ -851,15 +848,16 @@ def dpo_step_losses(args, batch, models, noise_scheduler, global_step, weight_dt
     timesteps = draw_timesteps(generators, noise_scheduler.config.num_train_timesteps,
                                noise_scheduler.training_timesteps)
     with torch.no_grad():
-        if args.loss_type == "sft":
-            latents = encode_latents_in_chunks(vae, batch["pixels_w"], generators, args.vae_encode_batch_size,
-                                               weight_dtype)
-        else:
-            pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])
-            loser_generators = [pair_generator(args.seed, global_step, f"{int(i)}/l") for i in batch["index"]]
-            latents = encode_latents_in_chunks(vae, pixels, generators + loser_generators,
-                                               args.vae_encode_batch_size, weight_dtype)
-        # 2. Text encoded once per pair and repeated for the loser, like the micro-conditioning.
+        # 2. Latents sampled from each image's VAE posterior, cast to the weight dtype after the (float32) VAE; the
+        #    losers' sample noise has its own generator. Text encoded once per pair, repeated for the loser.
+        sft = args.loss_type == "sft"  # winners only
+        pixels = batch["pixels_w"] if sft else torch.cat([batch["pixels_w"], batch["pixels_l"]])
+        posterior_params = encode_posteriors(vae, pixels, args.vae_encode_batch_size)
+        if not sft:
+            generators = generators + [pair_generator(args.seed, global_step, f"{int(i)}/l") for i in batch["index"]]
+        latents = sample_latents(posterior_params.to(device, dtype=weight_dtype), generators,
+                                 vae.config.scaling_factor)
+        generators = generators[:num_pairs]
         prompt_embeds, pooled_prompt_embeds = encode_prompt(text_encoders, [batch["input_ids"], batch["input_ids_2"]])
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
     noise = noise.to(device, dtype=latents.dtype)
@@ -920,8 +918,11 @@ def checkpoint_dirs(output_dir):
 
 
 # Copied from train_diffusion_dpo.save_checkpoint
-def save_checkpoint(args, accelerator, global_step):
-    """Save a resumable state atomically: written to a temporary folder, renamed when complete."""
+def save_checkpoint(args, accelerator, global_step, stream_state=None):
+    """Save a resumable state atomically: written to a temporary folder, renamed when complete.
+
+    With --streaming each process also records how far into its shard it has read (`stream_state`).
+    """
     final_dir = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     temp_dir = os.path.join(args.output_dir, f".tmp-checkpoint-{global_step}")
     if accelerator.is_main_process:
@@ -932,6 +933,9 @@ def save_checkpoint(args, accelerator, global_step):
                 shutil.rmtree(os.path.join(args.output_dir, name))
     accelerator.wait_for_everyone()
     accelerator.save_state(temp_dir)
+    if stream_state is not None:
+        with open(os.path.join(temp_dir, f"stream_state_{accelerator.process_index}.json"), "w") as f:
+            json.dump(list(stream_state), f)
     accelerator.wait_for_everyone()
     if fault_injection("CRASH_IN_SAVE") == str(global_step):  # the checkpoint is written but not yet renamed
         os._exit(17)
@@ -1080,7 +1084,6 @@ def log_validation(args, accelerator, models, tokenizers, weight_dtype, global_s
     return grid_path, reference_images
 
 
-# Copied from train_diffusion_dpo.safe_validation with tokenizer->tokenizers
 def safe_validation(args, accelerator, models, tokenizers, weight_dtype, global_step, reference_images, grid_path):
     """Validation that cannot end a run: a failure (e.g. out of memory while sampling) is logged, training goes on."""
     try:
@@ -1088,9 +1091,15 @@ def safe_validation(args, accelerator, models, tokenizers, weight_dtype, global_
     except Exception as error:  # noqa: BLE001 - any sampling failure must not cost the training run
         logger.warning(f"Validation at step {global_step} failed and was skipped: {type(error).__name__}: {error}")
         unet_module(models[0]).train()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         return grid_path, reference_images
+    finally:
+        free_accelerator_memory()
+
+
+# Copied from train_diffusion_dpo.free_accelerator_memory
+def free_accelerator_memory():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def save_results(args, accelerator, unet, text_encoders, vae, tokenizers, weight_dtype):
@@ -1161,7 +1170,7 @@ def write_model_card(args, counts, grid_path, final_step):
         "optimizer steps": final_step, "resolution": args.resolution, "mixed_precision": args.mixed_precision,
         "vae": args.pretrained_vae_model_name_or_path or "the model's own (float32)",
         "timesteps": f"few-step schedule ({args.turbo_num_steps} steps)" if args.is_turbo else "0..T-1",
-        "pairs used": counts["pairs"], "ties dropped": counts["ties"], "seed": args.seed,
+        "pairs used": counts.get("pairs", "streamed"), "ties dropped": counts.get("ties"), "seed": args.seed,
     }
     grid_md = ("![reference (left) vs DPO (right), same seeds](./validation_grid.png)\n\nEach row is a prompt; the "
                "left half is the base model, the right half the DPO model, from the same seeds.\n"
@@ -1251,7 +1260,6 @@ class StopRequest:
 # ----------------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------------
-# Copied from train_diffusion_dpo.main with tokenizer->tokenizers, text_encoder->text_encoders
 def main(args):
     # Accelerator, logging and seeds
     logging_dir = Path(args.output_dir, args.logging_dir)
@@ -1296,6 +1304,8 @@ def main(args):
     # Load scheduler and models
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     noise_scheduler, tokenizers, text_encoders, vae, unet, ref_unet = build_models(args, accelerator, weight_dtype)
+    if noise_scheduler.training_timesteps is not None:
+        logger.info(f"Few-step (turbo) training on the timesteps {noise_scheduler.training_timesteps.tolist()}")
     register_checkpoint_hooks(args, accelerator)
 
     # DataLoader: a (seed, epoch)-seeded permutation; accelerate shards its batches across processes
@@ -1410,7 +1420,8 @@ def main(args):
             # Bookkeeping after each optimizer step
             global_step += 1
             progress_bar.update(1)
-            logs.update({"lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm, "nonfinite_steps": nonfinite_steps})
+            logs.update({"lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                         "nonfinite_steps": nonfinite_steps})
             logs.update({f"rows_{reason}": len(rows) for reason, rows in row_problems.items()})
             accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=global_step)
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}",

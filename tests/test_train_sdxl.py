@@ -8,6 +8,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -25,13 +26,9 @@ from tools.make_preference_data import make_preference_dataset
 from tools.tiny_models import build_tiny_vae
 
 SCRIPT = "train_diffusion_dpo_sdxl.py"
-
-
-def cpu_state():
-    """What build_models needs of an Accelerator (its device), without preparing anything."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=True)
+# Flags of the SD script that this one does not have yet: issue 5's latent cache and streaming.
+NOT_YET_IN_SDXL = {"cache_latents", "latent_cache_dir", "streaming", "shuffle_buffer_size"}
+CPU = SimpleNamespace(device=torch.device("cpu"))  # build_models asks the accelerator for its device only
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,8 +82,8 @@ def test_copied_pieces_are_identical_to_the_sd_script():
             drifted.append(name)
     assert not drifted, f"copied pieces differ from train_diffusion_dpo.py: {drifted}; copy them again"
     assert len(marked) >= 8, sorted(marked)
-    for shared in ("diffusion_dpo_loss", "pair_generator", "preprocess_pair", "load_preference_dataset",
-                   "save_checkpoint", "register_checkpoint_hooks", "log_validation", "hub_upload_patterns", "main"):
+    for shared in ("diffusion_dpo_loss", "pair_generator", "preprocess_pair", "load_pil_image",
+                   "save_checkpoint", "register_checkpoint_hooks", "log_validation", "hub_upload_patterns"):
         assert shared in marked
 
 
@@ -106,7 +103,7 @@ def test_loss_gives_equal_outputs_in_both_scripts(loss_type):
 
 
 def test_flags_have_the_sd_scripts_names_choices_and_meanings(capsys):
-    sd_actions = {a.dest: a for a in sd.build_parser()._actions}
+    sd_actions = {a.dest: a for a in sd.build_parser()._actions if a.dest not in NOT_YET_IN_SDXL}
     sdxl_actions = {a.dest: a for a in sdxl.build_parser()._actions}
     assert sd_actions.keys() <= sdxl_actions.keys(), sd_actions.keys() - sdxl_actions.keys()
     # Defaults that are SDXL's own: 1024 px, the authors' guidance 5.0 for SDXL, and distinct output names.
@@ -134,8 +131,12 @@ def data_args(data_dir, *extra):
     return sdxl.parse_args(["--pretrained_model_name_or_path", "unused", "--train_data_dir", str(data_dir), *extra])
 
 
-SD_BAD_ARGUMENTS = next(mark.args[1] for mark in test_train_sd.test_bad_arguments_get_a_clear_error.pytestmark
-                        if mark.name == "parametrize")
+SD_BAD_ARGUMENTS = [
+    (extra, message)
+    for extra, message in next(mark.args[1] for mark in test_train_sd.test_bad_arguments_get_a_clear_error.pytestmark
+                               if mark.name == "parametrize")
+    if not {flag.lstrip("-") for flag in extra} & NOT_YET_IN_SDXL
+]
 SDXL_BAD_ARGUMENTS = [
     (["--vae_encode_batch_size", "0"], "--vae_encode_batch_size must be at least 1"),
     (["--turbo_num_steps", "0"], "--turbo_num_steps must be at least 1"),
@@ -163,6 +164,19 @@ def test_no_dataset_and_unwritable_output_dir_are_clear_errors(preference_data_p
         assert "not writable" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra", [[], ["--max_train_samples", "5", "--seed", "3"], ["--caption_column", "prompt",
+                                                                                "--chosen_column", "chosen",
+                                                                                "--rejected_column", "rejected"]])
+def test_data_loading_gives_the_sd_scripts_rows_and_counts(tmp_path_factory, extra):
+    layout = "chosen_rejected" if "--chosen_column" in extra else "pickapic"
+    path = make_preference_dataset(str(tmp_path_factory.mktemp(layout)), num_pairs=12, num_ties=3, layout=layout)
+    args = ["--pretrained_model_name_or_path", "unused", "--train_data_dir", path, *extra]
+    dataset_sd, columns_sd, counts_sd = sd.load_preference_dataset(sd.parse_args(args))
+    dataset_xl, columns_xl, counts_xl = sdxl.load_preference_dataset(sdxl.parse_args(args))
+    assert (columns_xl, counts_xl) == (columns_sd, counts_sd)
+    assert dataset_xl[:] == dataset_sd[:]
+
+
 def test_data_errors_match_the_sd_script(preference_data_path, tmp_path):
     with pytest.raises(ValueError) as error:
         sdxl.load_preference_dataset(data_args(preference_data_path, "--caption_column", "prompt"))
@@ -179,7 +193,7 @@ def test_an_sd_model_is_refused_with_a_pointer_to_the_sd_script(tiny_sd_path, pr
     args = data_args(preference_data_path)
     args.pretrained_model_name_or_path = tiny_sd_path
     with pytest.raises(ValueError, match="not an SDXL model.*train_diffusion_dpo.py"):
-        sdxl.build_models(args, cpu_state(), torch.float32)
+        sdxl.build_models(args, CPU, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,7 +327,7 @@ class Recorder:
 def step_inputs(model_path, data_path, *extra, weight_dtype=torch.float32):
     args = data_args(data_path, "--pretrained_model_name_or_path", model_path, "--resolution", str(RESOLUTION),
                      "--random_crop", *extra)
-    noise_scheduler, tokenizers, text_encoders, vae, unet, ref_unet = sdxl.build_models(args, cpu_state(), weight_dtype)
+    noise_scheduler, tokenizers, text_encoders, vae, unet, ref_unet = sdxl.build_models(args, CPU, weight_dtype)
     dataset, columns, _ = sdxl.load_preference_dataset(args)
     pairs = sdxl.PreferencePairDataset(dataset, columns, tokenizers, args)
     batch = sdxl.collate_pairs([pairs[i] for i in range(3)])
@@ -379,7 +393,7 @@ def test_vae_runs_in_float32_unless_a_fixed_vae_is_given(noise_pairs_path, tiny_
 
     fixed = data_args(noise_pairs_path, "--pretrained_model_name_or_path", tiny_sdxl_path, "--use_lora",
                       "--pretrained_vae_model_name_or_path", f"{tiny_sdxl_path}/vae")
-    assert sdxl.build_models(fixed, cpu_state(), torch.bfloat16)[3].dtype == torch.bfloat16
+    assert sdxl.build_models(fixed, CPU, torch.bfloat16)[3].dtype == torch.bfloat16
 
 
 @pytest.fixture(scope="module")
@@ -482,8 +496,8 @@ def test_lora_run_writes_card_grid_checkpoints_and_no_token(lora_run):
     assert Image.open(lora_run / "validation_grid.png").size == (2 * 64, 2 * 64)  # 2 prompts x (ref, DPO)
     assert sorted(p.name for p in lora_run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert summary(lora_run)["ties"] == 2
-    saved_args = json.loads((lora_run / "training_args.json").read_text())
-    assert "hub_token" not in saved_args and saved_args["resolution"] == 64
+    saved_args = json.loads((lora_run / "training_args.json").read_text())["args"]
+    assert "hub_token" not in saved_args and saved_args["resolution"] == 64 and saved_args["use_lora"]
     for path in lora_run.rglob("*"):
         if path.is_file():
             assert b"hf_SECRETtoken123" not in path.read_bytes(), path
@@ -510,17 +524,18 @@ def test_full_run_saves_an_sdxl_pipeline_diffusers_loads(full_run, tiny_sdxl_pat
     allow, ignore = sdxl.hub_upload_patterns(argparse.Namespace(use_lora=False, save_unet_only=False))
     files = [str(p.relative_to(full_run)) for p in full_run.rglob("*") if p.is_file()]
     uploaded = list(filter_repo_objects(files, allow_patterns=allow, ignore_patterns=ignore))
-    assert {"model_index.json", "README.md", "text_encoder_2/model.safetensors", "tokenizer_2/vocab.json",
-            "unet/diffusion_pytorch_model.safetensors"} <= set(uploaded)
+    assert {"model_index.json", "README.md", "text_encoder_2/model.safetensors", "tokenizer_2/tokenizer_config.json",
+            "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"} <= set(uploaded)
     assert not [f for f in uploaded if f.startswith(("checkpoint-", "logs", "validation/")) or "args" in f]
 
 
 def resume_from(run, tmp_path, model, data, *extra):
-    """Resume to step 4 from a fresh 2-step run in tmp_path; return (resumed weights, uninterrupted weights)."""
-    half = run_args(model, data, tmp_path, *extra)
-    launch(SCRIPT, half + ["--max_train_steps", "2"])
-    result = launch(SCRIPT, half + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
-    assert "Resuming from" in result.stdout
+    """Train steps 3-4 again from the run's own step-2 checkpoint, in a new folder; return (resumed weights,
+    uninterrupted weights). One launch instead of two: the first half is the checkpoint the 4-step run wrote."""
+    shutil.copytree(run / "checkpoint-2", tmp_path / "checkpoint-2")
+    result = launch(SCRIPT, run_args(model, data, tmp_path, *extra) + ["--max_train_steps", "4",
+                                                                       "--resume_from_checkpoint", "latest"])
+    assert "Resuming from" in result.stdout and (tmp_path / "checkpoint-4").is_dir()
     return trained_weights(tmp_path), trained_weights(run)
 
 
