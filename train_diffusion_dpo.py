@@ -372,10 +372,26 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         caption = row[self.columns["caption"]]
         if rng.random() < self.proportion_empty_prompts:
             caption = ""
+        example = self.model_inputs(winner, loser, caption, rng)
+        example["index"] = index
+        return example
+
+    def model_inputs(self, winner, loser, caption, rng):
         pixels_w, pixels_l, _, _ = preprocess_pair(winner, loser, self.resolution, self.random_crop, self.hflip, rng)
         input_ids, truncated = tokenize_caption(self.tokenizer, caption)
-        return {"pixels_w": pixels_w, "pixels_l": pixels_l, "input_ids": input_ids, "index": index,
-                "truncated": truncated}
+        return {"pixels_w": pixels_w, "pixels_l": pixels_l, "input_ids": input_ids, "truncated": truncated}
+
+    def cache_views(self, winner, loser):
+        """What --cache_latents stores for a pair: pixels [flips, (w, l), 3, R, R] of the centre crop, unflipped
+        then flipped (the flip is the last draw of preprocess_pair, so the cache can pick it later), and per-flip
+        extras (none for SD)."""
+        pixels_w, pixels_l, _, _ = preprocess_pair(winner, loser, self.resolution, False, False, None)
+        pixels = torch.stack([pixels_w, pixels_l])
+        views = [pixels, pixels.flip(-1)] if self.hflip else [pixels]
+        return torch.stack(views), {}
+
+    def prompt_truncated(self, caption):
+        return tokenize_caption(self.tokenizer, caption)[1]
 
 
 def tokenize_caption(tokenizer, caption):
@@ -430,13 +446,13 @@ def latent_cache_path(args, dataset, columns, vae, text_encoders, cache_dtype):
     return Path(args.latent_cache_dir) / digest
 
 
-def build_latent_cache(args, accelerator, dataset, columns, tokenizer, vae, encode_text, text_encoders,
-                       weight_dtype):
+def build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_text, text_encoders, weight_dtype):
     """Encode every image (both orientations when flipping) and every unique prompt once, on disk.
 
-    Each process encodes its share of rows and prompts into shared memory-mapped .npy files; the folder is
-    complete once meta.json exists, and a later run with the same key reuses it without loading a pixel.
-    Returns (LatentCache, stats with the number of images and prompts encoded by this run).
+    `pairs` (the dataset class) decodes rows and says what to store (`cache_views`); `encode_text(prompts)`
+    returns the named text tensors of a batch of prompts. Each process encodes its share of rows and prompts
+    into shared memory-mapped .npy files; the folder is complete once meta.json exists, and a later run with
+    the same key reuses it without loading a pixel. Returns (LatentCache, stats of what this run encoded).
     """
     cache_dtype = np.float16 if weight_dtype == torch.float16 else np.float32  # bf16 is stored exactly as fp32
     cache_dir = latent_cache_path(args, dataset, columns, vae, text_encoders, cache_dtype)
@@ -454,59 +470,65 @@ def build_latent_cache(args, accelerator, dataset, columns, tokenizer, vae, enco
     prompts = [""] + sorted(set(captions) - {""})  # id 0 is the empty prompt that prompt dropout uses
     prompt_ids = {prompt: i for i, prompt in enumerate(prompts)}
     with torch.no_grad():
-        embedding_shape = tuple(encode_text([""]).shape[1:])
+        text_shapes = {name: tuple(t.shape[1:]) for name, t in encode_text([""]).items()}
+    probe_row = next(r for r in range(num_rows) if _decodable(pairs, dataset[r]))
+    _, extras = pairs.cache_views(*pairs.decode_pair(dataset[probe_row]))
     if accelerator.is_main_process:
         logger.info(f"Building the latent cache {cache_dir}: {num_rows} pairs, {len(prompts)} unique prompts")
         cache_dir.mkdir(parents=True, exist_ok=True)
         np.lib.format.open_memmap(cache_dir / "posteriors.npy", mode="w+", dtype=cache_dtype,
                                   shape=(num_rows, 2, flips) + posterior_shape).flush()
-        np.lib.format.open_memmap(cache_dir / "prompts.npy", mode="w+", dtype=cache_dtype,
-                                  shape=(len(prompts),) + embedding_shape).flush()
+        for name, shape in text_shapes.items():
+            np.lib.format.open_memmap(cache_dir / f"text_{name}.npy", mode="w+", dtype=cache_dtype,
+                                      shape=(len(prompts),) + shape).flush()
+        for name, value in extras.items():
+            np.lib.format.open_memmap(cache_dir / f"row_{name}.npy", mode="w+", dtype=value.numpy().dtype,
+                                      shape=(num_rows,) + tuple(value.shape)).flush()
         np.save(cache_dir / "row_prompt.npy", np.array([prompt_ids[c] for c in captions], dtype=np.int64))
-        np.save(cache_dir / "prompt_truncated.npy", np.zeros(len(prompts), dtype=bool))
     accelerator.wait_for_everyone()
 
     posteriors = np.load(cache_dir / "posteriors.npy", mmap_mode="r+")
-    embeddings = np.load(cache_dir / "prompts.npy", mmap_mode="r+")
+    text_arrays = {name: np.load(cache_dir / f"text_{name}.npy", mmap_mode="r+") for name in text_shapes}
+    extra_arrays = {name: np.load(cache_dir / f"row_{name}.npy", mmap_mode="r+") for name in extras}
     rank, world = accelerator.process_index, accelerator.num_processes
     status = np.zeros(num_rows, dtype=np.int8)
     truncated = np.zeros(len(prompts), dtype=bool)
-    decoder = PreferencePairDataset(dataset, columns, tokenizer, args)
     my_rows = list(range(rank, num_rows, world))
     chunk = args.vae_encode_batch_size
+    rows_per_chunk = max(1, chunk // (2 * flips))  # each row is 2 images per orientation
     with torch.no_grad():
-        for start in tqdm(range(0, len(my_rows), chunk), desc="Caching latents",
+        for start in tqdm(range(0, len(my_rows), rows_per_chunk), desc="Caching latents",
                           disable=not accelerator.is_local_main_process):
-            rows, pixels = [], []
-            for row in my_rows[start:start + chunk]:
+            rows, views = [], []
+            for row in my_rows[start:start + rows_per_chunk]:
                 try:
-                    winner, loser = decoder.decode_pair(dataset[row])
+                    winner, loser = pairs.decode_pair(dataset[row])
                 except UnusableImage as error:
                     status[row] = ROW_MISSING_IMAGE if error.reason == "missing_image" else ROW_UNDECODABLE_IMAGE
                     continue
                 status[row] = ROW_USABLE
-                pixels_w, pixels_l, _, _ = preprocess_pair(winner, loser, args.resolution, False, False, None)
+                row_views, row_extras = pairs.cache_views(winner, loser)
+                for name, value in row_extras.items():
+                    extra_arrays[name][row] = value.numpy()
                 rows.append(row)
-                pixels += [pixels_w, pixels_l]
+                views.append(row_views)
             if not rows:
                 continue
-            pixels = torch.stack(pixels)
-            # both orientations, flipped after the crop: the same pixels preprocess_pair makes when it flips
-            variants = [pixels] + ([torch.flip(pixels, dims=[-1])] if flips == 2 else [])
-            for flip, variant in enumerate(variants):
-                params = vae.encode(variant.to(vae.device, dtype=vae.dtype)).latent_dist.parameters
-                params = params.float().cpu().numpy().astype(cache_dtype).reshape((len(rows), 2) + posterior_shape)
-                posteriors[rows, :, flip] = params
-                stats["images_encoded"] += 2 * len(rows)
+            views = torch.stack(views)  # [rows, flips, (w, l), 3, R, R]
+            params = vae.encode(views.flatten(0, 2).to(vae.device, dtype=vae.dtype)).latent_dist.parameters
+            params = params.float().cpu().numpy().astype(cache_dtype).reshape((len(rows), flips, 2) + posterior_shape)
+            posteriors[rows] = params.swapaxes(1, 2)
+            stats["images_encoded"] += params.shape[0] * flips * 2
         my_prompts = list(range(rank, len(prompts), world))
         for start in range(0, len(my_prompts), chunk):
             ids = my_prompts[start:start + chunk]
             batch_prompts = [prompts[i] for i in ids]
-            embeddings[ids] = encode_text(batch_prompts).float().cpu().numpy().astype(cache_dtype)
-            truncated[ids] = [tokenize_caption(tokenizer, prompt)[1] for prompt in batch_prompts]
+            for name, tensor in encode_text(batch_prompts).items():
+                text_arrays[name][ids] = tensor.float().cpu().numpy().astype(cache_dtype)
+            truncated[ids] = [pairs.prompt_truncated(prompt) for prompt in batch_prompts]
             stats["prompts_encoded"] += len(ids)
-    posteriors.flush()
-    embeddings.flush()
+    for array in [posteriors, *text_arrays.values(), *extra_arrays.values()]:
+        array.flush()
     np.save(cache_dir / f"status-{rank}.npy", status)
     np.save(cache_dir / f"truncated-{rank}.npy", truncated)
     accelerator.wait_for_everyone()
@@ -520,18 +542,30 @@ def build_latent_cache(args, accelerator, dataset, columns, tokenizer, vae, enco
             os.remove(cache_dir / f"truncated-{r}.npy")
         # meta.json last, through a rename: its presence means the cache is complete
         with open(cache_dir / "meta.tmp", "w") as f:
-            json.dump({"rows": num_rows, "prompts": len(prompts), "flips": flips}, f)
+            json.dump({"rows": num_rows, "prompts": len(prompts), "flips": flips, "text": sorted(text_shapes),
+                       "row_extras": sorted(extras)}, f)
         os.replace(cache_dir / "meta.tmp", cache_dir / "meta.json")
     accelerator.wait_for_everyone()
     return LatentCache(cache_dir), stats
 
 
+def _decodable(pairs, row):
+    try:
+        pairs.decode_pair(row)
+        return True
+    except UnusableImage:
+        return False
+
+
 class LatentCache:
-    """Read side of the cache: memory-mapped posteriors [rows, (w, l), flips, 2C, h, w] and prompt embeddings."""
+    """Read side of the cache: memory-mapped posteriors [rows, (w, l), flips, 2C, h, w], text tensors per
+    unique prompt, per-row-and-flip extras (SDXL's time ids), and which rows and prompts had problems."""
 
     def __init__(self, cache_dir):
+        meta = json.loads((cache_dir / "meta.json").read_text())
         self.posteriors = np.load(cache_dir / "posteriors.npy", mmap_mode="r")
-        self.prompt_embeddings = np.load(cache_dir / "prompts.npy", mmap_mode="r")
+        self.text = {name: np.load(cache_dir / f"text_{name}.npy", mmap_mode="r") for name in meta["text"]}
+        self.row_extras = {name: np.load(cache_dir / f"row_{name}.npy", mmap_mode="r") for name in meta["row_extras"]}
         self.row_prompt = np.load(cache_dir / "row_prompt.npy")
         self.row_status = np.load(cache_dir / "row_status.npy")
         self.prompt_truncated = np.load(cache_dir / "prompt_truncated.npy")
@@ -565,18 +599,22 @@ class CachedPairDataset(torch.utils.data.Dataset):
             skipped.append((row, ROW_STATUS_REASONS[int(self.cache.row_status[row])]))
         else:
             raise ValueError("No row of the dataset has usable images: every image is missing or undecodable.")
-        # the same draws, in the same order, as PreferencePairDataset + preprocess_pair with a centre crop
+        # the same draws, in the same order, as PreferencePairDataset.make_example with a centre crop
         rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
         prompt = 0 if rng.random() < self.proportion_empty_prompts else int(self.cache.row_prompt[row])
         flip = int(self.hflip and rng.random() < 0.5)
         posteriors = torch.from_numpy(np.array(self.cache.posteriors[row, :, flip]))
-        return {"posterior_w": posteriors[0], "posterior_l": posteriors[1], "index": index, "skipped": skipped,
-                "text_embeddings": torch.from_numpy(np.array(self.cache.prompt_embeddings[prompt])),
-                "truncated": [row] if prompt and self.cache.prompt_truncated[prompt] else []}
+        example = {"posterior_w": posteriors[0], "posterior_l": posteriors[1], "index": index, "skipped": skipped,
+                   "truncated": [row] if prompt and self.cache.prompt_truncated[prompt] else []}
+        example.update({name: torch.from_numpy(np.array(array[prompt])) for name, array in self.cache.text.items()})
+        example.update({name: torch.from_numpy(np.array(array[row, flip]))
+                        for name, array in self.cache.row_extras.items()})
+        return example
 
 
 def collate_cached_pairs(examples):
-    batch = {key: torch.stack([e[key] for e in examples]) for key in ("posterior_w", "posterior_l", "text_embeddings")}
+    batch = {key: torch.stack([e[key] for e in examples]) for key, value in examples[0].items()
+             if isinstance(value, torch.Tensor)}
     batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
     batch["skipped"] = [item for e in examples for item in e["skipped"]]
     batch["truncated"] = [row for e in examples for row in e["truncated"]]
@@ -747,7 +785,7 @@ def build_parser():
                       default=os.path.join(os.path.expanduser("~"), ".cache", "diffusion-dpo", "latents"),
                       help="Where --cache_latents keeps its caches; one subfolder per model/data/resolution key.")
     data.add_argument("--vae_encode_batch_size", type=int, default=8,
-                      help="Images (and prompts) per encoder call while building the latent cache.")
+                      help="Images (and prompts) per VAE (text-encoder) call while building the latent cache.")
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default="diffusion-dpo", help="Where results and checkpoints go.")
@@ -1434,9 +1472,10 @@ def main(args):
     if args.cache_latents:
         def encode_text(prompts):
             input_ids = torch.stack([tokenize_caption(tokenizer, prompt)[0] for prompt in prompts])
-            return text_encoder(input_ids.to(text_encoder.device))[0]
+            return {"text_embeddings": text_encoder(input_ids.to(text_encoder.device))[0]}
 
-        cache, cache_stats = build_latent_cache(args, accelerator, dataset, columns, tokenizer, vae, encode_text,
+        pairs = PreferencePairDataset(dataset, columns, tokenizer, args)
+        cache, cache_stats = build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_text,
                                                 [text_encoder], weight_dtype)
         counts.update(cache.problem_counts())
         vae.to("cpu")

@@ -286,19 +286,20 @@ def preprocess_pair_with_time_ids(winner, loser, resolution, random_crop, hflip,
     return pixels_w, pixels_l, torch.tensor([*original_size, top, left, resolution, resolution], dtype=torch.long)
 
 
+# Copied from train_diffusion_dpo.load_preference_dataset
 def load_preference_dataset(args):
     """Load the dataset, check its columns, and return (dataset, column names, counts of dropped rows).
 
     Rows are kept when they hold a usable preference: a string caption and Pick-a-Pic labels (1, 0) or (0, 1);
     ties (0.5, 0.5), other labels and missing captions are dropped and counted by reason, reading only the
     caption and label columns. A chosen/rejected layout has no labels. Image problems are found (and counted)
-    when the images are decoded during training. (The SD script's function, without its --streaming branch;
-    a test checks that both give the same rows and counts.)
+    when the images are decoded during training.
     """
     from datasets import load_dataset
 
     source = args.train_data_dir if args.train_data_dir is not None else args.dataset_name
-    dataset = load_dataset(source, args.dataset_config_name, split=args.dataset_split_name, cache_dir=args.cache_dir)
+    dataset = load_dataset(source, args.dataset_config_name, split=args.dataset_split_name, cache_dir=args.cache_dir,
+                           streaming=args.streaming)
 
     if args.chosen_column is not None:
         columns = {"caption": args.caption_column, "winner": args.chosen_column, "loser": args.rejected_column}
@@ -310,14 +311,17 @@ def load_preference_dataset(args):
             "label_0": args.label_0_column,
             "label_1": args.label_1_column,
         }
-    missing = [name for name in columns.values() if name not in dataset.column_names]
+    column_names = dataset.column_names or list(next(iter(dataset)).keys())
+    missing = [name for name in columns.values() if name not in column_names]
     if missing:
         raise ValueError(
-            f"Dataset {source!r} has no column(s) {missing}. Its columns are {dataset.column_names}. Map yours with "
+            f"Dataset {source!r} has no column(s) {missing}. Its columns are {column_names}. Map yours with "
             "--caption_column, --image_0_column/--image_1_column/--label_0_column/--label_1_column (Pick-a-Pic "
             "layout) or --chosen_column/--rejected_column (chosen/rejected layout)."
         )
 
+    if args.streaming:  # rows are checked (and counted) as they stream past
+        return dataset, columns, {}
     counts = {"rows": len(dataset), "ties": 0, "invalid_labels": 0, "bad_caption": 0}
     keep = np.ones(len(dataset), dtype=bool)
     # A caption must be a string (empty is allowed: it is what prompt dropout trains on anyway).
@@ -386,6 +390,7 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         # Rows were filtered to labels (1, 0) or (0, 1): the winner is the image labelled 1.
         return (image_0, image_1) if float(row[self.columns["label_0"]]) == 1.0 else (image_1, image_0)
 
+    # Copied from train_diffusion_dpo.PreferencePairDataset.__getitem__
     def __getitem__(self, index):
         skipped = []
         for offset in range(len(self.dataset)):
@@ -398,17 +403,51 @@ class PreferencePairDataset(torch.utils.data.Dataset):
                 skipped.append((row_index, error.reason))
         else:
             raise ValueError("No row of the dataset has usable images: every image is missing or undecodable.")
-        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+        example = self.make_example(row, None, decoded=(winner, loser), index=index)
+        example.update(skipped=skipped, truncated=[row_index] if example["truncated"] else [])
+        return example
+
+    # Copied from train_diffusion_dpo.PreferencePairDataset.make_example
+    def make_example(self, row, stream_key, decoded=None, index=None):
+        """Model inputs for one row; `index` (map-style) or `stream_key` (streaming) seeds its augmentation."""
+        winner, loser = decoded if decoded is not None else self.decode_pair(row)
+        if stream_key is not None:
+            index = stream_pair_index(*stream_key)
+            rng = random.Random(f"{self.seed}/stream/{index}")
+        else:
+            rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
         caption = row[self.columns["caption"]]
         if rng.random() < self.proportion_empty_prompts:
             caption = ""
+        example = self.model_inputs(winner, loser, caption, rng)
+        example["index"] = index
+        return example
+
+    def model_inputs(self, winner, loser, caption, rng):
         pixels_w, pixels_l, time_ids = preprocess_pair_with_time_ids(winner, loser, self.resolution,
                                                                      self.random_crop, self.hflip, rng)
         # Each tokenizer pads with its own pad token (SDXL's second uses "!"), as the pipeline does.
         (input_ids, truncated), (input_ids_2, truncated_2) = (tokenize_caption(t, caption) for t in self.tokenizers)
-        truncated = truncated or truncated_2
         return {"pixels_w": pixels_w, "pixels_l": pixels_l, "input_ids": input_ids, "input_ids_2": input_ids_2,
-                "time_ids": time_ids, "index": index, "skipped": skipped, "truncated": [row_index] if truncated else []}
+                "time_ids": time_ids, "truncated": truncated or truncated_2}
+
+    def cache_views(self, winner, loser):
+        """What --cache_latents stores for a pair: pixels [flips, (w, l), 3, R, R] of the centre crop, unflipped
+        then flipped, and the time ids of each orientation (a flip mirrors the crop's left edge)."""
+        pixels_w, pixels_l, time_ids = preprocess_pair_with_time_ids(winner, loser, self.resolution, False, False,
+                                                                     None)
+        pixels = torch.stack([pixels_w, pixels_l])
+        if not self.hflip:
+            return pixels[None], {"time_ids": time_ids[None]}
+        original_height, original_width, top, left = time_ids[:4].tolist()
+        resized_width = max(self.resolution, round(original_width * self.resolution / min(original_height,
+                                                                                             original_width)))
+        flipped_time_ids = time_ids.clone()
+        flipped_time_ids[3] = resized_width - self.resolution - left
+        return torch.stack([pixels, pixels.flip(-1)]), {"time_ids": torch.stack([time_ids, flipped_time_ids])}
+
+    def prompt_truncated(self, caption):
+        return any(tokenize_caption(tokenizer, caption)[1] for tokenizer in self.tokenizers)
 
 
 # Copied from train_diffusion_dpo.tokenize_caption
@@ -433,7 +472,286 @@ def collate_pairs(examples):
         "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
         "skipped": [item for e in examples for item in e["skipped"]],
         "truncated": [row for e in examples for row in e["truncated"]],
+        "stream_state": examples[-1].get("stream_state"),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent and text-embedding cache (--cache_latents)
+# ----------------------------------------------------------------------------------------------------------------
+ROW_USABLE, ROW_MISSING_IMAGE, ROW_UNDECODABLE_IMAGE = 1, 2, 3
+ROW_STATUS_REASONS = {ROW_MISSING_IMAGE: "missing_image", ROW_UNDECODABLE_IMAGE: "undecodable_image"}
+
+
+# Copied from train_diffusion_dpo.weights_fingerprint
+def weights_fingerprint(model):
+    """A cheap digest of a model's weights (names, shapes and first values of every tensor)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().flatten()[:8].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# Copied from train_diffusion_dpo.latent_cache_path
+def latent_cache_path(args, dataset, columns, vae, text_encoders, cache_dtype):
+    """Cache folder for these inputs: any change of model weights, resolution, flip, data or dtype gives a new key."""
+    key = {
+        "format": 1, "model": args.pretrained_model_name_or_path, "revision": args.revision,
+        "variant": args.variant, "vae": weights_fingerprint(vae), "vae_config": dict(vae.config),
+        "text_encoders": [weights_fingerprint(encoder) for encoder in text_encoders],
+        "resolution": args.resolution, "hflip": not args.no_hflip, "dataset": dataset._fingerprint,
+        "columns": columns, "dtype": str(cache_dtype),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return Path(args.latent_cache_dir) / digest
+
+
+# Copied from train_diffusion_dpo.build_latent_cache
+def build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_text, text_encoders, weight_dtype):
+    """Encode every image (both orientations when flipping) and every unique prompt once, on disk.
+
+    `pairs` (the dataset class) decodes rows and says what to store (`cache_views`); `encode_text(prompts)`
+    returns the named text tensors of a batch of prompts. Each process encodes its share of rows and prompts
+    into shared memory-mapped .npy files; the folder is complete once meta.json exists, and a later run with
+    the same key reuses it without loading a pixel. Returns (LatentCache, stats of what this run encoded).
+    """
+    cache_dtype = np.float16 if weight_dtype == torch.float16 else np.float32  # bf16 is stored exactly as fp32
+    cache_dir = latent_cache_path(args, dataset, columns, vae, text_encoders, cache_dtype)
+    stats = {"cache_dir": str(cache_dir), "reused": (cache_dir / "meta.json").exists(),
+             "images_encoded": 0, "prompts_encoded": 0}
+    if stats["reused"]:
+        logger.info(f"Reusing the latent cache {cache_dir}")
+        return LatentCache(cache_dir), stats
+
+    num_rows = len(dataset)
+    flips = 2 if not args.no_hflip else 1
+    latent_size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+    posterior_shape = (2 * vae.config.latent_channels, latent_size, latent_size)
+    captions = dataset[columns["caption"]]
+    prompts = [""] + sorted(set(captions) - {""})  # id 0 is the empty prompt that prompt dropout uses
+    prompt_ids = {prompt: i for i, prompt in enumerate(prompts)}
+    with torch.no_grad():
+        text_shapes = {name: tuple(t.shape[1:]) for name, t in encode_text([""]).items()}
+    probe_row = next(r for r in range(num_rows) if _decodable(pairs, dataset[r]))
+    _, extras = pairs.cache_views(*pairs.decode_pair(dataset[probe_row]))
+    if accelerator.is_main_process:
+        logger.info(f"Building the latent cache {cache_dir}: {num_rows} pairs, {len(prompts)} unique prompts")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(cache_dir / "posteriors.npy", mode="w+", dtype=cache_dtype,
+                                  shape=(num_rows, 2, flips) + posterior_shape).flush()
+        for name, shape in text_shapes.items():
+            np.lib.format.open_memmap(cache_dir / f"text_{name}.npy", mode="w+", dtype=cache_dtype,
+                                      shape=(len(prompts),) + shape).flush()
+        for name, value in extras.items():
+            np.lib.format.open_memmap(cache_dir / f"row_{name}.npy", mode="w+", dtype=value.numpy().dtype,
+                                      shape=(num_rows,) + tuple(value.shape)).flush()
+        np.save(cache_dir / "row_prompt.npy", np.array([prompt_ids[c] for c in captions], dtype=np.int64))
+    accelerator.wait_for_everyone()
+
+    posteriors = np.load(cache_dir / "posteriors.npy", mmap_mode="r+")
+    text_arrays = {name: np.load(cache_dir / f"text_{name}.npy", mmap_mode="r+") for name in text_shapes}
+    extra_arrays = {name: np.load(cache_dir / f"row_{name}.npy", mmap_mode="r+") for name in extras}
+    rank, world = accelerator.process_index, accelerator.num_processes
+    status = np.zeros(num_rows, dtype=np.int8)
+    truncated = np.zeros(len(prompts), dtype=bool)
+    my_rows = list(range(rank, num_rows, world))
+    chunk = args.vae_encode_batch_size
+    rows_per_chunk = max(1, chunk // (2 * flips))  # each row is 2 images per orientation
+    with torch.no_grad():
+        for start in tqdm(range(0, len(my_rows), rows_per_chunk), desc="Caching latents",
+                          disable=not accelerator.is_local_main_process):
+            rows, views = [], []
+            for row in my_rows[start:start + rows_per_chunk]:
+                try:
+                    winner, loser = pairs.decode_pair(dataset[row])
+                except UnusableImage as error:
+                    status[row] = ROW_MISSING_IMAGE if error.reason == "missing_image" else ROW_UNDECODABLE_IMAGE
+                    continue
+                status[row] = ROW_USABLE
+                row_views, row_extras = pairs.cache_views(winner, loser)
+                for name, value in row_extras.items():
+                    extra_arrays[name][row] = value.numpy()
+                rows.append(row)
+                views.append(row_views)
+            if not rows:
+                continue
+            views = torch.stack(views)  # [rows, flips, (w, l), 3, R, R]
+            params = vae.encode(views.flatten(0, 2).to(vae.device, dtype=vae.dtype)).latent_dist.parameters
+            params = params.float().cpu().numpy().astype(cache_dtype).reshape((len(rows), flips, 2) + posterior_shape)
+            posteriors[rows] = params.swapaxes(1, 2)
+            stats["images_encoded"] += params.shape[0] * flips * 2
+        my_prompts = list(range(rank, len(prompts), world))
+        for start in range(0, len(my_prompts), chunk):
+            ids = my_prompts[start:start + chunk]
+            batch_prompts = [prompts[i] for i in ids]
+            for name, tensor in encode_text(batch_prompts).items():
+                text_arrays[name][ids] = tensor.float().cpu().numpy().astype(cache_dtype)
+            truncated[ids] = [pairs.prompt_truncated(prompt) for prompt in batch_prompts]
+            stats["prompts_encoded"] += len(ids)
+    for array in [posteriors, *text_arrays.values(), *extra_arrays.values()]:
+        array.flush()
+    np.save(cache_dir / f"status-{rank}.npy", status)
+    np.save(cache_dir / f"truncated-{rank}.npy", truncated)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        status = np.max([np.load(cache_dir / f"status-{r}.npy") for r in range(world)], axis=0)
+        truncated = np.any([np.load(cache_dir / f"truncated-{r}.npy") for r in range(world)], axis=0)
+        np.save(cache_dir / "row_status.npy", status)
+        np.save(cache_dir / "prompt_truncated.npy", truncated)
+        for r in range(world):
+            os.remove(cache_dir / f"status-{r}.npy")
+            os.remove(cache_dir / f"truncated-{r}.npy")
+        # meta.json last, through a rename: its presence means the cache is complete
+        with open(cache_dir / "meta.tmp", "w") as f:
+            json.dump({"rows": num_rows, "prompts": len(prompts), "flips": flips, "text": sorted(text_shapes),
+                       "row_extras": sorted(extras)}, f)
+        os.replace(cache_dir / "meta.tmp", cache_dir / "meta.json")
+    accelerator.wait_for_everyone()
+    return LatentCache(cache_dir), stats
+
+
+# Copied from train_diffusion_dpo._decodable
+def _decodable(pairs, row):
+    try:
+        pairs.decode_pair(row)
+        return True
+    except UnusableImage:
+        return False
+
+
+# Copied from train_diffusion_dpo.LatentCache
+class LatentCache:
+    """Read side of the cache: memory-mapped posteriors [rows, (w, l), flips, 2C, h, w], text tensors per
+    unique prompt, per-row-and-flip extras (SDXL's time ids), and which rows and prompts had problems."""
+
+    def __init__(self, cache_dir):
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        self.posteriors = np.load(cache_dir / "posteriors.npy", mmap_mode="r")
+        self.text = {name: np.load(cache_dir / f"text_{name}.npy", mmap_mode="r") for name in meta["text"]}
+        self.row_extras = {name: np.load(cache_dir / f"row_{name}.npy", mmap_mode="r") for name in meta["row_extras"]}
+        self.row_prompt = np.load(cache_dir / "row_prompt.npy")
+        self.row_status = np.load(cache_dir / "row_status.npy")
+        self.prompt_truncated = np.load(cache_dir / "prompt_truncated.npy")
+
+    def problem_counts(self):
+        counts = {reason: int((self.row_status == status).sum()) for status, reason in ROW_STATUS_REASONS.items()}
+        usable = self.row_status == ROW_USABLE
+        counts["truncated_caption"] = int(self.prompt_truncated[self.row_prompt[usable]].sum())
+        return counts
+
+
+# Copied from train_diffusion_dpo.CachedPairDataset
+class CachedPairDataset(torch.utils.data.Dataset):
+    """PreferencePairDataset's pairs from the cache: the same rows, flips and prompt dropout, no decoding."""
+
+    def __init__(self, cache, args):
+        self.cache = cache
+        self.hflip = not args.no_hflip
+        self.proportion_empty_prompts = args.proportion_empty_prompts
+        self.seed = args.seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.cache.row_status)
+
+    def __getitem__(self, index):
+        skipped = []
+        for offset in range(len(self)):  # an unusable row is replaced by the next usable one, as when decoding
+            row = (index + offset) % len(self)
+            if self.cache.row_status[row] == ROW_USABLE:
+                break
+            skipped.append((row, ROW_STATUS_REASONS[int(self.cache.row_status[row])]))
+        else:
+            raise ValueError("No row of the dataset has usable images: every image is missing or undecodable.")
+        # the same draws, in the same order, as PreferencePairDataset.make_example with a centre crop
+        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+        prompt = 0 if rng.random() < self.proportion_empty_prompts else int(self.cache.row_prompt[row])
+        flip = int(self.hflip and rng.random() < 0.5)
+        posteriors = torch.from_numpy(np.array(self.cache.posteriors[row, :, flip]))
+        example = {"posterior_w": posteriors[0], "posterior_l": posteriors[1], "index": index, "skipped": skipped,
+                   "truncated": [row] if prompt and self.cache.prompt_truncated[prompt] else []}
+        example.update({name: torch.from_numpy(np.array(array[prompt])) for name, array in self.cache.text.items()})
+        example.update({name: torch.from_numpy(np.array(array[row, flip]))
+                        for name, array in self.cache.row_extras.items()})
+        return example
+
+
+# Copied from train_diffusion_dpo.collate_cached_pairs
+def collate_cached_pairs(examples):
+    batch = {key: torch.stack([e[key] for e in examples]) for key, value in examples[0].items()
+             if isinstance(value, torch.Tensor)}
+    batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+    batch["skipped"] = [item for e in examples for item in e["skipped"]]
+    batch["truncated"] = [row for e in examples for row in e["truncated"]]
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming (--streaming): datasets too large to download
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from train_diffusion_dpo.row_label_problem
+def row_label_problem(row, columns):
+    """Why a streamed row holds no usable preference (the map-style checks, one row at a time), or None."""
+    if not isinstance(row[columns["caption"]], str):
+        return "bad_caption"
+    if "winner" in columns:
+        return None
+    labels = (row[columns["label_0"]], row[columns["label_1"]])
+    if labels == (0.5, 0.5):
+        return "ties"
+    if labels not in ((1, 0), (0, 1)):
+        return "invalid_labels"
+    return None
+
+
+# Copied from train_diffusion_dpo.StreamingPairDataset
+class StreamingPairDataset(torch.utils.data.IterableDataset):
+    """This process's shard of a streamed dataset as model inputs, endlessly, epoch after epoch.
+
+    The stream is split by process (disjoint shards) and shuffled with a seeded buffer re-seeded every epoch, so
+    its order is a function of (seed, epoch, process). Each example carries `stream_state` = (epoch, rows read):
+    a checkpoint stores it, and a resumed run skips exactly that many rows of the same order. Rows without a
+    usable preference or image are skipped and reported (`skipped`) like in the map-style dataset.
+    """
+
+    def __init__(self, stream, columns, tokenizer, args, rank):
+        self.stream = stream
+        self.rank = rank
+        self.pairs = PreferencePairDataset(None, columns, tokenizer, args)  # decoding, augmentation, tokens
+        self.start_state = (0, 0)
+
+    def __iter__(self):
+        epoch, rows_read = self.start_state
+        while True:
+            self.stream.set_epoch(epoch)
+            skipped, yielded = [], False
+            for position, row in enumerate(self.stream):
+                if position < rows_read:
+                    continue  # resume: these rows were trained on before the checkpoint
+                row_key = f"{epoch}/{self.rank}/{position}"
+                reason = row_label_problem(row, self.pairs.columns)
+                if reason is None:
+                    try:
+                        example = self.pairs.make_example(row, (epoch, self.rank, position))
+                    except UnusableImage as error:
+                        reason = error.reason
+                if reason is not None:
+                    skipped.append((row_key, reason))
+                    continue
+                example.update(skipped=skipped, truncated=[row_key] if example["truncated"] else [],
+                               stream_state=(epoch, position + 1))
+                skipped, yielded = [], True
+                yield example
+            if not yielded:
+                raise ValueError(f"Process {self.rank}'s shard of the stream has no usable preference pairs.")
+            epoch, rows_read = epoch + 1, 0
+
+
+# Copied from train_diffusion_dpo.stream_pair_index
+def stream_pair_index(epoch, rank, position):
+    """A unique integer per streamed row and epoch: the key of its noise, timestep and augmentation."""
+    return (epoch * 4096 + rank) * (1 << 40) + position
 
 
 # Copied from train_diffusion_dpo.EpochPermutationSampler
@@ -538,6 +856,21 @@ def build_parser():
                            "does not apply here.")
     data.add_argument("--dataloader_num_workers", type=int, default=0,
                       help="Worker processes that decode images; 0 decodes in the main process.")
+    data.add_argument("--streaming", action="store_true",
+                      help="Stream the dataset instead of downloading it (Pick-a-Pic v2 is ~335 GB): each process "
+                           "reads its own shard through a seeded shuffle buffer; rows are checked and counted as "
+                           "they pass. Needs --max_train_steps; decodes in the main process; resumes at the exact "
+                           "row by re-reading the shard up to it.")
+    data.add_argument("--shuffle_buffer_size", type=int, default=1000,
+                      help="Rows in the streaming shuffle buffer (more = better mixed, more memory).")
+    data.add_argument("--cache_latents", action="store_true",
+                      help="Encode every image (both orientations, for the flip) and every unique prompt once, "
+                           "before training, into --latent_cache_dir; training then never runs the VAE or the text "
+                           "encoder, which leave the accelerator. Reused by later runs with the same model, data, "
+                           "resolution and dtype. Needs the centre crop (not --random_crop).")
+    data.add_argument("--latent_cache_dir", type=str,
+                      default=os.path.join(os.path.expanduser("~"), ".cache", "diffusion-dpo", "latents"),
+                      help="Where --cache_latents keeps its caches; one subfolder per model/data/resolution key.")
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default="diffusion-dpo-sdxl",
@@ -645,10 +978,23 @@ def validate_args(parser, args):
                      f"{args.resolution}.")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         parser.error("--proportion_empty_prompts must be between 0 and 1.")
+    if args.streaming:
+        if args.max_train_steps is None:
+            parser.error("--streaming has no epoch length: give --max_train_steps.")
+        for flag in ("cache_latents", "max_train_samples"):
+            if getattr(args, flag):
+                parser.error(f"--{flag} needs the whole dataset on disk; it does not combine with --streaming.")
+        if args.dataloader_num_workers:
+            parser.error("--streaming decodes in the main process (its exact resume counts rows there); "
+                         "drop --dataloader_num_workers.")
+    if args.cache_latents and args.random_crop:
+        parser.error("--cache_latents stores one centre crop per image (both orientations for the flip); drop "
+                     "--random_crop, or train without the cache.")
     if args.use_8bit_adam and args.use_adafactor:
         parser.error("Choose one optimizer: --use_8bit_adam or --use_adafactor.")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "rank",
-                 "checkpointing_steps", "validation_steps", "max_nonfinite_steps", "vae_encode_batch_size"):
+                 "checkpointing_steps", "validation_steps", "max_nonfinite_steps", "vae_encode_batch_size",
+                 "shuffle_buffer_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1.")
     if args.turbo_num_steps < 1:
@@ -851,14 +1197,20 @@ def dpo_step_losses(args, batch, models, noise_scheduler, global_step, weight_dt
         # 2. Latents sampled from each image's VAE posterior, cast to the weight dtype after the (float32) VAE; the
         #    losers' sample noise has its own generator. Text encoded once per pair, repeated for the loser.
         sft = args.loss_type == "sft"  # winners only
-        pixels = batch["pixels_w"] if sft else torch.cat([batch["pixels_w"], batch["pixels_l"]])
-        posterior_params = encode_posteriors(vae, pixels, args.vae_encode_batch_size)
+        if "posterior_w" in batch:  # --cache_latents: posteriors and text embeddings computed once, before training
+            posterior_params = batch["posterior_w"] if sft else torch.cat([batch["posterior_w"], batch["posterior_l"]])
+            prompt_embeds = batch["prompt_embeds"].to(device, dtype=weight_dtype)
+            pooled_prompt_embeds = batch["pooled_prompt_embeds"].to(device, dtype=weight_dtype)
+        else:
+            pixels = batch["pixels_w"] if sft else torch.cat([batch["pixels_w"], batch["pixels_l"]])
+            posterior_params = encode_posteriors(vae, pixels, args.vae_encode_batch_size)
+            prompt_embeds, pooled_prompt_embeds = encode_prompt(text_encoders,
+                                                                [batch["input_ids"], batch["input_ids_2"]])
         if not sft:
             generators = generators + [pair_generator(args.seed, global_step, f"{int(i)}/l") for i in batch["index"]]
         latents = sample_latents(posterior_params.to(device, dtype=weight_dtype), generators,
                                  vae.config.scaling_factor)
         generators = generators[:num_pairs]
-        prompt_embeds, pooled_prompt_embeds = encode_prompt(text_encoders, [batch["input_ids"], batch["input_ids_2"]])
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
     noise = noise.to(device, dtype=latents.dtype)
     timesteps = timesteps.to(device)
@@ -1086,13 +1438,20 @@ def log_validation(args, accelerator, models, tokenizers, weight_dtype, global_s
 
 def safe_validation(args, accelerator, models, tokenizers, weight_dtype, global_step, reference_images, grid_path):
     """Validation that cannot end a run: a failure (e.g. out of memory while sampling) is logged, training goes on."""
+    frozen_encoders = [models[2], *models[3]]  # the VAE and both text encoders
     try:
+        if args.cache_latents:  # the encoders wait on the CPU while training from the cache
+            for encoder in frozen_encoders:
+                encoder.to(accelerator.device)
         return log_validation(args, accelerator, models, tokenizers, weight_dtype, global_step, reference_images)
     except Exception as error:  # noqa: BLE001 - any sampling failure must not cost the training run
         logger.warning(f"Validation at step {global_step} failed and was skipped: {type(error).__name__}: {error}")
         unet_module(models[0]).train()
         return grid_path, reference_images
     finally:
+        if args.cache_latents:
+            for encoder in frozen_encoders:
+                encoder.to("cpu")
         free_accelerator_memory()
 
 
@@ -1295,8 +1654,9 @@ def main(args):
     # Dataset first: a wrong column or an empty dataset fails before any model is loaded
     with accelerator.main_process_first():
         dataset, columns, counts = load_preference_dataset(args)
-    logger.info(f"Preference pairs: {counts['pairs']} of {counts['rows']} rows (dropped: {counts['ties']} ties, "
-                f"{counts['invalid_labels']} invalid labels, {counts['bad_caption']} missing captions)")
+    if not args.streaming:
+        logger.info(f"Preference pairs: {counts['pairs']} of {counts['rows']} rows (dropped: {counts['ties']} ties, "
+                    f"{counts['invalid_labels']} invalid labels, {counts['bad_caption']} missing captions)")
     if accelerator.is_main_process:  # rewritten at the end with the image problems found while training
         with open(os.path.join(args.output_dir, "data_summary.json"), "w") as f:
             json.dump(counts, f, indent=2)
@@ -1308,30 +1668,63 @@ def main(args):
         logger.info(f"Few-step (turbo) training on the timesteps {noise_scheduler.training_timesteps.tolist()}")
     register_checkpoint_hooks(args, accelerator)
 
-    # DataLoader: a (seed, epoch)-seeded permutation; accelerate shards its batches across processes
-    train_dataset = PreferencePairDataset(dataset, columns, tokenizers, args)
-    sampler = EpochPermutationSampler(len(train_dataset), args.seed)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate_pairs,
-        num_workers=args.dataloader_num_workers,
-    )
+    # Optional cache: every image and prompt encoded once; the frozen encoders then leave the accelerator
+    cache, cache_stats = None, None
+    if args.cache_latents:
+        def encode_text(prompts):
+            input_ids = [torch.stack([tokenize_caption(tokenizer, prompt)[0] for prompt in prompts])
+                         for tokenizer in tokenizers]
+            prompt_embeds, pooled_prompt_embeds = encode_prompt(text_encoders, input_ids)
+            return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+
+        pairs = PreferencePairDataset(dataset, columns, tokenizers, args)
+        cache, cache_stats = build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_text,
+                                                text_encoders, weight_dtype)
+        counts.update(cache.problem_counts())
+        for frozen in (vae, *text_encoders):
+            frozen.to("cpu")
+        free_accelerator_memory()
+
+    # DataLoader: a (seed, epoch)-seeded permutation that accelerate shards across processes; or, streaming,
+    # this process's own shard of the stream (not given to accelerate, which would read every shard everywhere)
+    if args.streaming:
+        from datasets.distributed import split_dataset_by_node
+
+        stream = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        stream = stream.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
+        train_dataset = StreamingPairDataset(stream, columns, tokenizers, args, accelerator.process_index)
+        train_dataloader = torch.utils.data.DataLoader(train_dataset, batch_size=args.train_batch_size,
+                                                       collate_fn=collate_pairs)
+    else:
+        if cache is not None:
+            train_dataset, collate_fn = CachedPairDataset(cache, args), collate_cached_pairs
+        else:
+            train_dataset, collate_fn = PreferencePairDataset(dataset, columns, tokenizers, args), collate_pairs
+        sampler = EpochPermutationSampler(len(train_dataset), args.seed)
+        train_dataloader = torch.utils.data.DataLoader(
+            train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate_fn,
+            num_workers=args.dataloader_num_workers,
+        )
 
     # Optimizer and learning-rate schedule
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
     optimizer = build_optimizer(args, params_to_optimize)
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes
-                                           / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+        args.max_train_steps = args.num_train_epochs * math.ceil(
+            len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
-                                                                          lr_scheduler)
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    if args.streaming:  # one endless pass: the stream itself moves from epoch to epoch
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+        num_update_steps_per_epoch, args.num_train_epochs = args.max_train_steps, 1
+    else:
+        unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
+                                                                              lr_scheduler)
+        num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+        args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=public_config(args))
         accelerator.log({f"data/{name}": value for name, value in counts.items()}, step=0)
@@ -1345,18 +1738,27 @@ def main(args):
         logger.info(f"Resuming from {resume_dir}")
         accelerator.load_state(resume_dir)
         global_step = int(os.path.basename(os.path.normpath(resume_dir)).split("-")[-1])
-        first_epoch = global_step // num_update_steps_per_epoch
-        resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+        if args.streaming:
+            with open(os.path.join(resume_dir, f"stream_state_{accelerator.process_index}.json")) as f:
+                train_dataset.start_state = tuple(json.load(f))
+        else:
+            first_epoch = global_step // num_update_steps_per_epoch
+            resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Diffusion-DPO ({args.loss_type}, beta_dpo={args.beta_dpo}, "
                 f"{'LoRA' if args.use_lora else 'full'}) *****")
-    logger.info(f"  Pairs = {len(train_dataset)}, epochs = {args.num_train_epochs}, effective batch = "
+    logger.info(f"  Pairs = {'streamed' if args.streaming else len(train_dataset)}, epochs = "
+                f"{'endless' if args.streaming else args.num_train_epochs}, effective batch = "
                 f"{total_batch_size} pairs, optimizer steps = {args.max_train_steps}")
 
     models = (unet, ref_unet, vae, text_encoders)
     grid_path, reference_images = None, None
-    row_problems = {"missing_image": set(), "undecodable_image": set(), "truncated_caption": set()}
+    # rows skipped (or captions cut) by reason; streaming also finds ties, labels and captions here
+    row_problems = {reason: set() for reason in ("missing_image", "undecodable_image", "truncated_caption")}
+    if args.streaming:
+        row_problems.update({reason: set() for reason in ("ties", "invalid_labels", "bad_caption")})
+    stream_state = None
     stop_request = StopRequest()
     nonfinite_steps, nonfinite_in_a_row = 0, 0
     nan_test_steps = {int(step) for step in fault_injection("NAN_STEPS").split(",") if step}
@@ -1366,9 +1768,10 @@ def main(args):
     step_metrics, micro_steps = {}, 0
 
     for epoch in range(first_epoch, args.num_train_epochs):
-        # accelerate re-sets the sampler's epoch from its own counter when iteration starts: set it there
-        train_dataloader.set_epoch(epoch)
-        train_dataset.epoch = epoch
+        if not args.streaming:
+            # accelerate re-sets the sampler's epoch from its own counter when iteration starts: set it there
+            train_dataloader.set_epoch(epoch)
+            train_dataset.epoch = epoch
         epoch_dataloader = train_dataloader
         if epoch == first_epoch and resume_batches:
             epoch_dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
@@ -1376,6 +1779,7 @@ def main(args):
             for row, reason in batch["skipped"]:
                 row_problems[reason].add(row)
             row_problems["truncated_caption"].update(batch["truncated"])
+            stream_state = batch.get("stream_state")
             with accelerator.accumulate(unet):
                 # Train step: per-sample errors, the DPO loss, backward
                 model_losses, ref_losses = dpo_step_losses(args, batch, models, noise_scheduler, global_step,
@@ -1420,8 +1824,7 @@ def main(args):
             # Bookkeeping after each optimizer step
             global_step += 1
             progress_bar.update(1)
-            logs.update({"lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                         "nonfinite_steps": nonfinite_steps})
+            logs.update({"lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm, "nonfinite_steps": nonfinite_steps})
             logs.update({f"rows_{reason}": len(rows) for reason, rows in row_problems.items()})
             accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=global_step)
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}",
@@ -1433,7 +1836,7 @@ def main(args):
                     "last checkpoint is intact. Likely causes: an fp16 VAE overflowing (use fp32 or a fixed VAE), "
                     "a learning rate too high, or a beta_dpo so large that the sigmoid saturates.")
             if global_step % args.checkpointing_steps == 0 or stop_now:
-                save_checkpoint(args, accelerator, global_step)
+                save_checkpoint(args, accelerator, global_step, stream_state)
             if stop_now:
                 logger.warning(f"SIGTERM: saved checkpoint-{global_step}; resume with --resume_from_checkpoint latest")
                 accelerator.end_training()
@@ -1456,10 +1859,17 @@ def main(args):
         save_results(args, accelerator, unet, text_encoders, vae, tokenizers, weight_dtype)
     # Rows with problems, united over processes (a row may have gone to another process in another epoch)
     all_problems = gather_object([{reason: sorted(rows) for reason, rows in row_problems.items()}])
+    all_cache_stats = gather_object([cache_stats]) if cache_stats is not None else []
     if accelerator.is_main_process:
-        for reason in row_problems:
-            counts[reason] = len(set().union(*(set(problems[reason]) for problems in all_problems)))
+        if cache is None:  # with the cache, every row was checked (and counted) when the cache was built
+            for reason in row_problems:
+                counts[reason] = len(set().union(*(set(problems[reason]) for problems in all_problems)))
         counts["nonfinite_steps"] = nonfinite_steps
+        if cache_stats is not None:
+            for name in ("images_encoded", "prompts_encoded"):
+                cache_stats[name] = sum(stats[name] for stats in all_cache_stats)
+            with open(os.path.join(args.output_dir, "latent_cache_stats.json"), "w") as f:
+                json.dump(cache_stats, f, indent=2)
         with open(os.path.join(args.output_dir, "data_summary.json"), "w") as f:
             json.dump(counts, f, indent=2)
         write_model_card(args, counts, grid_path, global_step)

@@ -60,7 +60,7 @@ def test_text_embeddings_are_stored_once_per_unique_prompt(runs, preference_data
     kept = datasets.load_dataset(preference_data_path, split="train").filter(lambda row: row["label_0"] != 0.5)
     unique_prompts = len(set(kept["caption"]) | {""})  # plus the empty prompt of prompt dropout
     assert stats["prompts_encoded"] == unique_prompts
-    embeddings = np.load(f"{stats['cache_dir']}/prompts.npy", mmap_mode="r")
+    embeddings = np.load(f"{stats['cache_dir']}/text_text_embeddings.npy", mmap_mode="r")
     assert embeddings.shape[0] == unique_prompts
     assert np.load(f"{stats['cache_dir']}/row_prompt.npy").shape == (32,)
 

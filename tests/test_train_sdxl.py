@@ -27,7 +27,7 @@ from tools.tiny_models import build_tiny_vae
 
 SCRIPT = "train_diffusion_dpo_sdxl.py"
 # Flags of the SD script that this one does not have yet: issue 5's latent cache and streaming.
-NOT_YET_IN_SDXL = {"cache_latents", "latent_cache_dir", "streaming", "shuffle_buffer_size"}
+NOT_YET_IN_SDXL = set()  # every SD flag exists here too
 CPU = SimpleNamespace(device=torch.device("cpu"))  # build_models asks the accelerator for its device only
 
 
@@ -594,3 +594,49 @@ def test_turbo_sft_adafactor_checkpointing_fixed_vae_run(tiny_turbo_path, prefer
     assert "num_inference_steps=4" in (output_dir / "README.md").read_text()
     pipe = DiffusionPipeline.from_pretrained(str(output_dir))
     assert np.isfinite(generate(pipe, "a red circle")).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The latent cache and streaming, as in the SD script
+# ---------------------------------------------------------------------------------------------------------------
+def test_cached_views_equal_what_training_would_draw(non_square_data_path, tiny_sdxl_path):
+    from transformers import CLIPTokenizer
+
+    args = sdxl.parse_args(["--pretrained_model_name_or_path", tiny_sdxl_path, "--train_data_dir",
+                            non_square_data_path, "--resolution", "64"])
+    dataset, columns, _ = sdxl.load_preference_dataset(args)
+    tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl_path, subfolder=name)
+                  for name in ("tokenizer", "tokenizer_2")]
+    pairs = sdxl.PreferencePairDataset(dataset, columns, tokenizers, args)
+    seen_flips = set()
+    for row in range(6):
+        winner, loser = pairs.decode_pair(dataset[row])
+        views, extras = pairs.cache_views(winner, loser)
+        for seed in range(4):
+            pixels_w, pixels_l, time_ids = sdxl.preprocess_pair_with_time_ids(winner, loser, 64, False, True,
+                                                                              random.Random(seed))
+            flip = int(not torch.equal(pixels_w, views[0, 0]))
+            seen_flips.add(flip)
+            assert torch.equal(pixels_w, views[flip, 0]) and torch.equal(pixels_l, views[flip, 1])
+            assert torch.equal(time_ids, extras["time_ids"][flip])
+    assert seen_flips == {0, 1}
+
+
+def test_cached_run_trains_like_the_uncached_run(tiny_sdxl_path, non_square_data_path, tmp_path):
+    common = ["--use_lora", "--max_train_steps", "3", "--checkpointing_steps", "100", "--adam_epsilon", "1e-4",
+              "--latent_cache_dir", tmp_path / "cache", "--proportion_empty_prompts", "0.3"]
+    for name, extra in (("uncached", []), ("cached", ["--cache_latents"]), ("reused", ["--cache_latents"])):
+        launch(SCRIPT, run_args(tiny_sdxl_path, non_square_data_path, tmp_path / name, *common, *extra))
+    assert logged_scalars(tmp_path / "cached") == pytest.approx(logged_scalars(tmp_path / "uncached"), rel=1e-3)
+    cached, uncached = trained_weights(tmp_path / "cached"), trained_weights(tmp_path / "uncached")
+    assert max_abs_difference(cached, uncached) < 1e-2 * max_movement(uncached)
+    stats = json.loads((tmp_path / "reused" / "latent_cache_stats.json").read_text())
+    assert stats["reused"] and stats["images_encoded"] == 0 and stats["prompts_encoded"] == 0
+    assert max_abs_difference(trained_weights(tmp_path / "reused"), cached) == 0
+
+
+def test_streaming_run_trains(tiny_sdxl_path, non_square_data_path, tmp_path):
+    launch(SCRIPT, run_args(tiny_sdxl_path, non_square_data_path, tmp_path, "--use_lora", "--streaming",
+                            "--max_train_steps", "3", "--checkpointing_steps", "2"))
+    assert (tmp_path / "checkpoint-2" / "stream_state_0.json").exists()
+    assert max_movement(trained_weights(tmp_path)) > 0
