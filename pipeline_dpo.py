@@ -25,6 +25,7 @@ Generate with a result (writes PNGs and generate.json into --out):
         --prompt "a cute corgi wearing a red scarf" --prompt "a lighthouse at sunset" --seed 0 --out images
 
 In Python (returns a plain StableDiffusionPipeline or StableDiffusionXLPipeline):
+    import torch
     from pipeline_dpo import load_dpo_pipeline
     pipe = load_dpo_pipeline("stabilityai/stable-diffusion-xl-base-1.0", "mhdang/dpo-sdxl-text2image-v1",
                              torch_dtype=torch.float16, device="cuda")
@@ -318,8 +319,6 @@ def apply_dpo_result(pipe, result, *, torch_dtype=None, lora_scale=1.0, fuse_lor
     if not loaded_into:
         raise DpoResultError(f"No weight in the LoRA {dpo_name!r} matched a module of the base: was it trained "
                              "on another base model?")
-    device = pipe.unet.device
-    pipe.to(device)  # LoRA layers are created on the CPU; keep the whole pipeline on one device
     if fuse_lora:
         # fuse_lora scales the adapter itself; set_adapters first would apply the scale twice.
         pipe.fuse_lora(components=loaded_into, lora_scale=lora_scale, adapter_names=[ADAPTER_NAME])
@@ -342,6 +341,7 @@ def load_dpo_pipeline(base, dpo=None, *, torch_dtype=None, device=None, variant=
     lora_scale: strength of a LoRA result (0 gives exactly the base, 1 as trained); fuse_lora merges it into
     the weights at that scale and drops the adapter (slightly faster sampling; cannot be switched off after).
     """
+    base = os.fspath(base)
     pipeline_class_name = base_pipeline_class_name(base, revision=revision)
     if dpo is None or isinstance(dpo, DpoResult):
         result = dpo

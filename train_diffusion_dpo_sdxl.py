@@ -1471,8 +1471,9 @@ def save_results(args, accelerator, unet, text_encoders, vae, tokenizers, weight
         from peft import get_peft_model_state_dict
 
         lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(policy))
-        StableDiffusionXLPipeline.save_lora_weights(args.output_dir, unet_lora_layers=lora_state,
-                                                    safe_serialization=True)
+        # The adapter's config travels with the weights: without it a loader assumes alpha == rank.
+        StableDiffusionXLPipeline.save_lora_weights(args.output_dir, unet_lora_layers=lora_state, safe_serialization=True,
+                                                    unet_lora_adapter_metadata=policy.peft_config["default"].to_dict())
     elif args.save_unet_only:
         policy.save_pretrained(os.path.join(args.output_dir, "unet"), safe_serialization=True)
     else:
@@ -1547,6 +1548,15 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 {usage}
 image = {call}
+```
+
+With `pipeline_dpo.py` from the Diffusion-DPO training repository, one call loads any DPO result (full
+pipeline, UNet alone, or LoRA) into a stock diffusers pipeline:
+
+```python
+from pipeline_dpo import load_dpo_pipeline
+
+pipe = load_dpo_pipeline("{args.pretrained_model_name_or_path}", "{repo_id}")
 ```
 
 ## Validation

@@ -1,8 +1,7 @@
 """pipeline_dpo.py: every kind of DPO result loads into a stock pipeline and samples what its trained UNet samples.
 
-SD results come from real (2-step) runs of train_diffusion_dpo.py. SDXL results come from
-train_diffusion_dpo_sdxl.py when it is in the repository; otherwise they are made by hand the way the scripts
-save them (a perturbed UNet saved as a full pipeline; a PEFT LoRA saved with save_lora_weights).
+The results come from real 2-step runs of train_diffusion_dpo.py and train_diffusion_dpo_sdxl.py on tiny models:
+full pipeline, --save_unet_only and --use_lora, as users get them.
 """
 
 import json
@@ -22,7 +21,6 @@ from pipeline_dpo import DpoResultError, load_dpo_pipeline, resolve_dpo_result
 
 PROMPT = "a red circle on a blue background"
 STEPS = 2  # sampling steps for every image here: enough to run the whole pipeline, fast on a CPU
-SDXL_SCRIPT = "train_diffusion_dpo_sdxl.py"
 
 
 def train_args(model, data, output_dir, *extra):
@@ -59,29 +57,6 @@ def copy_unet_alone(pipeline_folder, destination):
     return destination
 
 
-def make_sdxl_results_by_hand(base, root):
-    """SDXL results saved the way the training scripts save them, with weights moved off the base's."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(base)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in pipe.unet.parameters():
-            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
-    pipe.save_pretrained(root / "full", safe_serialization=True)
-
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    with torch.no_grad():  # LoRA B starts at zero; give it values so the adapter changes the images
-        for name, parameter in unet.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
-    lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionXLPipeline.save_lora_weights(root / "lora", unet_lora_layers=lora_state, safe_serialization=True)
-
-
 @pytest.fixture(scope="module")
 def results(tiny_sd_path, tiny_sdxl_path, preference_data_path, tmp_path_factory):
     """{"sd": {...}, "sdxl": {...}}: the base and its "full", "unet-only" and "lora" results, per family."""
@@ -93,19 +68,16 @@ def results(tiny_sd_path, tiny_sdxl_path, preference_data_path, tmp_path_factory
         # Checkpoint at the last step: checkpoint-2 holds the same adapter as the result, in the training format.
         ("train_diffusion_dpo.py", train_args(tiny_sd_path, preference_data_path, sd / "lora", "--use_lora",
                                               "--checkpointing_steps", "2")),
+        ("train_diffusion_dpo_sdxl.py", train_args(tiny_sdxl_path, preference_data_path, sdxl / "full")),
+        ("train_diffusion_dpo_sdxl.py", train_args(tiny_sdxl_path, preference_data_path, sdxl / "lora",
+                                                   "--use_lora")),
     ]
-    have_sdxl_script = (REPO_ROOT / SDXL_SCRIPT).exists()
-    if have_sdxl_script:
-        runs += [(SDXL_SCRIPT, train_args(tiny_sdxl_path, preference_data_path, sdxl / "full")),
-                 (SDXL_SCRIPT, train_args(tiny_sdxl_path, preference_data_path, sdxl / "lora", "--use_lora"))]
     # The runs are independent and mostly start-up time: run them side by side, one thread each.
     with ThreadPoolExecutor(max_workers=len(runs)) as pool:
-        running = [pool.submit(launch, script, args, env={"OMP_NUM_THREADS": "1"}) for script, args in runs]
-        if not have_sdxl_script:
-            make_sdxl_results_by_hand(tiny_sdxl_path, sdxl)
-        for run in running:
+        for run in [pool.submit(launch, script, args, env={"OMP_NUM_THREADS": "1"}) for script, args in runs]:
             run.result()
-    copy_unet_alone(sdxl / "full", sdxl / "unet-only")  # the SDXL unet-only layout, from the full result
+    # SD covers the script's --save_unet_only layout; for SDXL the same layout is cut from the full result.
+    copy_unet_alone(sdxl / "full", sdxl / "unet-only")
     return {family: {"base": base, **{kind: root / kind for kind in ("full", "unet-only", "lora")}}
             for family, base, root in (("sd", tiny_sd_path, sd), ("sdxl", tiny_sdxl_path, sdxl))}
 
@@ -174,6 +146,23 @@ def test_lora_training_checkpoint_loads_like_the_final_lora(sd_results):
     np.testing.assert_array_equal(image, sample(by_hand(sd_results, "lora")))
 
 
+def test_a_hub_id_in_the_local_cache_loads_offline(sd_results, tmp_path, monkeypatch):
+    """A hub id (here shaped like the authors' unet/-only release) resolves from the cache when the hub is off."""
+    import huggingface_hub.constants
+
+    commit = "0" * 40
+    repo_cache = tmp_path / "models--someone--dpo-sd-unet"
+    copy_unet_alone(sd_results["unet-only"], repo_cache / "snapshots" / commit)
+    (repo_cache / "refs").mkdir()
+    (repo_cache / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+
+    result = resolve_dpo_result("someone/dpo-sd-unet")
+    assert (result.kind, result.subfolder) == ("unet", "unet")
+    image = sample(load_dpo_pipeline(sd_results["base"], "someone/dpo-sd-unet"))
+    np.testing.assert_array_equal(image, sample(by_hand(sd_results, "unet-only")))
+
+
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_lora_scale_zero_is_exactly_the_base(family, results, base_images):
     pipe = load_dpo_pipeline(results[family]["base"], results[family]["lora"], lora_scale=0.0)
@@ -182,12 +171,14 @@ def test_lora_scale_zero_is_exactly_the_base(family, results, base_images):
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_fused_lora_samples_like_the_unfused_lora_and_drops_the_adapter(family, results):
+    # A scale other than 1 also catches a scale applied twice (set_adapters and then fuse_lora's own).
     base, lora = results[family]["base"], results[family]["lora"]
-    for scale in (1.0, 0.5):
-        unfused = load_dpo_pipeline(base, lora, lora_scale=scale)
-        fused = load_dpo_pipeline(base, lora, lora_scale=scale, fuse_lora=True)
-        assert has_lora_layers(unfused.unet) and not has_lora_layers(fused.unet)
-        np.testing.assert_allclose(sample_float(fused), sample_float(unfused), atol=1e-4)
+    unfused = load_dpo_pipeline(base, lora, lora_scale=0.5)
+    fused = load_dpo_pipeline(base, lora, lora_scale=0.5, fuse_lora=True)
+    assert has_lora_layers(unfused.unet) and not has_lora_layers(fused.unet)
+    fused_image = sample_float(fused)
+    np.testing.assert_allclose(fused_image, sample_float(unfused), atol=1e-4)
+    assert np.abs(fused_image - sample_float(load_dpo_pipeline(base, lora))).max() > 1e-3, "the scale took effect"
 
 
 # ---------------------------------------------------------------------------------------------------------------

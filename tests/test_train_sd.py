@@ -281,6 +281,7 @@ def run_args(model, data, output_dir, *extra):
 def lora_run(tiny_sd_path, preference_data_path, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("lora-run")
     launch(SCRIPT, run_args(tiny_sd_path, preference_data_path, output_dir, "--use_lora", "--max_train_steps", "4",
+                            "--rank", "4", "--lora_alpha", "8",
                             "--num_validation_images", "1", "--validation_steps", "2",
                             "--validation_num_inference_steps", "2", "--validation_prompts", "a red circle",
                             "a blue square", "--hub_token", "hf_SECRETtoken123"))
@@ -309,6 +310,10 @@ def test_lora_run_trains_and_loads_with_diffusers(lora_run, tiny_sd_path):
     generator = torch.Generator().manual_seed(0)
     base = pipe("a red circle", num_inference_steps=2, generator=generator, output_type="np").images[0]
     pipe.load_lora_weights(str(lora_run))
+    # alpha 8 at rank 4 travels with the weights: the loaded adapter scales by alpha / rank = 2
+    scalings = {v for m in pipe.unet.modules() if isinstance(getattr(m, "scaling", None), dict)
+                for v in m.scaling.values()}
+    assert scalings == {2.0}
     generator = torch.Generator().manual_seed(0)
     tuned = pipe("a red circle", num_inference_steps=2, generator=generator, output_type="np").images[0]
     assert tuned.shape == (64, 64, 3) and np.isfinite(tuned).all()
@@ -363,7 +368,7 @@ def test_full_run_saves_a_pipeline_diffusers_loads(full_run, tiny_sd_path):
 
 def test_lora_resume_equals_an_uninterrupted_run(lora_run, tiny_sd_path, preference_data_path, tmp_path):
     # lora_run trained 4 steps in one go (with validation in between, which must not change training)
-    half = run_args(tiny_sd_path, preference_data_path, tmp_path, "--use_lora")
+    half = run_args(tiny_sd_path, preference_data_path, tmp_path, "--use_lora", "--rank", "4", "--lora_alpha", "8")
     launch(SCRIPT, half + ["--max_train_steps", "2"])
     result = launch(SCRIPT, half + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
     assert "Resuming from" in result.stdout
@@ -415,7 +420,7 @@ def test_injected_nan_skips_exactly_that_step(lora_run, tiny_sd_path, preference
     from safetensors.torch import load_file
 
     args = run_args(tiny_sd_path, preference_data_path, tmp_path, "--use_lora", "--max_train_steps", "3",
-                    "--checkpointing_steps", "3")
+                    "--checkpointing_steps", "3", "--rank", "4", "--lora_alpha", "8")
     launch(SCRIPT, args, env={"DIFFUSION_DPO_TEST_NAN_STEPS": "3"})
     assert summary(tmp_path)["nonfinite_steps"] == 1
     after_nan = load_file(tmp_path / "checkpoint-3" / sd.CHECKPOINT_LORA_NAME)
