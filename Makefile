@@ -19,8 +19,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo: install
 	$(PY) tools/demo.py --output_dir demo-output
 
+# Two workers, a test file each at a time: most tests launch training subprocesses that use one core.
 test: install
-	$(PY) -m pytest -q -p no:warnings
+	$(PY) -m pytest -q -p no:warnings -n 2 --dist loadfile
+
+# Step time, memory and step/floor ratios of the real training step (tiny and SD 1.5-size models on the CPU; a few
+# minutes on 2 cores). On a GPU: $(PY) benchmarks/bench_dpo_step.py --preset sd15-512 --preset sdxl-1024 --device cuda
+bench: install
+	$(PY) benchmarks/bench_dpo_step.py --preset tiny --preset sd15 --json bench-output/bench.json
 
 clean:
 	rm -rf demo-output bench-output .pytest_cache

@@ -10,6 +10,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# One thread, as `accelerate launch` gives each training process: with two test workers on two cores, more threads
+# only oversubscribe the CPU (tiny ops become hundreds of times slower), and in-process numbers match launched runs.
+torch.set_num_threads(1)
 
 from tools.make_preference_data import make_preference_dataset  # noqa: E402
 from tools.tiny_models import build_tiny_sd, build_tiny_sdxl  # noqa: E402
