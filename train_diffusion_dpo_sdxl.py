@@ -61,7 +61,7 @@ import diffusers
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
@@ -1254,6 +1254,27 @@ def unet_module(unet):
     return unet
 
 
+# Copied from train_diffusion_dpo.weights_are_sharded
+def weights_are_sharded(accelerator):
+    """True under FSDP and DeepSpeed ZeRO-3: no process holds the whole trained UNet, so every process must run its
+    forward passes (validation) and take part in gathering its weights (checkpoints, results)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    return (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
+# Copied from train_diffusion_dpo.unet_from_state_dict
+def unet_from_state_dict(unet, state_dict):
+    """A plain UNet with the trained UNet's config holding state_dict (gathered from FSDP/ZeRO-3 shards), to save."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        plain = UNet2DConditionModel.from_config(unet_module(unet).config)
+    plain.load_state_dict(state_dict, assign=True)
+    return plain
+
+
 # Copied from train_diffusion_dpo.fault_injection
 def fault_injection(name):
     """Faults the reliability tests inject (NaN losses, a crash inside a save, slow steps); empty in normal use."""
@@ -1308,16 +1329,22 @@ def register_checkpoint_hooks(args, accelerator):
     from safetensors.torch import load_file, save_file
 
     def save_model_hook(models, weights, output_dir):
+        # Under FSDP and DeepSpeed, accelerate has already saved the engine's own state (which load_state restores
+        # without the load hook); what this writes is the loadable copy, for pipeline_dpo.py.
         for model in models:
             unet = unet_module(model)
+            # FSDP / ZeRO-3: the full weights, gathered from every process's shard (all processes take part)
+            full_state = accelerator.get_state_dict(model) if weights_are_sharded(accelerator) else None
             if accelerator.is_main_process:
                 if args.use_lora:
                     from peft import get_peft_model_state_dict
 
-                    state = {k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+                    state = get_peft_model_state_dict(unet, state_dict=full_state)
+                    state = {k: v.contiguous() for k, v in state.items()}
                     save_file(state, os.path.join(output_dir, CHECKPOINT_LORA_NAME))
                 else:
-                    unet.save_pretrained(os.path.join(output_dir, "unet"))
+                    plain = unet if full_state is None else unet_from_state_dict(unet, full_state)
+                    plain.save_pretrained(os.path.join(output_dir, "unet"))
             if weights:
                 weights.pop()
 
@@ -1415,6 +1442,8 @@ def log_validation(args, accelerator, models, tokenizers, weight_dtype, global_s
     policy.train()
     del pipeline
 
+    if not accelerator.is_main_process:  # sharded weights: this process only took part in the forward passes
+        return None, reference_images
     n = args.num_validation_images
     rows = []
     for p in range(len(args.validation_prompts)):
@@ -1461,16 +1490,18 @@ def free_accelerator_memory():
         torch.cuda.empty_cache()
 
 
-def save_results(args, accelerator, unet, text_encoders, vae, tokenizers, weight_dtype):
+def save_results(args, accelerator, unet, text_encoders, vae, tokenizers, weight_dtype, full_state=None):
     """Full fine-tune: a complete SDXL pipeline folder (or unet/ alone). LoRA: pytorch_lora_weights.safetensors.
 
     The saved pipeline holds the VAE the run used: the fixed one when --pretrained_vae_model_name_or_path was given.
     """
     policy = unet_module(unet)
+    if full_state is not None and not args.use_lora:  # FSDP / ZeRO-3: the weights gathered from all processes
+        policy = unet_from_state_dict(policy, full_state)
     if args.use_lora:
         from peft import get_peft_model_state_dict
 
-        lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(policy))
+        lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(policy, state_dict=full_state))
         # The adapter's config travels with the weights: without it a loader assumes alpha == rank.
         StableDiffusionXLPipeline.save_lora_weights(args.output_dir, unet_lora_layers=lora_state, safe_serialization=True,
                                                     unet_lora_adapter_metadata=policy.peft_config["default"].to_dict())
@@ -1728,6 +1759,8 @@ def main(args):
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     if args.streaming:  # one endless pass: the stream itself moves from epoch to epoch
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:  # it reads the micro-batch off a DataLoader
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
         num_update_steps_per_epoch, args.num_train_epochs = args.max_train_steps, 1
     else:
@@ -1735,6 +1768,8 @@ def main(args):
                                                                               lr_scheduler)
         num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
         args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    # FSDP2 replaces the UNet's parameters with sharded ones: clip those (the old ones get no gradients)
+    params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=public_config(args))
         accelerator.log({f"data/{name}": value for name, value in counts.items()}, step=0)
@@ -1815,8 +1850,11 @@ def main(args):
                     averaged = accelerator.reduce(torch.stack([step_metrics[n] for n in names]) / micro_steps,
                                                   reduction="mean")
                     logs = dict(zip(names, averaged.tolist()))
+                    # None: DeepSpeed, which clips and steps inside accelerator.backward (older accelerate reports
+                    # no norm). A non-finite loss still counts, but DeepSpeed has already applied that step.
+                    norm_finite = grad_norm is None or math.isfinite(float(grad_norm))
                     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                    finite = logs.pop("nonfinite") == 0 and math.isfinite(grad_norm)
+                    finite = logs.pop("nonfinite") == 0 and norm_finite
                     stop_now = logs.pop("stop_requested") > 0
                     if finite:
                         optimizer.step()
@@ -1851,7 +1889,7 @@ def main(args):
                 logger.warning(f"SIGTERM: saved checkpoint-{global_step}; resume with --resume_from_checkpoint latest")
                 accelerator.end_training()
                 return
-            if (accelerator.is_main_process and args.num_validation_images > 0
+            if ((accelerator.is_main_process or weights_are_sharded(accelerator)) and args.num_validation_images > 0
                     and global_step % args.validation_steps == 0 and global_step < args.max_train_steps):
                 grid_path, reference_images = safe_validation(args, accelerator, models, tokenizers, weight_dtype,
                                                               global_step, reference_images, grid_path)
@@ -1862,11 +1900,12 @@ def main(args):
 
     # Final validation, results, model card and hub push
     accelerator.wait_for_everyone()
+    if args.num_validation_images > 0 and (accelerator.is_main_process or weights_are_sharded(accelerator)):
+        grid_path, reference_images = safe_validation(args, accelerator, models, tokenizers, weight_dtype,
+                                                      global_step, reference_images, grid_path)
+    full_state = accelerator.get_state_dict(unet) if weights_are_sharded(accelerator) else None  # all processes
     if accelerator.is_main_process:
-        if args.num_validation_images > 0:
-            grid_path, reference_images = safe_validation(args, accelerator, models, tokenizers, weight_dtype,
-                                                          global_step, reference_images, grid_path)
-        save_results(args, accelerator, unet, text_encoders, vae, tokenizers, weight_dtype)
+        save_results(args, accelerator, unet, text_encoders, vae, tokenizers, weight_dtype, full_state)
     # Rows with problems, united over processes (a row may have gone to another process in another epoch)
     all_problems = gather_object([{reason: sorted(rows) for reason, rows in row_problems.items()}])
     all_cache_stats = gather_object([cache_stats]) if cache_stats is not None else []
@@ -1886,6 +1925,9 @@ def main(args):
         if args.push_to_hub:
             push_to_hub(args)
         logger.info(f"Done: {global_step} steps; results in {args.output_dir}")
+    # Last collective: a barrier, which holds no tensors. gloo frees a finished all-gather's tensors on its worker
+    # thread, which needs the GIL; the DDP reducer's teardown at exit holds the GIL while it joins that thread.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
