@@ -5,6 +5,7 @@ full pipeline, --save_unet_only and --use_lora, as users get them.
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -248,10 +249,10 @@ def check_grid(out, prompts, seeds, base_pipe, dpo_pipe):
         top = layout["row_tops"][p]
         for j, seed in enumerate(seeds):
             settings = {"guidance_scale": record["guidance_scale"]}
-            np.testing.assert_array_equal(grid_cell(grid, layout, layout["base_columns"][j], top),
-                                          sample(base_pipe, prompt, seed, **settings))
-            np.testing.assert_array_equal(grid_cell(grid, layout, layout["dpo_columns"][j], top),
-                                          sample(dpo_pipe, prompt, seed, **settings))
+            # at most one level of 255 apart: rounding to uint8 after float sums in another process
+            for columns, pipe in ((layout["base_columns"], base_pipe), (layout["dpo_columns"], dpo_pipe)):
+                cell = grid_cell(grid, layout, columns[j], top).astype(int)
+                assert np.abs(cell - sample(pipe, prompt, seed, **settings).astype(int)).max() <= 1
         caption = np.asarray(grid.crop((0, top + layout["cell_height"], grid.width,
                                         top + layout["cell_height"] + layout["caption_height"])).convert("L"))
         assert caption.min() < 128, "the prompt is written under its row"
@@ -265,8 +266,9 @@ def test_compare_command_writes_a_grid_of_base_and_dpo_rows_and_its_json(sd_resu
     command = [sys.executable, str(REPO_ROOT / "pipeline_dpo.py"), "compare", "--base", str(sd_results["base"]),
                "--dpo", str(sd_results["full"]), "--prompts", str(prompts_file), "--out", str(out), "--seed", "3",
                "--num_images_per_prompt", "2", "--num_inference_steps", str(STEPS)]
+    # one thread, like the in-process pipelines it is compared with (conftest), so the float sums agree
     completed = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               timeout=300)
+                               timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert completed.returncode == 0, completed.stdout[-4000:]
 
     prompts = ["a red circle", "a blue square on a green background"]
