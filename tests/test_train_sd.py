@@ -395,7 +395,7 @@ def test_two_process_ddp_equals_one_process(tiny_sd_path, preference_data_path, 
     assert logged_scalars(tmp_path / "one") == pytest.approx(logged_scalars(tmp_path / "two"), rel=1e-3)
     one, two = trained_weights(tmp_path / "one"), trained_weights(tmp_path / "two")
     print("max difference", max_abs_difference(one, two), "movement", max_movement(one))
-    assert max_abs_difference(one, two) < 1e-3 * max_movement(one)
+    assert max_abs_difference(one, two) < 1e-2 * max_movement(one)
 
 
 def test_batch_equals_gradient_accumulation(tiny_sd_path, preference_data_path, tmp_path):

@@ -1,0 +1,77 @@
+"""The step benchmark runs and writes the figures it promises (not a timed test: no speed is asserted).
+
+python -m pytest tests/test_bench.py -q
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+import bench_dpo_step  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    """The tiny SD and tiny SDXL presets, 1 warm-up + 2 timed steps, run as `make bench` runs the script."""
+    json_path = tmp_path_factory.mktemp("bench") / "bench.json"
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_dpo_step.py"), "--preset", "tiny",
+               "--preset", "tiny-sdxl", "--steps", "2", "--warmup", "1", "--threads", "1", "--no_estimate",
+               "--json", str(json_path)]
+    completed = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-4000:]
+    return json.loads(json_path.read_text()), completed.stdout
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
+def test_rows_for_every_mode_and_cache_setting(tiny_report, preset):
+    report, _ = tiny_report
+    rows = {(row["mode"], row["cache"]): row for row in report["rows"] if row["preset"] == preset}
+    assert set(rows) == {("full", False), ("full", True), ("lora", False), ("lora", True)}
+    for (mode, cached), row in rows.items():
+        assert row["pairs_per_s"] > 0 and row["step_ms"] > 0 and row["floor_ms"] > 0
+        assert math.isfinite(row["step_over_floor"]) and row["step_over_floor"] > 0
+        assert len(row["step_ms_all"]) == 2 and len(row["floor_ms_all"]) == 2
+        assert row["peak_mem_gib"] > 0
+        assert row["flops_step"] > 0 and row["tflops"] > 0
+        if cached:
+            assert math.isfinite(row["cache_speedup"]) and row["cache_speedup"] > 0
+            # With the cache the step computes exactly what the floor does; without it, the encoders come on top.
+            assert row["flops_step"] == row["flops_floor"]
+        else:
+            assert row["cache_speedup"] is None
+            assert row["flops_step"] > row["flops_floor"]
+    assert rows[("lora", True)]["trained_params"] < rows[("full", True)]["trained_params"]
+    assert rows[("full", True)]["trained_params"] == rows[("full", True)]["unet_params"]
+
+
+def test_table_is_printed(tiny_report):
+    _, output = tiny_report
+    assert "step/floor" in output and "cache x" in output
+    assert output.count("tiny-sdxl") >= 4  # one table row per mode and cache setting, and the phase lines
+
+
+def test_meta_activation_memory_counts_activations_not_weights():
+    """The SDXL estimate's activation pass: checkpointing keeps less, weights are not counted as activations."""
+    unet_config, _, _ = bench_dpo_step.tiny_configs("sdxl")
+    without_checkpointing, _ = bench_dpo_step.meta_activation_memory(unet_config, 8, 1, lora=True,
+                                                                     gradient_checkpointing=False, text_embeds_dim=32)
+    with_checkpointing, _ = bench_dpo_step.meta_activation_memory(unet_config, 8, 1, lora=True,
+                                                                  gradient_checkpointing=True, text_embeds_dim=32)
+    assert 0 < with_checkpointing < without_checkpointing
+    full_peak, _ = bench_dpo_step.meta_activation_memory(unet_config, 8, 1, lora=False,
+                                                         gradient_checkpointing=True, text_embeds_dim=32)
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in UNet2DConditionModel(**unet_config).parameters())
+    assert full_peak >= 4 * params  # float32 grads of every parameter are live at the end of backward
