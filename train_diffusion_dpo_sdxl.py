@@ -61,7 +61,7 @@ import diffusers
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
@@ -1276,6 +1276,23 @@ def unet_from_state_dict(unet, state_dict):
     return plain
 
 
+# Copied from train_diffusion_dpo.exchange_through_files
+def exchange_through_files(output_dir, accelerator, report):
+    """Every process's small JSON report, read by all (output_dir is shared, as checkpoints already need): the
+    end-of-run summary without a tensor collective, whose gloo teardown at exit can deadlock."""
+    path = os.path.join(output_dir, f".report-{accelerator.process_index}.json")
+    with open(path, "w") as f:
+        json.dump(report, f)
+    accelerator.wait_for_everyone()
+    reports = []
+    for rank in range(accelerator.num_processes):
+        with open(os.path.join(output_dir, f".report-{rank}.json")) as f:
+            reports.append(json.load(f))
+    accelerator.wait_for_everyone()
+    os.remove(path)
+    return reports
+
+
 # Copied from train_diffusion_dpo.fault_injection
 def fault_injection(name):
     """Faults the reliability tests inject (NaN losses, a crash inside a save, slow steps); empty in normal use."""
@@ -1909,8 +1926,10 @@ def main(args):
     if accelerator.is_main_process:
         save_results(args, accelerator, unet, text_encoders, vae, tokenizers, weight_dtype, full_state)
     # Rows with problems, united over processes (a row may have gone to another process in another epoch)
-    all_problems = gather_object([{reason: sorted(rows) for reason, rows in row_problems.items()}])
-    all_cache_stats = gather_object([cache_stats]) if cache_stats is not None else []
+    reports = exchange_through_files(args.output_dir, accelerator, {
+        "problems": {reason: sorted(rows) for reason, rows in row_problems.items()}, "cache_stats": cache_stats})
+    all_problems = [report["problems"] for report in reports]
+    all_cache_stats = [report["cache_stats"] for report in reports if report["cache_stats"] is not None]
     if accelerator.is_main_process:
         if cache is None:  # with the cache, every row was checked (and counted) when the cache was built
             for reason in row_problems:
@@ -1927,10 +1946,12 @@ def main(args):
         if args.push_to_hub:
             push_to_hub(args)
         logger.info(f"Done: {global_step} steps; results in {args.output_dir}")
-    # Last collective: a barrier, which holds no tensors. gloo frees a finished all-gather's tensors on its worker
-    # thread, which needs the GIL; the DDP reducer's teardown at exit holds the GIL while it joins that thread.
+    # Last collective: a barrier, then an orderly process-group teardown. Left to interpreter exit, the DDP
+    # reducer's teardown (holding the GIL) can wait forever on a gloo thread that needs the GIL.
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
