@@ -20,8 +20,12 @@ demo: install
 	$(PY) tools/demo.py --output_dir demo-output
 
 # Two workers, a test file each at a time: most tests launch training subprocesses that use one core.
+# `make test` skips the tests marked slow (more runs of what the default suite already covers); `make test-all` runs all.
 test: install
-	$(PY) -m pytest -q -p no:warnings -n 2 --dist loadfile
+	$(PY) -m pytest -q -p no:warnings -n 2 --dist loadfile -m "not slow and not gpu and not hub"
+
+test-all: install
+	$(PY) -m pytest -q -p no:warnings -n 2 --dist loadfile -m "not gpu and not hub"
 
 # Step time, memory and step/floor ratios of the real training step (tiny and SD 1.5-size models on the CPU; a few
 # minutes on 2 cores). On a GPU: $(PY) benchmarks/bench_dpo_step.py --preset sd15-512 --preset sdxl-1024 --device cuda

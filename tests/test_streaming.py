@@ -85,6 +85,7 @@ def test_resume_mid_stream_continues_at_the_right_pair(sharded_data, tokenizer):
         assert [e["index"] for e in following] == [e["index"] for e in uninterrupted[stop_after:stop_after + 3]]
 
 
+@pytest.mark.slow  # the in-process resume test above covers the default suite
 def test_streaming_run_resumes_exactly(tiny_sd_path, sharded_data, tmp_path):
     def run(output_dir, steps, *extra):
         launch("train_diffusion_dpo.py", [

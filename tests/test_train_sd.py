@@ -376,8 +376,11 @@ def test_lora_resume_equals_an_uninterrupted_run(lora_run, tiny_sd_path, prefere
 
 
 def test_full_resume_equals_an_uninterrupted_run(full_run, tiny_sd_path, preference_data_path, tmp_path):
+    # Steps 3-4 again from the 4-step run's own step-2 checkpoint (the LoRA test above runs a real 2-step first half)
+    import shutil
+
+    shutil.copytree(full_run / "checkpoint-2", tmp_path / "checkpoint-2")
     half = run_args(tiny_sd_path, preference_data_path, tmp_path, "--learning_rate", "1e-4")
-    launch(SCRIPT, half + ["--max_train_steps", "2"])
     launch(SCRIPT, half + ["--max_train_steps", "4", "--resume_from_checkpoint", str(tmp_path / "checkpoint-2")])
     assert max_abs_difference(trained_weights(tmp_path), trained_weights(full_run)) < 1e-6
 
@@ -398,6 +401,7 @@ def test_two_process_ddp_equals_one_process(tiny_sd_path, preference_data_path, 
     assert max_abs_difference(one, two) < 1e-2 * max_movement(one)
 
 
+@pytest.mark.slow
 def test_batch_equals_gradient_accumulation(tiny_sd_path, preference_data_path, tmp_path):
     common = ["--use_lora", "--max_train_steps", "2", "--checkpointing_steps", "100", "--max_grad_norm", "1e9"]
     launch(SCRIPT, run_args(tiny_sd_path, preference_data_path, tmp_path / "batch", *common,
@@ -407,7 +411,8 @@ def test_batch_equals_gradient_accumulation(tiny_sd_path, preference_data_path, 
     assert max_abs_difference(trained_weights(tmp_path / "batch"), trained_weights(tmp_path / "accum")) < 1e-4
 
 
-@pytest.mark.parametrize("loss_type", ["hinge", "ipo", "sft"])
+@pytest.mark.parametrize("loss_type", ["hinge", pytest.param("ipo", marks=pytest.mark.slow),
+                                       pytest.param("sft", marks=pytest.mark.slow)])
 def test_other_loss_types_train_v_prediction(loss_type, tiny_sd_vpred_path, preference_data_path, tmp_path):
     launch(SCRIPT, run_args(tiny_sd_vpred_path, preference_data_path, tmp_path, "--use_lora", "--loss_type",
                             loss_type, "--max_train_steps", "2", "--beta_dpo", "50"))
@@ -442,9 +447,10 @@ def test_repeated_nans_stop_the_run_with_a_message(tiny_sd_path, preference_data
 
 
 @pytest.mark.parametrize("extra", [
-    ["--use_lora", "--use_adafactor", "--gradient_checkpointing"],
-    ["--use_8bit_adam", "--dataloader_num_workers", "1"],
-], ids=["lora-adafactor-checkpointing", "full-8bit-adam-workers"])
+    pytest.param(["--use_lora", "--use_adafactor", "--gradient_checkpointing"], id="lora-adafactor-checkpointing"),
+    pytest.param(["--use_8bit_adam", "--dataloader_num_workers", "1"], id="full-8bit-adam-workers",
+                 marks=pytest.mark.slow),
+])
 def test_bf16_runs_with_each_optimizer(extra, tiny_sd_path, preference_data_path, tmp_path):
     # bf16 autocast runs on CPU: frozen models in bf16, trained parameters kept in float32, validation in autocast
     launch(SCRIPT, run_args(tiny_sd_path, preference_data_path, tmp_path, "--mixed_precision", "bf16",

@@ -622,6 +622,7 @@ def test_cached_views_equal_what_training_would_draw(non_square_data_path, tiny_
     assert seen_flips == {0, 1}
 
 
+@pytest.mark.slow  # tests/test_cache.py runs the same comparison on SD in the default suite
 def test_cached_run_trains_like_the_uncached_run(tiny_sdxl_path, non_square_data_path, tmp_path):
     common = ["--use_lora", "--max_train_steps", "3", "--checkpointing_steps", "100", "--adam_epsilon", "1e-4",
               "--latent_cache_dir", tmp_path / "cache", "--proportion_empty_prompts", "0.3"]
@@ -635,6 +636,7 @@ def test_cached_run_trains_like_the_uncached_run(tiny_sdxl_path, non_square_data
     assert max_abs_difference(trained_weights(tmp_path / "reused"), cached) == 0
 
 
+@pytest.mark.slow
 def test_streaming_run_trains(tiny_sdxl_path, non_square_data_path, tmp_path):
     launch(SCRIPT, run_args(tiny_sdxl_path, non_square_data_path, tmp_path, "--use_lora", "--streaming",
                             "--max_train_steps", "3", "--checkpointing_steps", "2"))
