@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo toy toy-base test test-all bench clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 demo: install
 	$(PY) tools/demo.py --output_dir demo-output
+
+# The miniature replication (tools/toy_replication.py): pairs from the committed toy base, labelled by a programmatic
+# reward, DPO vs SFT, evaluation and toy-output/report.md. `make toy-base` retrains that base from scratch first.
+toy: install
+	$(PY) tools/toy_replication.py --output_dir toy-output
+
+toy-base: install
+	$(PY) tools/toy_replication.py --output_dir toy-output --retrain_base
 
 # Two workers, a test file each at a time: most tests launch training subprocesses that use one core.
 # `make test` skips the tests marked slow (more runs of what the default suite already covers); `make test-all` runs all.
@@ -33,4 +41,4 @@ bench: install
 	$(PY) benchmarks/bench_dpo_step.py --preset tiny --preset sd15 --json bench-output/bench.json
 
 clean:
-	rm -rf demo-output bench-output .pytest_cache
+	rm -rf demo-output bench-output toy-output .pytest_cache

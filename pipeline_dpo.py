@@ -382,21 +382,27 @@ def sampling_settings(pipe, num_inference_steps=None, guidance_scale=None):
 
 
 def generate_images(pipe, prompts, *, seed=0, num_images_per_prompt=1, num_inference_steps=50, guidance_scale=7.5,
-                    height=None, width=None, label=""):
-    """Images in prompt-major order; image j of each prompt starts from seed + j (a CPU generator)."""
+                    height=None, width=None, label="", batch_size=1):
+    """Images in prompt-major order; image j of each prompt starts from seed + j (a CPU generator).
+
+    `batch_size` images go through the pipeline at once, each with its own generator, so the starting noise of
+    every image is the same at any batch size (the pictures may differ by float rounding between batch sizes).
+    """
+    jobs = [(prompt, seed + j) for prompt in prompts for j in range(num_images_per_prompt)]
     images = []
-    total = len(prompts) * num_images_per_prompt
-    for prompt_index, prompt in enumerate(prompts):
-        for j in range(num_images_per_prompt):
-            print(f"[{label or 'generate'}] image {len(images) + 1}/{total}, seed {seed + j}: {prompt}",
-                  file=sys.stderr, flush=True)
-            generator = torch.Generator("cpu").manual_seed(seed + j)
-            images.append(pipe(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                               height=height, width=width, generator=generator).images[0])
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        print(f"[{label or 'generate'}] images {start + 1}-{start + len(chunk)}/{len(jobs)}, seed {chunk[0][1]}: "
+              f"{chunk[0][0]}", file=sys.stderr, flush=True)
+        generators = [torch.Generator("cpu").manual_seed(image_seed) for _, image_seed in chunk]
+        images.extend(pipe([prompt for prompt, _ in chunk], num_inference_steps=num_inference_steps,
+                           guidance_scale=guidance_scale, height=height, width=width,
+                           generator=generators if len(chunk) > 1 else generators[0]).images)
     return images
 
 
-def _font(size):
+def label_font(size):
+    """A font for grid labels: the scalable default where Pillow has one."""
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType: the small bitmap font
@@ -432,7 +438,7 @@ def make_comparison_grid(prompts, base_images, dpo_images, num_images_per_prompt
     cell_width, cell_height = base_images[0].size
     n = num_images_per_prompt
     gap = max(4, cell_width // 32)
-    font = _font(max(10, cell_height // 24))
+    font = label_font(max(10, cell_height // 24))
     line_height = font.getbbox("Ag")[3] + 4
     pad = 4
     grid_width = 2 * n * cell_width + gap
@@ -494,7 +500,8 @@ def generate(args):
     pipe.set_progress_bar_config(disable=False)
     settings = sampling_settings(pipe, args.num_inference_steps, args.guidance_scale)
     images = generate_images(pipe, args.prompt, seed=args.seed, num_images_per_prompt=args.num_images_per_prompt,
-                             height=args.height, width=args.width, label="dpo" if args.dpo else "base", **settings)
+                             height=args.height, width=args.width, label="dpo" if args.dpo else "base",
+                             batch_size=args.batch_size, **settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -518,7 +525,7 @@ def compare(args):
     pipe.set_progress_bar_config(disable=False)
     settings = sampling_settings(pipe, args.num_inference_steps, args.guidance_scale)
     common = dict(seed=args.seed, num_images_per_prompt=args.num_images_per_prompt, height=args.height,
-                  width=args.width, **settings)
+                  width=args.width, batch_size=args.batch_size, **settings)
     base_images = generate_images(pipe, prompts, label="base", **common)
     apply_dpo_result(pipe, result, torch_dtype=DTYPES[args.dtype], lora_scale=args.lora_scale,
                      fuse_lora=args.fuse_lora, dpo_name=args.dpo)
@@ -553,6 +560,8 @@ def build_parser():
                         help="Classifier-free guidance scale. Default per family: 7.5 for SD 1.x/2.x, 5.0 for SDXL "
                              "(the authors' values).")
     common.add_argument("--height", type=int, default=None, help="Image height in pixels. Default: the model's.")
+    common.add_argument("--batch_size", type=int, default=1,
+                        help="Images per pipeline call; each keeps its own seed, so the noise is the same at any size.")
     common.add_argument("--width", type=int, default=None, help="Image width in pixels. Default: the model's.")
     common.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                         help="Weights' dtype. float16/bfloat16 halve memory (use them on a GPU).")

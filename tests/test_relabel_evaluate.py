@@ -68,24 +68,36 @@ def brightness_reward_file(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def random_lora_path(tmp_path_factory, tiny_sd_path):
-    """A LoRA result for the tiny SD pipeline with random (non-zero) updates, saved as the training script saves one."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+def save_random_lora(pipeline_class, model_path, path):
+    """A LoRA result for a tiny pipeline with random (non-zero) updates, saved as the training scripts save one."""
+    from diffusers import UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet")
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     torch.manual_seed(0)
     for name, parameter in unet.named_parameters():
         if "lora_B" in name:  # B starts at zero (an exact no-op); make the adapter change the UNet
             torch.nn.init.normal_(parameter, std=0.5)
-    path = tmp_path_factory.mktemp("random-lora")
-    StableDiffusionPipeline.save_lora_weights(
+    pipeline_class.save_lora_weights(
         path, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
         safe_serialization=True, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def random_lora_path(tmp_path_factory, tiny_sd_path):
+    from diffusers import StableDiffusionPipeline
+
+    return save_random_lora(StableDiffusionPipeline, tiny_sd_path, tmp_path_factory.mktemp("random-lora"))
+
+
+@pytest.fixture(scope="module")
+def random_sdxl_lora_path(tmp_path_factory, tiny_sdxl_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    return save_random_lora(StableDiffusionXLPipeline, tiny_sdxl_path, tmp_path_factory.mktemp("random-sdxl-lora"))
 
 
 def decided_rows(data_path):
@@ -304,3 +316,89 @@ def test_win_rate_of_a_changed_model_has_wins_and_losses_in_the_grid(tmp_path, t
     assert record["ci95_low"] <= record["win_rate"] <= record["ci95_high"]
     with Image.open(tmp_path / "win" / "grid.png") as grid:
         assert grid.height > 4 * 64  # 2 largest wins + 2 largest losses (4 distinct rows of 64 px images)
+
+
+def implicit_accuracy_args(base, dpo, data_path, output_dir, *extra):
+    return evaluate.parse_args([
+        "implicit-accuracy", "--base", base, "--dpo", dpo, "--train_data_dir", data_path, "--resolution", "64",
+        "--num_draws", "2", "--batch_size", "16", "--device", "cpu", "--output_dir", str(output_dir), *extra])
+
+
+def read_outcomes(output_dir):
+    with open(output_dir / "implicit_accuracy.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_sdxl_implicit_accuracy_of_the_reference_is_one_half(tmp_path, tiny_sdxl_path, preference_data_path):
+    record = evaluate.main(implicit_accuracy_args(tiny_sdxl_path, tiny_sdxl_path, preference_data_path, tmp_path))
+    # The same weights give exactly the same errors through both encoders, the time ids and the VAE: all ties.
+    assert (record["wins"], record["ties"], record["losses"], record["accuracy"]) == (0, 32, 0, 0.5)
+    assert not record["lora"] and record["resolution"] == 64
+    assert {row["outcome"] for row in read_outcomes(tmp_path)} == {"tie"}
+
+
+class UnetWorseOnOneHalf(torch.nn.Module):
+    """The UNet with its prediction pushed off by a constant on one half of the batch. dpo_step_losses stacks
+    [winners; losers], so pushing the losers' half off raises only the losers' errors: m_w == r_w and m_l > r_l,
+    a model that prefers every winner (inside > 0); pushing the winners' half off prefers every loser."""
+
+    def __init__(self, unet, worse_half):
+        super().__init__()
+        self.unet, self.worse_half = unet, worse_half
+
+    @property
+    def device(self):
+        return self.unet.device
+
+    def forward(self, sample, timestep, encoder_hidden_states, **kwargs):
+        prediction = self.unet(sample, timestep, encoder_hidden_states, **kwargs).sample.clone()
+        half = prediction.shape[0] // 2
+        worse = slice(half, None) if self.worse_half == "losers" else slice(None, half)
+        # 10 is far above the spread of a per-sample error of unit-variance noise over 8x8 latents.
+        prediction[worse] += 10.0
+        return SimpleNamespace(sample=prediction)
+
+
+@pytest.mark.parametrize("worse_half, accuracy", [("losers", 1.0), ("winners", 0.0)])
+def test_sdxl_implicit_accuracy_of_a_model_that_prefers_one_side(tmp_path, tiny_sdxl_path, preference_data_path,
+                                                                  monkeypatch, worse_half, accuracy):
+    load_accuracy_models = evaluate.load_accuracy_models
+
+    def load_with_pushed_off_unet(*args, **kwargs):
+        unet, *others = load_accuracy_models(*args, **kwargs)
+        return (UnetWorseOnOneHalf(unet, worse_half), *others)
+
+    monkeypatch.setattr(evaluate, "load_accuracy_models", load_with_pushed_off_unet)
+    record = evaluate.main(implicit_accuracy_args(tiny_sdxl_path, tiny_sdxl_path, preference_data_path, tmp_path,
+                                                  "--max_pairs", "8", "--batch_size", "3"))
+    assert record["n"] == 8 and record["ties"] == 0 and record["accuracy"] == accuracy
+    assert {row["outcome"] for row in read_outcomes(tmp_path)} == {"correct" if accuracy else "wrong"}
+
+
+def test_sdxl_models_load_in_the_dtypes_sdxl_training_uses(tiny_sdxl_path, preference_data_path):
+    args = implicit_accuracy_args(tiny_sdxl_path, tiny_sdxl_path, preference_data_path, "unused", "--dtype",
+                                  "bfloat16")
+    unet, ref_unet, vae, text_encoders, tokenizers, noise_scheduler, is_lora = evaluate.load_accuracy_models(
+        args, evaluate.sdxl, torch.device("cpu"), torch.bfloat16)
+    assert evaluate.family_script(tiny_sdxl_path) is evaluate.sdxl
+    assert vae.dtype == torch.float32  # SDXL's own VAE overflows in fp16: training keeps it in float32
+    assert unet.dtype == ref_unet.dtype == text_encoders[0].dtype == text_encoders[1].dtype == torch.bfloat16
+    assert len(tokenizers) == 2 and noise_scheduler.training_timesteps is None and not is_lora
+
+
+def test_sdxl_implicit_accuracy_of_a_lora_result_does_not_depend_on_the_batch(tmp_path, tiny_sdxl_path,
+                                                                              random_sdxl_lora_path,
+                                                                              preference_data_path):
+    first = evaluate.main(implicit_accuracy_args(tiny_sdxl_path, random_sdxl_lora_path, preference_data_path,
+                                                 tmp_path / "first"))
+    # The reference is the same UNet with its adapters off: the random adapter moves every pair off zero.
+    assert first["lora"] and first["n"] == 32 and first["ties"] == 0 and 0 < first["wins"] < 32
+    # Each pair's draws depend on (seed, draw, row) only: other batches give the same values, up to float32
+    # rounding of the errors (a few 1e-7) times beta_dpo / 2 = 2500.
+    second = evaluate.main(implicit_accuracy_args(tiny_sdxl_path, random_sdxl_lora_path, preference_data_path,
+                                                  tmp_path / "second", "--batch_size", "5"))
+    first_rows, second_rows = read_outcomes(tmp_path / "first"), read_outcomes(tmp_path / "second")
+    assert [row["outcome"] for row in first_rows] == [row["outcome"] for row in second_rows]
+    np.testing.assert_allclose([float(row["mean_inside"]) for row in second_rows],
+                               [float(row["mean_inside"]) for row in first_rows], rtol=0, atol=2e-3)
+    assert second["accuracy"] == first["accuracy"]

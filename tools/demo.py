@@ -1,14 +1,16 @@
-"""The offline demo: a whole Diffusion-DPO round trip on a tiny model, in about a minute on a laptop CPU.
+"""The offline demo: a whole Diffusion-DPO round trip on the toy base model, in a minute or two on a laptop CPU.
 
     make demo            # = python tools/demo.py --output_dir demo-output
 
-1. builds a tiny Stable Diffusion pipeline and a small Pick-a-Pic-format preference dataset (no downloads),
+1. samples preference pairs from the committed toy base (toy/base, a small text-to-image model trained on a world
+   of coloured shapes by tools/toy_base.py) and labels them with a programmatic reward (centredness: the shape
+   closer to the middle wins) through tools/relabel_pairs.py,
 2. runs `accelerate launch train_diffusion_dpo.py --use_lora ...` on them, exactly as on SD1.5,
 3. loads the result back with stock diffusers (`DiffusionPipeline.from_pretrained` + `load_lora_weights`),
 4. writes a before/after grid from the same seeds, and prints where everything is.
 
-The tiny model starts from random weights, so its pictures are noise-like; the point is that every stage a real
-run goes through runs here, and that the result loads where users load it.
+After DPO the shapes drift toward the centre while still matching their captions. `make toy` is the full
+miniature replication (DPO against SFT, win rates, implicit accuracy, a report).
 """
 
 import argparse
@@ -24,8 +26,9 @@ sys.path.insert(0, str(REPO_ROOT))
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="Offline Diffusion-DPO demo on a tiny model.")
     parser.add_argument("--output_dir", default="demo-output", help="Where the model, data, run and grid go.")
-    parser.add_argument("--max_train_steps", type=int, default=40, help="DPO optimizer steps.")
-    parser.add_argument("--num_pairs", type=int, default=64, help="Preference pairs in the demo dataset.")
+    parser.add_argument("--max_train_steps", type=int, default=100, help="DPO optimizer steps.")
+    parser.add_argument("--pairs_per_caption", type=int, default=8,
+                        help="Preference pairs sampled from the base per caption (24 captions).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the model, the data, training and sampling.")
     return parser.parse_args(input_args)
 
@@ -35,56 +38,60 @@ def main(args):
     from diffusers import DiffusionPipeline
     from diffusers.utils import make_image_grid
 
-    from tools.make_preference_data import make_preference_dataset
-    from tools.tiny_models import build_tiny_sd
+    from tools import toy_replication, toy_world
 
     started = time.time()
     output_dir = Path(args.output_dir).resolve()
-    base_dir = output_dir / "tiny-sd"
+    base_dir = toy_replication.COMMITTED_BASE
     data_dir = output_dir / "pairs"
     run_dir = output_dir / "dpo-lora"
 
-    print(f"[1/4] Tiny SD pipeline -> {base_dir}; {args.num_pairs} preference pairs -> {data_dir}")
-    build_tiny_sd(str(base_dir), seed=args.seed)
-    make_preference_dataset(str(data_dir), num_pairs=args.num_pairs, num_ties=8, seed=args.seed)
+    print(f"[1/4] {args.pairs_per_caption * len(toy_world.CAPTIONS)} pairs sampled from {base_dir}, labelled by "
+          f"the centredness reward -> {data_dir}")
+    base = toy_replication.load_pipeline(base_dir)
+    toy_replication.write_unlabelled_pairs(base, output_dir / "unlabelled", args.seed, args.pairs_per_caption,
+                                           batch_size=96)
+    toy_replication.label_pairs(output_dir / "unlabelled", data_dir, min_margin=0.02)
+    del base
 
     print(f"[2/4] accelerate launch train_diffusion_dpo.py --use_lora ... -> {run_dir}")
+    prompts = ["a red circle on a black background", "a yellow square on a black background",
+               "a blue triangle on a white background"]
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train_diffusion_dpo.py"),
         "--pretrained_model_name_or_path", str(base_dir), "--train_data_dir", str(data_dir),
-        "--output_dir", str(run_dir), "--use_lora", "--rank", "8", "--resolution", "64",
-        "--train_batch_size", "4", "--learning_rate", "1e-3", "--beta_dpo", "5000",
+        "--output_dir", str(run_dir), "--use_lora", "--rank", "8", "--resolution", str(toy_world.IMAGE_SIZE),
+        "--train_batch_size", "16", "--learning_rate", "1e-3", "--beta_dpo", "2000", "--cache_latents",
         "--max_train_steps", str(args.max_train_steps), "--checkpointing_steps", str(args.max_train_steps),
         "--seed", str(args.seed), "--validation_steps", str(args.max_train_steps), "--num_validation_images", "2",
-        "--validation_num_inference_steps", "10", "--validation_prompts", "a red circle on a blue background",
-        "a yellow square on a green background",
+        "--validation_num_inference_steps", "20", "--validation_guidance_scale", "3.0",
+        "--validation_prompts", *prompts,
     ]
     subprocess.run(command, check=True, cwd=REPO_ROOT)
 
     print("[3/4] Loading the result with diffusers: from_pretrained(base) + load_lora_weights(result)")
-    prompts = ["a red circle on a blue background", "a yellow square on a green background",
-               "a white triangle on a black background"]
     pipe = DiffusionPipeline.from_pretrained(str(base_dir))
     pipe.set_progress_bar_config(disable=True)
 
     def sample(prompt, seed):
         generator = torch.Generator().manual_seed(seed)
-        return pipe(prompt, num_inference_steps=10, generator=generator).images[0]
+        return pipe(prompt, num_inference_steps=20, guidance_scale=3.0, generator=generator).images[0]
 
-    before = [sample(p, args.seed + i) for p in prompts for i in range(2)]
+    # Seeds no training pair was sampled from (pairs use seed .. seed + 2 * pairs_per_caption - 1).
+    before = [sample(p, args.seed + 1000 + i) for p in prompts for i in range(2)]
     pipe.load_lora_weights(str(run_dir))
-    after = [sample(p, args.seed + i) for p in prompts for i in range(2)]
+    after = [sample(p, args.seed + 1000 + i) for p in prompts for i in range(2)]
 
     print("[4/4] Before/after grid (left two: base, right two: DPO, same seeds; a row per prompt)")
     rows = []
     for p in range(len(prompts)):
         rows += before[2 * p:2 * p + 2] + after[2 * p:2 * p + 2]
     grid_path = output_dir / "before_after.png"
-    make_image_grid(rows, rows=len(prompts), cols=4).resize((4 * 128, len(prompts) * 128)).save(grid_path)
+    make_image_grid(rows, rows=len(prompts), cols=4).resize((4 * 128, len(prompts) * 128), 0).save(grid_path)
 
     print(f"\nDone in {time.time() - started:.0f} s.")
-    print(f"  base model        {base_dir}")
+    print(f"  base model        {base_dir} (the toy world's base, committed)")
     print(f"  preference data   {data_dir}")
     print(f"  DPO LoRA          {run_dir / 'pytorch_lora_weights.safetensors'}")
     print(f"  model card        {run_dir / 'README.md'}")

@@ -18,6 +18,9 @@ Implicit reward accuracy (the paper's Table 2) of a trained model on held-out Pi
     python tools/evaluate.py implicit-accuracy --base stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --dpo sd15-dpo --dataset_name yuvalkirstain/pickapic_v2 --dataset_split_name validation_unique \
         --resolution 512 --num_draws 4 --device cuda --output_dir eval-implicit
+    python tools/evaluate.py implicit-accuracy --base stabilityai/stable-diffusion-xl-base-1.0 \
+        --dpo sdxl-dpo --dataset_name yuvalkirstain/pickapic_v2 --dataset_split_name validation_unique \
+        --num_draws 4 --device cuda --dtype bfloat16 --output_dir eval-implicit-sdxl
 
 Win rate of the DPO model against its base under a reward model (same seeds for both):
     python tools/evaluate.py win-rate --base stable-diffusion-v1-5/stable-diffusion-v1-5 --dpo sd15-dpo \
@@ -29,8 +32,11 @@ train_diffusion_dpo.pair_generator at the fixed steps "implicit-accuracy/<draw>"
 sees the same draws), the DPO term
     inside = -(beta_dpo / 2) * ((m_w - m_l) - (r_w - r_l))
 of the trained UNet (m) against the reference (r: the base UNet; for a LoRA result, the same UNet with its
-adapters disabled), computed exactly as training does (train_diffusion_dpo.dpo_step_losses). The inside term
-is averaged over the draws; the pair counts as correct when the mean is > 0, wrong when < 0, and half when it is
+adapters disabled), computed exactly as the training script of the base's family does: dpo_step_losses of
+train_diffusion_dpo.py (SD 1.x/2.x) or of train_diffusion_dpo_sdxl.py (SDXL: both text encoders, the
+micro-conditioning time ids of the centre crop, the VAE in float32, timesteps from all of 0..T-1 as training
+without --is_turbo). --resolution defaults to that script's training resolution (512 SD, 1024 SDXL). The inside
+term is averaged over the draws; the pair counts as correct when the mean is > 0, wrong when < 0, and half when it is
 exactly 0: the implicit reward model p(winner) = sigmoid(inside) is then a coin flip, so a model identical to the
 reference scores 0.5 (all ties), as a coin would. Wins, ties and losses are reported separately. beta_dpo
 scales the inside term only; the accuracy does not depend on it.
@@ -41,7 +47,7 @@ equal rewards count half. Both modes report a 95% Wilson score interval and writ
 summary into --output_dir; win-rate also writes grid.png (base | DPO, the prompt under each row) of the
 largest wins and losses.
 
-SD 1.x/2.x results are evaluated; implicit-accuracy refuses SDXL (not implemented yet).
+SD 1.x/2.x and SDXL results are evaluated; the family follows --base.
 """
 
 import argparse
@@ -60,6 +66,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the training script and pipeline_dpo.py sit at the repo root
 import pipeline_dpo  # noqa: E402
 import train_diffusion_dpo as sd  # noqa: E402
+import train_diffusion_dpo_sdxl as sdxl  # noqa: E402
 from tools import relabel_pairs  # noqa: E402
 
 
@@ -116,29 +123,42 @@ def write_csv(path, rows):
 # ----------------------------------------------------------------------------------------------------------------
 # implicit-accuracy
 # ----------------------------------------------------------------------------------------------------------------
-def load_accuracy_models(args, device, dtype):
-    """(unet, ref_unet or None, vae, text_encoder, tokenizer, noise_scheduler, is_lora): the DPO model via
-    load_dpo_pipeline; the reference is the base UNet, or for LoRA the same UNet with its adapters disabled."""
+def family_script(base):
+    """The training script of the base's family, train_diffusion_dpo (SD 1.x/2.x) or train_diffusion_dpo_sdxl:
+    its data pipeline and dpo_step_losses are reused, so the errors are those its training computes."""
+    return sdxl if "XL" in pipeline_dpo.base_pipeline_class_name(base) else sd
+
+
+def load_accuracy_models(args, script, device, dtype):
+    """(unet, ref_unet or None, vae, text_encoders, tokenizers, noise_scheduler, is_lora): the DPO model via
+    load_dpo_pipeline; the reference is the base UNet, or for LoRA the same UNet with its adapters disabled.
+
+    text_encoders and tokenizers are what `script` takes: SD's one text encoder and tokenizer, SDXL's two as pairs.
+    """
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     result = pipeline_dpo.resolve_dpo_result(args.dpo, variant=args.variant)
     pipe = pipeline_dpo.load_dpo_pipeline(args.base, result, torch_dtype=dtype, device=device, variant=args.variant)
-    if not isinstance(pipe, pipeline_dpo.StableDiffusionPipeline):
-        raise SystemExit(f"implicit-accuracy evaluates SD 1.x/2.x results; {args.base!r} is a {type(pipe).__name__} "
-                         "(SDXL is not implemented yet).")
     ref_unet = None
     if not result.is_lora:
         ref_unet = UNet2DConditionModel.from_pretrained(args.base, subfolder="unet", variant=args.variant,
                                                         torch_dtype=dtype).to(device)
     noise_scheduler = DDPMScheduler.from_pretrained(args.base, subfolder="scheduler")
-    for model in (pipe.unet, ref_unet, pipe.vae, pipe.text_encoder):
+    if script is sdxl:
+        text_encoders, tokenizers = (pipe.text_encoder, pipe.text_encoder_2), (pipe.tokenizer, pipe.tokenizer_2)
+        if pipe.vae.dtype != torch.float32:  # as SDXL training runs the model's own VAE: it overflows in fp16
+            pipe.vae.to(dtype=torch.float32)
+        noise_scheduler.training_timesteps = None  # t from all of 0..T-1, as training without --is_turbo
+    else:
+        text_encoders, tokenizers = pipe.text_encoder, pipe.tokenizer
+    for model in (pipe.unet, ref_unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if model is not None:
             model.requires_grad_(False)
             model.eval()
-    return pipe.unet, ref_unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, noise_scheduler, result.is_lora
+    return pipe.unet, ref_unet, pipe.vae, text_encoders, tokenizers, noise_scheduler, result.is_lora
 
 
-def data_args(args):
+def data_args(args, resolution):
     """The training script's data settings for evaluation: no crop or flip randomness, no prompt dropout."""
     return SimpleNamespace(
         train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
@@ -147,18 +167,24 @@ def data_args(args):
         caption_column=args.caption_column, image_0_column=args.image_0_column, image_1_column=args.image_1_column,
         label_0_column=args.label_0_column, label_1_column=args.label_1_column, chosen_column=args.chosen_column,
         rejected_column=args.rejected_column, max_train_samples=args.max_pairs, seed=args.seed,
-        resolution=args.resolution, random_crop=False, no_hflip=True, proportion_empty_prompts=0.0)
+        resolution=resolution, random_crop=False, no_hflip=True, proportion_empty_prompts=0.0)
 
 
 def implicit_accuracy(args):
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    unet, ref_unet, vae, text_encoder, tokenizer, noise_scheduler, is_lora = load_accuracy_models(args, device, dtype)
-    settings = data_args(args)
-    dataset, columns, counts = sd.load_preference_dataset(settings)
-    pairs = sd.PreferencePairDataset(dataset, columns, tokenizer, settings)
-    step_args = SimpleNamespace(seed=args.seed, loss_type="sigmoid", use_lora=is_lora)
-    models = (unet, ref_unet, vae, text_encoder)
+    script = family_script(args.base)
+    training_defaults = script.build_parser()
+    resolution = args.resolution if args.resolution is not None else training_defaults.get_default("resolution")
+    unet, ref_unet, vae, text_encoders, tokenizers, noise_scheduler, is_lora = load_accuracy_models(
+        args, script, device, dtype)
+    settings = data_args(args, resolution)
+    dataset, columns, counts = script.load_preference_dataset(settings)
+    pairs = script.PreferencePairDataset(dataset, columns, tokenizers, settings)
+    # vae_encode_batch_size: SDXL's images per VAE call, its training default (SD encodes the batch in one call).
+    step_args = SimpleNamespace(seed=args.seed, loss_type="sigmoid", use_lora=is_lora,
+                                vae_encode_batch_size=training_defaults.get_default("vae_encode_batch_size"))
+    models = (unet, ref_unet, vae, text_encoders)
 
     # 1. Decode each pair once (unusable rows are skipped and counted, never replaced by another row).
     examples, unusable = [], {"missing_image": 0, "undecodable_image": 0}
@@ -166,7 +192,7 @@ def implicit_accuracy(args):
         row = dataset[row_index]
         try:
             winner, loser = pairs.decode_pair(row)
-        except sd.UnusableImage as error:
+        except script.UnusableImage as error:
             unusable[error.reason] += 1
             continue
         example = pairs.model_inputs(winner, loser, row[columns["caption"]], rng=None)
@@ -182,13 +208,15 @@ def implicit_accuracy(args):
     batches = range(0, len(examples), args.batch_size)
     for start in tqdm(batches, desc="implicit accuracy", unit="batch"):
         chunk = examples[start : start + args.batch_size]
-        batch = {name: torch.stack([e[name] for e in chunk]) for name in ("pixels_w", "pixels_l", "input_ids")}
+        # Every tensor of model_inputs: pixels and token ids, and SDXL's second token ids and time ids.
+        batch = {name: torch.stack([e[name] for e in chunk]) for name, value in chunk[0].items()
+                 if isinstance(value, torch.Tensor)}
         batch["index"] = torch.tensor([e["index"] for e in chunk])
         model_draws, ref_draws = [], []
         with torch.no_grad():
             for draw in range(args.num_draws):
-                model_losses, ref_losses = sd.dpo_step_losses(step_args, batch, models, noise_scheduler,
-                                                              f"implicit-accuracy/{draw}", dtype)
+                model_losses, ref_losses = script.dpo_step_losses(step_args, batch, models, noise_scheduler,
+                                                                  f"implicit-accuracy/{draw}", dtype)
                 model_draws.append(model_losses)
                 ref_draws.append(ref_losses)
         margins.append(implicit_reward_margins(torch.stack(model_draws), torch.stack(ref_draws), args.beta_dpo))
@@ -204,7 +232,7 @@ def implicit_accuracy(args):
         for e, margin in zip(examples, margins, strict=True)])
     record = {"command": "implicit-accuracy", "base": args.base, "dpo": args.dpo, "lora": is_lora,
               "dataset": args.train_data_dir or args.dataset_name, "split": args.dataset_split_name,
-              "num_draws": args.num_draws, "seed": args.seed, "resolution": args.resolution,
+              "num_draws": args.num_draws, "seed": args.seed, "resolution": resolution,
               "beta_dpo": args.beta_dpo, "mean_inside": float(np.mean(margins)), "accuracy": summary["rate"],
               **summary, "dataset_counts": counts, "unusable_pairs": unusable}
     (output_dir / "implicit_accuracy.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -257,7 +285,7 @@ def win_rate(args):
     pipe.set_progress_bar_config(disable=True)
     settings = pipeline_dpo.sampling_settings(pipe, args.num_inference_steps, args.guidance_scale)
     common = dict(seed=args.seed, num_images_per_prompt=args.num_images_per_prompt, height=args.height,
-                  width=args.width, **settings)
+                  width=args.width, batch_size=args.batch_size, **settings)
     base_images = pipeline_dpo.generate_images(pipe, prompts, label="base", **common)
     pipeline_dpo.apply_dpo_result(pipe, result, torch_dtype=dtype, dpo_name=args.dpo)
     dpo_images = pipeline_dpo.generate_images(pipe, prompts, label="dpo", **common)
@@ -338,11 +366,14 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
     accuracy = commands.add_parser("implicit-accuracy", parents=[common],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                   help="Implicit reward accuracy on held-out preference pairs (paper Table 2).")
+                                   help="Implicit reward accuracy on held-out preference pairs (paper Table 2); "
+                                        "SD 1.x/2.x and SDXL.")
     add_data_arguments(accuracy, pairs=True)
     accuracy.add_argument("--max_pairs", type=int, default=None,
                           help="Evaluate a seeded random subset of this many pairs.")
-    accuracy.add_argument("--resolution", type=int, default=512, help="Resolution of the centre crop; a multiple of 8.")
+    accuracy.add_argument("--resolution", type=int, default=None,
+                          help="Resolution of the centre crop; a multiple of 8. Default: the family's training "
+                               "resolution (512 SD 1.x/2.x, 1024 SDXL).")
     accuracy.add_argument("--num_draws", type=int, default=4,
                           help="Fixed (timestep, noise) draws per pair; the inside term is averaged over them.")
     accuracy.add_argument("--beta_dpo", type=float, default=5000.0,
@@ -360,6 +391,7 @@ def build_parser():
                       help="Guidance; default: the family's (7.5 SD, 5.0 SDXL).")
     wins.add_argument("--height", type=int, default=None, help="Image height; default: the model's.")
     wins.add_argument("--width", type=int, default=None, help="Image width; default: the model's.")
+    wins.add_argument("--batch_size", type=int, default=1, help="Images per pipeline call (each keeps its seed).")
     wins.add_argument("--grid_rows", type=int, default=4,
                       help="The grid shows this many largest wins and this many largest losses.")
     relabel_pairs.add_reward_arguments(wins)
@@ -374,7 +406,7 @@ def parse_args(input_args=None):
             parser.error("implicit-accuracy: give exactly one of --dataset_name and --train_data_dir.")
         if (args.chosen_column is None) != (args.rejected_column is None):
             parser.error("--chosen_column and --rejected_column go together.")
-        if args.resolution <= 0 or args.resolution % 8:
+        if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
             parser.error("--resolution must be a positive multiple of 8.")
         for name in ("num_draws", "batch_size"):
             if getattr(args, name) < 1:

@@ -1,0 +1,249 @@
+"""Train the toy world's base text-to-image model from scratch on the CPU: the "SD 1.5" of `make toy`.
+
+    python tools/toy_base.py --output_dir toy/base          # ~15 minutes on 2 CPU cores
+
+It writes an ordinary StableDiffusionPipeline folder (32 x 32 pictures, 8 x 8 x 4 latents) that
+`DiffusionPipeline.from_pretrained` loads and that train_diffusion_dpo.py takes as --pretrained_model_name_or_path.
+The weights committed at toy/base were made by this command with its defaults; the same torch build and thread
+count reproduce them (CPU kernels are deterministic for a fixed thread count).
+
+Stages:
+1. A text encoder: the tiny CLIP of tools/tiny_models.py, trained with the UNet (as a from-scratch text-to-image
+   model has to learn its words; frozen later, since DPO trains the UNet only).
+2. A small AutoencoderKL (3 levels, scale factor 4), trained to reconstruct the world's pictures; its latent scaling
+   factor is set so the latents have unit variance, as SD's 0.18215 does for SD's VAE.
+3. A small UNet2DConditionModel and the text encoder, trained as a latent diffusion model on those latents (epsilon
+   prediction, SD 1.5's noise schedule, 10% empty captions for classifier-free guidance, an exponential moving
+   average of the weights).
+4. The pipeline is saved with a DDIM scheduler (SD 1.5's betas) for few-step sampling, and its samples are checked
+   with the world's caption checker: the fraction that shows what the caption says goes into toy_base.json.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from tools import tiny_models, toy_world  # noqa: E402
+
+
+LATENT_SIZE = toy_world.IMAGE_SIZE // 4
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Train the toy world's base pipeline from scratch on the CPU.")
+    parser.add_argument("--output_dir", required=True, help="Where the pipeline folder is written.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for the pictures, the weights and the noise.")
+    parser.add_argument("--num_images", type=int, default=12288, help="Training pictures rendered (random scenes).")
+    parser.add_argument("--vae_steps", type=int, default=1000, help="Autoencoder optimizer steps.")
+    parser.add_argument("--vae_batch_size", type=int, default=32, help="Pictures per autoencoder step.")
+    parser.add_argument("--unet_steps", type=int, default=3000, help="UNet (and text encoder) optimizer steps.")
+    parser.add_argument("--unet_batch_size", type=int, default=64, help="Latents per UNet step.")
+    parser.add_argument("--unet_learning_rate", type=float, default=1e-3, help="UNet AdamW learning rate (peak).")
+    parser.add_argument("--ema_decay", type=float, default=0.995, help="Decay of the UNet weights' moving average.")
+    parser.add_argument("--check_images_per_caption", type=int, default=4,
+                        help="Samples per caption for the final caption-fidelity check (0 skips it).")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the result depends on it).")
+    return parser.parse_args(input_args)
+
+
+def picture_tensor(images):
+    """PIL pictures -> float tensor in [-1, 1], (N, 3, H, W), as the SD pipelines' VAE expects."""
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4,
+        sample_size=toy_world.IMAGE_SIZE,
+    )
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    # Cross-attention at both resolutions: the caption has to reach the 8 x 8 level, where the shape is drawn.
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=tiny_models.TEXT_HIDDEN_SIZE, attention_head_dim=8, norm_num_groups=32,
+    )
+
+
+def sd15_betas():
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                clip_sample=False, steps_offset=1)
+
+
+def cosine_with_warmup(total_steps):
+    """Linear warmup over 5% of the steps, then cosine decay to 10% of the peak (a short run ends on a small rate)."""
+    warmup = max(1, total_steps // 20)
+    return lambda step: min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total_steps)))
+
+
+def train_vae(args, pictures, log):
+    """Reconstruction (L1 + MSE) with a small KL term, so the posterior stays tight and its mean decodes well."""
+    vae = build_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(args.vae_steps))
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    started = time.time()
+    for step in range(1, args.vae_steps + 1):
+        index = torch.randint(len(pictures), (args.vae_batch_size,), generator=generator)
+        batch = pictures[index]
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        loss = (reconstruction - batch).abs().mean() + (reconstruction - batch).pow(2).mean()
+        loss = loss + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == args.vae_steps:
+            log(f"vae step {step}/{args.vae_steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)")
+    vae.eval().requires_grad_(False)
+    return vae, loss.item()
+
+
+def encode_pictures(vae, pictures, batch_size=256):
+    """Posterior means and standard deviations of every picture (sampled again at every UNet step)."""
+    means, stds = [], []
+    with torch.no_grad():
+        for start in range(0, len(pictures), batch_size):
+            posterior = vae.encode(pictures[start : start + batch_size]).latent_dist
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(args, latent_means, latent_stds, caption_index, caption_ids, text_encoder, scaling_factor, log):
+    """The UNet and the text encoder together; both end as their exponential moving averages."""
+    from diffusers import DDPMScheduler
+
+    unet = build_unet()
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in parameters]
+    scheduler = DDPMScheduler(**sd15_betas())
+    optimizer = torch.optim.AdamW(parameters, lr=args.unet_learning_rate, weight_decay=1e-2)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(args.unet_steps))
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    empty_caption = len(caption_ids) - 1  # the last caption is the empty prompt
+    text_encoder.train()
+    started, running = time.time(), []
+    for step in range(1, args.unet_steps + 1):
+        index = torch.randint(len(latent_means), (args.unet_batch_size,), generator=generator)
+        latents = latent_means[index] + latent_stds[index] * torch.randn(latent_means[index].shape, generator=generator)
+        latents = latents * scaling_factor
+        drop = torch.rand(len(index), generator=generator) < 0.1
+        # Every caption of the world goes through the encoder once per step (25 short sequences), then is indexed.
+        text = text_encoder(caption_ids)[0][torch.where(drop, empty_caption, caption_index[index])]
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text).sample
+        loss = (prediction - noise).pow(2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in parameters], 1 - args.ema_decay)
+        running.append(loss.item())
+        if step % 200 == 0 or step == args.unet_steps:
+            log(f"unet step {step}/{args.unet_steps} loss {np.mean(running):.4f} ({time.time() - started:.0f} s)")
+            running = []
+    with torch.no_grad():
+        for parameter, average in zip(parameters, ema, strict=True):
+            parameter.copy_(average)
+    text_encoder.eval().requires_grad_(False)
+    return unet.eval().requires_grad_(False)
+
+
+def check_samples(pipeline_dir, images_per_caption, seed):
+    """Caption fidelity of the saved pipeline's samples: the world's checker on every caption x seed."""
+    import pipeline_dpo
+
+    pipe = pipeline_dpo.load_dpo_pipeline(str(pipeline_dir))
+    pipe.set_progress_bar_config(disable=True)
+    captions = list(toy_world.CAPTIONS)
+    images = pipeline_dpo.generate_images(pipe, captions, seed=seed, num_images_per_prompt=images_per_caption,
+                                          **TOY_SAMPLING, label="base")
+    checks = [toy_world.caption_fidelity(image, caption)
+              for image, caption in zip(images, [c for c in captions for _ in range(images_per_caption)], strict=True)]
+    return {name: float(np.mean([c[name] for c in checks])) for name in checks[0]}
+
+
+# How every stage of `make toy` samples from the toy pipelines.
+TOY_SAMPLING = dict(num_inference_steps=20, guidance_scale=5.0)
+
+
+def main(args):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    started = time.time()
+    output_dir = Path(args.output_dir)
+
+    def log(message):
+        print(f"[toy_base {time.time() - started:6.0f} s] {message}", flush=True)
+
+    # 1. Pictures and captions; the token ids of every caption (and of "", for guidance).
+    rng = np.random.default_rng(args.seed)
+    scenes = [toy_world.random_scene_image(rng) for _ in range(args.num_images)]
+    pictures = picture_tensor([image for image, _ in scenes])
+    captions = list(toy_world.CAPTIONS)
+    caption_index = torch.tensor([captions.index(caption) for _, caption in scenes])
+    tokenizer = tiny_models.build_tiny_clip_tokenizer()
+    torch.manual_seed(args.seed + tiny_models.SEED_OFFSET["text_encoder"])
+    text_encoder = CLIPTextModel(tiny_models.tiny_clip_text_config(tokenizer))
+    caption_ids = tokenizer(captions + [""], padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+    log(f"{args.num_images} pictures of {len(captions)} captions rendered")
+
+    # 2. Autoencoder, and the scaling factor that gives the UNet unit-variance latents.
+    torch.manual_seed(args.seed + tiny_models.SEED_OFFSET["vae"])
+    vae, vae_loss = train_vae(args, pictures, log)
+    latent_means, latent_stds = encode_pictures(vae, pictures)
+    scaling_factor = float(1.0 / latent_means.std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    log(f"latents encoded; scaling factor {scaling_factor:.4f}")
+
+    # 3. The latent diffusion UNet, and the text encoder with it.
+    torch.manual_seed(args.seed + tiny_models.SEED_OFFSET["unet"])
+    unet = train_unet(args, latent_means, latent_stds, caption_index, caption_ids, text_encoder, scaling_factor, log)
+
+    # 4. Save as a Stable Diffusion pipeline, then check what it draws.
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(**sd15_betas(), set_alpha_to_one=False), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipeline.save_pretrained(output_dir, safe_serialization=True)
+    tiny_models.write_bpe_files(str(output_dir / "tokenizer"))
+    record = {"args": vars(args), "vae_final_loss": vae_loss, "scaling_factor": scaling_factor,
+              "train_seconds": round(time.time() - started, 1), "sampling": TOY_SAMPLING}
+    if args.check_images_per_caption:
+        record["caption_fidelity"] = check_samples(output_dir, args.check_images_per_caption, args.seed + 100)
+        log(f"caption fidelity of the base's samples: {record['caption_fidelity']}")
+    (output_dir / "toy_base.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"saved {output_dir}")
+    return record
+
+
+if __name__ == "__main__":
+    main(parse_args())

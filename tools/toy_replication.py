@@ -1,0 +1,416 @@
+"""A miniature replication of Diffusion-DPO on the CPU: `make toy` (= python tools/toy_replication.py).
+
+    python tools/toy_replication.py --output_dir toy-output                  # ~10 minutes on 2 CPU cores
+    python tools/toy_replication.py --output_dir toy-output --retrain_base   # + ~15 minutes: the base too
+
+The paper's pipeline, shrunk to a world of coloured shapes (tools/toy_world.py) so that every stage runs here:
+1. Base model: the committed toy/base pipeline (or one trained now by tools/toy_base.py with --retrain_base).
+2. Preference data: two samples of the base per prompt and seed pair, written as unlabelled Pick-a-Pic pairs,
+   then labelled by a programmatic reward with tools/relabel_pairs.py (AI feedback, the paper's section 5.4).
+   The reward is centredness (1 - distance of the shape from the centre / half diagonal): something the
+   captions leave open and the base does at random. Held-out pairs come from other seeds.
+3. DPO (--loss_type sigmoid) and SFT on the winners (--loss_type sft), both full fine-tunes from the base with
+   the same learning rate, batch and steps, run with `accelerate launch train_diffusion_dpo.py`, as users run it.
+4. Evaluation at every checkpoint, on prompts x seeds no pair was sampled from, base and model from the same
+   seeds: reward win rate against the base (95% Wilson interval), mean reward, and caption fidelity (does the
+   picture still show the caption's shape, colour and background, checked programmatically). Implicit reward
+   accuracy of the final models on the held-out pairs, by tools/evaluate.py.
+5. report.md: the table, a plot of win rate against steps for DPO and SFT, a grid of samples (base | SFT | DPO,
+   same seeds), and the targets met or missed. results.json holds every figure.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from tools import toy_base, toy_world  # noqa: E402
+
+
+COMMITTED_BASE = REPO_ROOT / "toy" / "base"
+REWARD_FN = "tools.toy_world:centredness_reward"
+# Seed ranges, far apart so no evaluation image shares its starting noise with a training or held-out pair.
+TRAIN_SEED, HELDOUT_SEED, EVAL_SEED, GRID_SEED = 0, 100_000, 200_000, 300_000
+# The targets of the miniature (issue 7).
+TARGETS = {"win_rate": 0.70, "fidelity_drop": 0.05, "implicit_accuracy": 0.60, "minutes": 30}
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Miniature Diffusion-DPO replication on a synthetic shapes world.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output_dir", default="toy-output", help="Where the data, runs, evaluation and report go.")
+    parser.add_argument("--base", default=str(COMMITTED_BASE), help="The base pipeline folder (toy/base is committed).")
+    parser.add_argument("--retrain_base", action="store_true",
+                        help="Train the base from scratch with tools/toy_base.py into OUTPUT_DIR/base first.")
+    parser.add_argument("--pairs_per_caption", type=int, default=32, help="Training pairs sampled per caption.")
+    parser.add_argument("--heldout_pairs_per_caption", type=int, default=8, help="Held-out pairs per caption.")
+    parser.add_argument("--min_margin", type=float, default=0.02,
+                        help="Pairs whose reward margin is below this are dropped as near-ties.")
+    parser.add_argument("--max_train_steps", type=int, default=400, help="Optimizer steps of DPO and of SFT.")
+    parser.add_argument("--num_evaluations", type=int, default=4,
+                        help="Checkpoints evaluated per run, evenly spaced (the last is the final model).")
+    parser.add_argument("--train_batch_size", type=int, default=16, help="Pairs per optimizer step.")
+    parser.add_argument("--learning_rate", type=float, default=3e-5, help="Learning rate of DPO and SFT.")
+    parser.add_argument("--beta_dpo", type=float, default=2000.0, help="DPO's KL weight beta.")
+    parser.add_argument("--eval_images_per_caption", type=int, default=8, help="Evaluation seeds per caption.")
+    parser.add_argument("--implicit_accuracy_draws", type=int, default=8,
+                        help="(timestep, noise) draws per held-out pair for implicit accuracy.")
+    parser.add_argument("--sample_batch_size", type=int, default=96, help="Images per pipeline call.")
+    parser.add_argument("--methods", nargs="+", default=["dpo", "sft"], choices=["dpo", "sft"],
+                        help="Which fine-tunes to run and compare.")
+    parser.add_argument("--seed", type=int, default=0, help="Training seed of the DPO and SFT runs.")
+    return parser.parse_args(input_args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling and scoring
+# ----------------------------------------------------------------------------------------------------------------
+def load_pipeline(base, unet_dir=None):
+    """The toy pipeline, with the UNet of a training checkpoint or result when `unet_dir` is given."""
+    import pipeline_dpo
+
+    pipe = pipeline_dpo.load_dpo_pipeline(str(base), None if unet_dir is None else str(unet_dir))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, captions, seed, images_per_caption, batch_size):
+    """Images in caption-major order; image j of each caption starts from seed + j."""
+    import pipeline_dpo
+
+    return pipeline_dpo.generate_images(pipe, captions, seed=seed, num_images_per_prompt=images_per_caption,
+                                        batch_size=batch_size, label="toy", **toy_base.TOY_SAMPLING)
+
+
+def png_bytes(image):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")  # lossless: the relabeller scores exactly the pixels that were sampled
+    return buffer.getvalue()
+
+
+def write_unlabelled_pairs(pipe, output_dir, seed, pairs_per_caption, batch_size):
+    """Two samples per (caption, pair) from the base, as Pick-a-Pic rows labelled 0.5/0.5 (no preference yet)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    captions = list(toy_world.CAPTIONS)
+    # Pair k of a caption is the images of seeds seed + 2k and seed + 2k + 1.
+    images = sample(pipe, captions, seed, 2 * pairs_per_caption, batch_size)
+    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
+    for index in range(0, len(images), 2):
+        rows["caption"].append(captions[index // (2 * pairs_per_caption)])
+        rows["jpg_0"].append(png_bytes(images[index]))
+        rows["jpg_1"].append(png_bytes(images[index + 1]))
+        rows["label_0"].append(0.5)
+        rows["label_1"].append(0.5)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), output_dir / "pairs.parquet")
+    return len(rows["caption"])
+
+
+def label_pairs(unlabelled_dir, output_dir, min_margin):
+    """AI feedback: tools/relabel_pairs.py with the toy reward as its callable."""
+    from tools import relabel_pairs
+
+    return relabel_pairs.main(relabel_pairs.parse_args([
+        "--train_data_dir", str(unlabelled_dir), "--keep_ties", "--reward", "callable", "--reward_fn", REWARD_FN,
+        "--reward_batch_size", "256", "--min_margin", str(min_margin), "--device", "cpu",
+        "--output_dir", str(output_dir)]))
+
+
+def score(images, captions):
+    """Reward and caption fidelity of every image."""
+    rewards = np.asarray(toy_world.centredness_reward(images, captions))
+    fidelity = [toy_world.caption_fidelity(image, caption) for image, caption in zip(images, captions, strict=True)]
+    return rewards, fidelity
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training: the real script, launched as users launch it
+# ----------------------------------------------------------------------------------------------------------------
+def train(args, method, base, data_dir, run_dir, checkpointing_steps):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train_diffusion_dpo.py"),
+        "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data_dir),
+        "--output_dir", str(run_dir), "--resolution", str(toy_world.IMAGE_SIZE), "--cache_latents",
+        "--train_batch_size", str(args.train_batch_size), "--learning_rate", str(args.learning_rate),
+        "--lr_scheduler", "constant", "--loss_type", "sigmoid" if method == "dpo" else "sft",
+        "--beta_dpo", str(args.beta_dpo), "--max_train_steps", str(args.max_train_steps),
+        "--checkpointing_steps", str(checkpointing_steps), "--seed", str(args.seed),
+        "--num_validation_images", "0",  # the toy evaluates its checkpoints itself, on many more images
+        "--report_to", "tensorboard",
+    ]
+    started = time.time()
+    subprocess.run(command, check=True, cwd=REPO_ROOT)
+    return time.time() - started
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+def fidelity_rates(fidelity):
+    return {name: float(np.mean([checks[name] for checks in fidelity])) for name in fidelity[0]}
+
+
+def evaluate_model(args, unet_dir, captions, base_rewards):
+    from tools import evaluate
+
+    pipe = load_pipeline(args.base, unet_dir)
+    images = sample(pipe, list(toy_world.CAPTIONS), EVAL_SEED, args.eval_images_per_caption, args.sample_batch_size)
+    rewards, fidelity = score(images, captions)
+    wins = evaluate.outcome_summary(rewards - base_rewards)
+    return {"win_rate": wins["rate"], "win_ci95": [wins["ci95_low"], wins["ci95_high"]], "wins": wins["wins"],
+            "ties": wins["ties"], "losses": wins["losses"], "mean_reward": float(rewards.mean()),
+            "fidelity": fidelity_rates(fidelity)}
+
+
+def implicit_accuracy(args, result_dir, heldout_dir, output_dir):
+    from tools import evaluate
+
+    record = evaluate.implicit_accuracy(evaluate.parse_args([
+        "implicit-accuracy", "--base", str(args.base), "--dpo", str(result_dir), "--train_data_dir",
+        str(heldout_dir), "--resolution", str(toy_world.IMAGE_SIZE), "--num_draws",
+        str(args.implicit_accuracy_draws), "--batch_size", "32", "--device", "cpu", "--seed", str(args.seed),
+        "--beta_dpo", str(args.beta_dpo), "--output_dir", str(output_dir)]))
+    return {"implicit_accuracy": record["accuracy"], "implicit_ci95": [record["ci95_low"], record["ci95_high"]],
+            "heldout_pairs": record["n"]}
+
+
+def sample_grid(args, run_dirs, path, captions_shown=6, seeds_shown=3):
+    """Rows: captions (written above each row); column groups: base, then each method, the same seeds in each."""
+    from PIL import Image, ImageDraw
+
+    import pipeline_dpo
+
+    captions = list(toy_world.CAPTIONS)[:: len(toy_world.CAPTIONS) // captions_shown][:captions_shown]
+    columns = [("base", None)] + [(method.upper(), run_dir) for method, run_dir in run_dirs.items()]
+    per_model = [sample(load_pipeline(args.base, run_dir), captions, GRID_SEED, seeds_shown, args.sample_batch_size)
+                 for _, run_dir in columns]
+    cell, gap, label = 3 * toy_world.IMAGE_SIZE, 8, 16
+    group_width = seeds_shown * cell
+    width = len(columns) * group_width + (len(columns) - 1) * gap
+    grid = Image.new("RGB", (width, label + len(captions) * (label + cell)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = pipeline_dpo.label_font(12)
+    for group, (name, _) in enumerate(columns):
+        draw.text((group * (group_width + gap) + 2, 1), name, fill="black", font=font)
+    for row, caption in enumerate(captions):
+        top = label + row * (label + cell)
+        draw.text((2, top + 1), caption, fill="black", font=font)
+        for group, images in enumerate(per_model):
+            for j, image in enumerate(images[row * seeds_shown : (row + 1) * seeds_shown]):
+                grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST),
+                           (group * (group_width + gap) + j * cell, top + label))
+    grid.save(path)
+    return {"captions": captions, "columns": [name for name, _ in columns], "seeds_per_model": seeds_shown}
+
+
+def plot_win_rates(curves, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    for method, points in curves.items():
+        steps = [point["step"] for point in points]
+        axis.plot(steps, [point["win_rate"] for point in points], marker="o", label=method.upper())
+        axis.fill_between(steps, [point["win_ci95"][0] for point in points],
+                          [point["win_ci95"][1] for point in points], alpha=0.15)
+    axis.axhline(0.5, color="gray", linewidth=0.8, linestyle=":")
+    axis.axhline(TARGETS["win_rate"], color="gray", linewidth=0.8, linestyle="--", label="target 70%")
+    axis.set_xlabel("optimizer steps")
+    axis.set_ylabel("reward win rate vs base")
+    axis.set_ylim(0, 1)
+    axis.legend(loc="lower right")
+    axis.set_title("Miniature Diffusion-DPO: win rate against the base")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+def percent(value):
+    return f"{100 * value:.1f}%"
+
+
+def results_table(results):
+    lines = ["| model | steps | win rate vs base (95% CI) | mean reward | caption fidelity | shape | colour | "
+             "background | implicit accuracy (95% CI) |", "|---|---|---|---|---|---|---|---|---|"]
+    base = results["base"]
+    lines.append(f"| base | 0 | - | {base['mean_reward']:.3f} | {percent(base['fidelity']['all'])} | "
+                 f"{percent(base['fidelity']['shape'])} | {percent(base['fidelity']['color'])} | "
+                 f"{percent(base['fidelity']['background'])} | 50% by construction |")
+    for method in results["methods"]:
+        for point in results["curves"][method]:
+            if point["step"] == 0:
+                continue
+            accuracy = "-"
+            if "implicit_accuracy" in point:
+                accuracy = (f"{percent(point['implicit_accuracy'])} ({percent(point['implicit_ci95'][0])}-"
+                            f"{percent(point['implicit_ci95'][1])})")
+            fidelity = point["fidelity"]
+            lines.append(f"| {method.upper()} | {point['step']} | {percent(point['win_rate'])} "
+                         f"({percent(point['win_ci95'][0])}-{percent(point['win_ci95'][1])}) | "
+                         f"{point['mean_reward']:.3f} | {percent(fidelity['all'])} | {percent(fidelity['shape'])} | "
+                         f"{percent(fidelity['color'])} | {percent(fidelity['background'])} | {accuracy} |")
+    return "\n".join(lines)
+
+
+def target_lines(results):
+    final = {method: results["curves"][method][-1] for method in results["methods"]}
+    checks = []
+    if "dpo" in final:
+        dpo = final["dpo"]
+        drop = results["base"]["fidelity"]["all"] - dpo["fidelity"]["all"]
+        checks.append((f"DPO win rate vs base >= {percent(TARGETS['win_rate'])}", dpo["win_rate"] >= TARGETS["win_rate"],
+                       percent(dpo["win_rate"])))
+        checks.append((f"DPO caption fidelity within {100 * TARGETS['fidelity_drop']:.0f} points of the base's",
+                       drop <= TARGETS["fidelity_drop"], f"{-100 * drop:+.1f} points"))
+        checks.append((f"DPO implicit accuracy on held-out pairs > {percent(TARGETS['implicit_accuracy'])}",
+                       dpo["implicit_accuracy"] > TARGETS["implicit_accuracy"], percent(dpo["implicit_accuracy"])))
+    if "dpo" in final and "sft" in final:
+        ahead = [d["win_rate"] > s["win_rate"] for d, s in zip(results["curves"]["dpo"][1:],
+                                                                results["curves"]["sft"][1:], strict=True)]
+        checks.append(("DPO ahead of SFT at equal steps", all(ahead),
+                       f"ahead at {sum(ahead)} of {len(ahead)} checkpoints"))
+    checks.append((f"whole run under {TARGETS['minutes']} minutes", results["minutes"] < TARGETS["minutes"],
+                   f"{results['minutes']:.1f} min"))
+    return "\n".join(f"- [{'x' if met else ' '}] {name}: **{figure}**" for name, met, figure in checks)
+
+
+def write_report(args, results, output_dir):
+    base_record = json.loads((Path(results["base_dir"]) / "toy_base.json").read_text())
+    counts = results["pair_counts"]
+    text = f"""# Miniature Diffusion-DPO replication
+
+Generated by `make toy` (`python tools/toy_replication.py {' '.join(results['argv'])}`) in {results['minutes']:.1f}
+minutes on this machine ({results['cpu_threads']} CPU threads). Every figure below is in `results.json`.
+
+## Setup
+- **World** (tools/toy_world.py): one circle, square or triangle in red, green, blue or yellow on a white or black
+  background, {toy_world.IMAGE_SIZE} x {toy_world.IMAGE_SIZE} pixels; 24 captions such as "a red circle on a black
+  background". The captions do not say where the shape is; the training pictures put it anywhere.
+- **Base** (`{results['base_dir']}`, made by tools/toy_base.py): a latent diffusion model trained from scratch on
+  the world ({base_record['args']['unet_steps']} UNet steps); sampled with DDIM, {toy_base.TOY_SAMPLING['num_inference_steps']}
+  steps, guidance {toy_base.TOY_SAMPLING['guidance_scale']}.
+- **Reward** (the stand-in for human raters): centredness, `1 - d / d_max`, where d is the distance from the
+  picture's centre to the centroid of the foreground pixels and d_max half the diagonal (no shape: 0).
+- **Preference pairs**: {counts['sampled']} pairs sampled from the base ({args.pairs_per_caption} per caption, two seeds
+  each), labelled by the reward with tools/relabel_pairs.py; {counts['near_ties_dropped']} near-ties (margin <
+  {args.min_margin}) dropped, {counts['pairs_written']} kept. Held-out: {counts['heldout_written']} pairs from other seeds.
+- **Training**: `accelerate launch train_diffusion_dpo.py`, full fine-tune from the base, {args.max_train_steps} steps,
+  {args.train_batch_size} pairs per step, AdamW at {args.learning_rate:g} (constant), latents cached. DPO:
+  `--loss_type sigmoid --beta_dpo {args.beta_dpo:g}`; SFT: `--loss_type sft` (the winners only, same settings).
+- **Evaluation**: {results['eval_images']} images per model ({args.eval_images_per_caption} seeds per caption, seeds no pair
+  used), base and model from the same starting noise. Win rate: the model's image has the higher reward (ties
+  count half), with a 95% Wilson interval. Caption fidelity: the picture's background colour, shape colour and
+  shape class (bounding-box fill) all match the caption. Implicit accuracy: tools/evaluate.py on the held-out
+  pairs, {args.implicit_accuracy_draws} (timestep, noise) draws per pair.
+
+## Results
+{results_table(results)}
+
+![win rate against steps](win_rate_vs_steps.png)
+
+Samples, same seeds in every column group (left to right: {', '.join(results['grid']['columns'])}; {results['grid']['seeds_per_model']}
+seeds each):
+
+![samples](samples.png)
+
+## Targets
+{target_lines(results)}
+"""
+    (output_dir / "report.md").write_text(text)
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def main(args, argv=None):
+    import torch
+
+    started = time.time()
+    output_dir = Path(args.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(message):
+        print(f"[toy {time.time() - started:6.0f} s] {message}", flush=True)
+
+    # 1. The base model.
+    if args.retrain_base:
+        args.base = str(output_dir / "base")
+        log(f"training the base from scratch -> {args.base}")
+        toy_base.main(toy_base.parse_args(["--output_dir", args.base]))
+    if not (Path(args.base) / "model_index.json").is_file():
+        raise SystemExit(f"No toy base pipeline at {args.base}; run with --retrain_base, or "
+                         f"python tools/toy_base.py --output_dir {args.base}.")
+
+    # 2. Preference pairs from the base, labelled by the reward.
+    pipe = load_pipeline(args.base)
+    data_dir, heldout_dir = output_dir / "pairs", output_dir / "heldout-pairs"
+    sampled = write_unlabelled_pairs(pipe, output_dir / "unlabelled", TRAIN_SEED, args.pairs_per_caption,
+                                     args.sample_batch_size)
+    heldout = write_unlabelled_pairs(pipe, output_dir / "unlabelled-heldout", HELDOUT_SEED,
+                                     args.heldout_pairs_per_caption, args.sample_batch_size)
+    pair_counts = label_pairs(output_dir / "unlabelled", data_dir, args.min_margin)
+    heldout_counts = label_pairs(output_dir / "unlabelled-heldout", heldout_dir, args.min_margin)
+    pair_counts.update(sampled=sampled, heldout_sampled=heldout, heldout_written=heldout_counts["pairs_written"])
+    log(f"{pair_counts['pairs_written']} training and {heldout_counts['pairs_written']} held-out pairs labelled")
+
+    # 3. The base's evaluation images (the reference every model is compared with, image by image).
+    captions = [c for c in toy_world.CAPTIONS for _ in range(args.eval_images_per_caption)]
+    base_images = sample(pipe, list(toy_world.CAPTIONS), EVAL_SEED, args.eval_images_per_caption,
+                         args.sample_batch_size)
+    base_rewards, base_fidelity = score(base_images, captions)
+    base = {"mean_reward": float(base_rewards.mean()), "fidelity": fidelity_rates(base_fidelity)}
+    log(f"base: mean reward {base['mean_reward']:.3f}, caption fidelity {base['fidelity']['all']:.3f}")
+    del pipe
+
+    # 4. DPO and SFT, then every checkpoint against the base.
+    checkpointing_steps = max(1, args.max_train_steps // args.num_evaluations)
+    curves, run_dirs, train_seconds = {}, {}, {}
+    for method in args.methods:
+        run_dir = output_dir / method
+        log(f"training {method.upper()} -> {run_dir}")
+        train_seconds[method] = train(args, method, args.base, data_dir, run_dir, checkpointing_steps)
+        base_point = {"step": 0, "win_rate": 0.5, "win_ci95": [0.5, 0.5], "mean_reward": base["mean_reward"],
+                      "fidelity": base["fidelity"]}
+        curves[method] = [base_point]
+        steps = sorted(int(path.name.split("-")[1]) for path in run_dir.glob("checkpoint-*"))
+        for step in steps:
+            point = {"step": step, **evaluate_model(args, run_dir / f"checkpoint-{step}", captions, base_rewards)}
+            curves[method].append(point)
+            log(f"{method.upper()} step {step}: win rate {point['win_rate']:.3f}, mean reward "
+                f"{point['mean_reward']:.3f}, caption fidelity {point['fidelity']['all']:.3f}")
+        curves[method][-1].update(implicit_accuracy(args, run_dir, heldout_dir, output_dir / f"{method}-implicit"))
+        log(f"{method.upper()} implicit accuracy on held-out pairs {curves[method][-1]['implicit_accuracy']:.3f}")
+        run_dirs[method] = run_dir
+
+    # 5. Plot, grid, report.
+    plot_win_rates(curves, output_dir / "win_rate_vs_steps.png")
+    grid = sample_grid(args, run_dirs, output_dir / "samples.png")
+    results = {"argv": argv if argv is not None else sys.argv[1:], "base_dir": str(args.base), "base": base,
+               "methods": list(args.methods), "curves": curves, "pair_counts": pair_counts,
+               "eval_images": len(captions), "train_seconds": train_seconds, "grid": grid,
+               "cpu_threads": torch.get_num_threads(), "minutes": (time.time() - started) / 60}
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    report = write_report(args, results, output_dir)
+    log(f"wrote {output_dir / 'report.md'}")
+    print(report)
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())
