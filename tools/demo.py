@@ -5,8 +5,8 @@
 1. samples preference pairs from the committed toy base (toy/base, a small text-to-image model trained on a world
    of coloured shapes by tools/toy_base.py) and labels them with a programmatic reward (centredness: the shape
    closer to the middle wins) through tools/relabel_pairs.py,
-2. runs `accelerate launch train_diffusion_dpo.py --use_lora ...` on them, exactly as on SD1.5,
-3. loads the result back with stock diffusers (`DiffusionPipeline.from_pretrained` + `load_lora_weights`),
+2. runs `accelerate launch train_diffusion_dpo.py ...` on them (a full fine-tune, as in the paper), exactly as on SD1.5,
+3. loads the result back with stock diffusers (`DiffusionPipeline.from_pretrained(output_dir)`),
 4. writes a before/after grid from the same seeds, and prints where everything is.
 
 After DPO the shapes drift toward the centre while still matching their captions. `make toy` is the full
@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="Offline Diffusion-DPO demo on a tiny model.")
     parser.add_argument("--output_dir", default="demo-output", help="Where the model, data, run and grid go.")
-    parser.add_argument("--max_train_steps", type=int, default=100, help="DPO optimizer steps.")
+    parser.add_argument("--max_train_steps", type=int, default=300, help="DPO optimizer steps.")
     parser.add_argument("--pairs_per_caption", type=int, default=8,
                         help="Preference pairs sampled from the base per caption (24 captions).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the model, the data, training and sampling.")
@@ -34,7 +34,7 @@ def parse_args(input_args=None):
 
 
 def main(args):
-    import torch
+    import numpy as np
     from diffusers import DiffusionPipeline
     from diffusers.utils import make_image_grid
 
@@ -44,7 +44,7 @@ def main(args):
     output_dir = Path(args.output_dir).resolve()
     base_dir = toy_replication.COMMITTED_BASE
     data_dir = output_dir / "pairs"
-    run_dir = output_dir / "dpo-lora"
+    run_dir = output_dir / "dpo"
 
     print(f"[1/4] {args.pairs_per_caption * len(toy_world.CAPTIONS)} pairs sampled from {base_dir}, labelled by "
           f"the centredness reward -> {data_dir}")
@@ -54,46 +54,48 @@ def main(args):
     toy_replication.label_pairs(output_dir / "unlabelled", data_dir, min_margin=0.02)
     del base
 
-    print(f"[2/4] accelerate launch train_diffusion_dpo.py --use_lora ... -> {run_dir}")
+    print(f"[2/4] accelerate launch train_diffusion_dpo.py ... -> {run_dir}")
     prompts = ["a red circle on a black background", "a yellow square on a black background",
                "a blue triangle on a white background"]
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train_diffusion_dpo.py"),
         "--pretrained_model_name_or_path", str(base_dir), "--train_data_dir", str(data_dir),
-        "--output_dir", str(run_dir), "--use_lora", "--rank", "8", "--resolution", str(toy_world.IMAGE_SIZE),
-        "--train_batch_size", "16", "--learning_rate", "1e-3", "--beta_dpo", "2000", "--cache_latents",
+        "--output_dir", str(run_dir), "--resolution", str(toy_world.IMAGE_SIZE),
+        "--train_batch_size", "16", "--learning_rate", "3e-5", "--beta_dpo", "2000", "--cache_latents",
         "--max_train_steps", str(args.max_train_steps), "--checkpointing_steps", str(args.max_train_steps),
         "--seed", str(args.seed), "--validation_steps", str(args.max_train_steps), "--num_validation_images", "2",
-        "--validation_num_inference_steps", "20", "--validation_guidance_scale", "3.0",
+        "--validation_num_inference_steps", "20", "--validation_guidance_scale", "5.0",
         "--validation_prompts", *prompts,
     ]
     subprocess.run(command, check=True, cwd=REPO_ROOT)
 
-    print("[3/4] Loading the result with diffusers: from_pretrained(base) + load_lora_weights(result)")
-    pipe = DiffusionPipeline.from_pretrained(str(base_dir))
-    pipe.set_progress_bar_config(disable=True)
-
-    def sample(prompt, seed):
-        generator = torch.Generator().manual_seed(seed)
-        return pipe(prompt, num_inference_steps=20, guidance_scale=3.0, generator=generator).images[0]
-
-    # Seeds no training pair was sampled from (pairs use seed .. seed + 2 * pairs_per_caption - 1).
-    before = [sample(p, args.seed + 1000 + i) for p in prompts for i in range(2)]
-    pipe.load_lora_weights(str(run_dir))
-    after = [sample(p, args.seed + 1000 + i) for p in prompts for i in range(2)]
+    print("[3/4] Loading the base and the result with diffusers: DiffusionPipeline.from_pretrained")
+    # Seeds no training pair was sampled from (pairs use seed .. seed + 2 * pairs_per_caption - 1); every caption
+    # of the world, two seeds each, from the same starting noise for both models.
+    captions, seed = list(toy_world.CAPTIONS), args.seed + 10_000
+    images = {}
+    for name, folder in (("base", base_dir), ("dpo", run_dir)):
+        pipe = DiffusionPipeline.from_pretrained(str(folder))
+        pipe.set_progress_bar_config(disable=True)
+        images[name] = toy_replication.sample(pipe, captions, seed, images_per_caption=2, batch_size=48)
+    rewards = {name: toy_world.centredness_reward(pictures, None) for name, pictures in images.items()}
+    wins = sum(d > b for d, b in zip(rewards["dpo"], rewards["base"], strict=True))
 
     print("[4/4] Before/after grid (left two: base, right two: DPO, same seeds; a row per prompt)")
-    rows = []
-    for p in range(len(prompts)):
-        rows += before[2 * p:2 * p + 2] + after[2 * p:2 * p + 2]
+    cells = []
+    for prompt in prompts:
+        index = 2 * captions.index(prompt)
+        cells += images["base"][index : index + 2] + images["dpo"][index : index + 2]
     grid_path = output_dir / "before_after.png"
-    make_image_grid(rows, rows=len(prompts), cols=4).resize((4 * 128, len(prompts) * 128), 0).save(grid_path)
+    make_image_grid([cell.resize((128, 128), 0) for cell in cells], rows=len(prompts), cols=4).save(grid_path)
 
-    print(f"\nDone in {time.time() - started:.0f} s.")
+    print(f"\nDone in {time.time() - started:.0f} s. Centredness reward over {len(captions) * 2} images, same seeds: "
+          f"base {np.mean(rewards['base']):.3f}, DPO {np.mean(rewards['dpo']):.3f}; DPO's image is more centred in "
+          f"{wins} of {len(captions) * 2}.")
     print(f"  base model        {base_dir} (the toy world's base, committed)")
     print(f"  preference data   {data_dir}")
-    print(f"  DPO LoRA          {run_dir / 'pytorch_lora_weights.safetensors'}")
+    print(f"  DPO pipeline      {run_dir}")
     print(f"  model card        {run_dir / 'README.md'}")
     print(f"  training logs     tensorboard --logdir {run_dir / 'logs'}")
     print(f"  before/after grid {grid_path}")

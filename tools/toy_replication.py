@@ -54,12 +54,12 @@ def parse_args(input_args=None):
     parser.add_argument("--min_margin", type=float, default=0.02,
                         help="Pairs whose reward margin is below this are dropped as near-ties.")
     parser.add_argument("--max_train_steps", type=int, default=400, help="Optimizer steps of DPO and of SFT.")
-    parser.add_argument("--num_evaluations", type=int, default=4,
+    parser.add_argument("--num_evaluations", type=int, default=8,
                         help="Checkpoints evaluated per run, evenly spaced (the last is the final model).")
     parser.add_argument("--train_batch_size", type=int, default=16, help="Pairs per optimizer step.")
     parser.add_argument("--learning_rate", type=float, default=3e-5, help="Learning rate of DPO and SFT.")
     parser.add_argument("--beta_dpo", type=float, default=2000.0, help="DPO's KL weight beta.")
-    parser.add_argument("--eval_images_per_caption", type=int, default=8, help="Evaluation seeds per caption.")
+    parser.add_argument("--eval_images_per_caption", type=int, default=16, help="Evaluation seeds per caption.")
     parser.add_argument("--implicit_accuracy_draws", type=int, default=8,
                         help="(timestep, noise) draws per held-out pair for implicit accuracy.")
     parser.add_argument("--sample_batch_size", type=int, default=96, help="Images per pipeline call.")
