@@ -1,4 +1,4 @@
-"""The offline demo: a whole Diffusion-DPO round trip on the toy base model, in a minute or two on a laptop CPU.
+"""The offline demo: a whole Diffusion-DPO round trip on the toy base model, in about two minutes on 2 CPU cores.
 
     make demo            # = python tools/demo.py --output_dir demo-output
 
@@ -9,7 +9,8 @@
 3. loads the result back with stock diffusers (`DiffusionPipeline.from_pretrained(output_dir)`),
 4. writes a before/after grid from the same seeds, and prints where everything is.
 
-After DPO the shapes drift toward the centre while still matching their captions. `make toy` is the full
+After DPO the shapes drift toward the centre while still matching their captions; the demo prints the mean
+reward of base and DPO images from the same seeds. `make toy` is the full
 miniature replication (DPO against SFT, win rates, implicit accuracy, a report).
 """
 
@@ -24,12 +25,12 @@ sys.path.insert(0, str(REPO_ROOT))
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Offline Diffusion-DPO demo on a tiny model.")
-    parser.add_argument("--output_dir", default="demo-output", help="Where the model, data, run and grid go.")
+    parser = argparse.ArgumentParser(description="Offline Diffusion-DPO demo on the toy base model.")
+    parser.add_argument("--output_dir", default="demo-output", help="Where the pairs, the DPO run and the grid go.")
     parser.add_argument("--max_train_steps", type=int, default=300, help="DPO optimizer steps.")
     parser.add_argument("--pairs_per_caption", type=int, default=8,
                         help="Preference pairs sampled from the base per caption (24 captions).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed for the model, the data, training and sampling.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the sampled pairs, training and the grid.")
     return parser.parse_args(input_args)
 
 

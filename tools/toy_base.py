@@ -1,11 +1,13 @@
 """Train the toy world's base text-to-image model from scratch on the CPU: the "SD 1.5" of `make toy`.
 
-    python tools/toy_base.py --output_dir toy/base          # ~15 minutes on 2 CPU cores
+    python tools/toy_base.py --output_dir toy/base          # 20-30 minutes on 2 CPU cores
 
 It writes an ordinary StableDiffusionPipeline folder (32 x 32 pictures, 8 x 8 x 4 latents) that
 `DiffusionPipeline.from_pretrained` loads and that train_diffusion_dpo.py takes as --pretrained_model_name_or_path.
-The weights committed at toy/base were made by this command with its defaults; the same torch build and thread
-count reproduce them (CPU kernels are deterministic for a fixed thread count).
+The weights committed at toy/base were made by this command with its defaults (torch 2.13.0 CPU, 2 threads).
+Training is deterministic for a given torch build and thread count (every random draw comes from a seeded
+generator; tests/test_toy.py trains twice and compares the weights bit for bit); another build or thread count
+gives a different but equally usable base.
 
 Stages:
 1. A text encoder: the tiny CLIP of tools/tiny_models.py, trained with the UNet (as a from-scratch text-to-image
