@@ -21,6 +21,7 @@ The paper's pipeline, shrunk to a world of coloured shapes (tools/toy_world.py) 
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -383,6 +384,8 @@ def main(args, argv=None):
     curves, run_dirs, train_seconds = {}, {}, {}
     for method in args.methods:
         run_dir = output_dir / method
+        # A run left by an earlier `make toy` would leave checkpoints of other steps to be evaluated with this one's.
+        shutil.rmtree(run_dir, ignore_errors=True)
         log(f"training {method.upper()} -> {run_dir}")
         train_seconds[method] = train(args, method, args.base, data_dir, run_dir, checkpointing_steps)
         base_point = {"step": 0, "win_rate": 0.5, "win_ci95": [0.5, 0.5], "mean_reward": base["mean_reward"],
