@@ -185,10 +185,10 @@ def check_samples(pipeline_dir, images_per_caption, seed):
     pipe.set_progress_bar_config(disable=True)
     captions = list(toy_world.CAPTIONS)
     images = pipeline_dpo.generate_images(pipe, captions, seed=seed, num_images_per_prompt=images_per_caption,
-                                          **TOY_SAMPLING, label="base")
+                                          batch_size=96, **TOY_SAMPLING, label="base")
     checks = [toy_world.caption_fidelity(image, caption)
               for image, caption in zip(images, [c for c in captions for _ in range(images_per_caption)], strict=True)]
-    return {name: float(np.mean([c[name] for c in checks])) for name in checks[0]}
+    return toy_world.fidelity_rates(checks)
 
 
 # How every stage of `make toy` samples from the toy pipelines.

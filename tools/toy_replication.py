@@ -159,10 +159,6 @@ def train(args, method, base, data_dir, run_dir, checkpointing_steps):
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------------
-def fidelity_rates(fidelity):
-    return {name: float(np.mean([checks[name] for checks in fidelity])) for name in fidelity[0]}
-
-
 def evaluate_model(args, unet_dir, captions, base_rewards):
     from tools import evaluate
 
@@ -172,7 +168,7 @@ def evaluate_model(args, unet_dir, captions, base_rewards):
     wins = evaluate.outcome_summary(rewards - base_rewards)
     return {"win_rate": wins["rate"], "win_ci95": [wins["ci95_low"], wins["ci95_high"]], "wins": wins["wins"],
             "ties": wins["ties"], "losses": wins["losses"], "mean_reward": float(rewards.mean()),
-            "fidelity": fidelity_rates(fidelity)}
+            "fidelity": toy_world.fidelity_rates(fidelity)}
 
 
 def implicit_accuracy(args, result_dir, heldout_dir, output_dir):
@@ -375,7 +371,7 @@ def main(args, argv=None):
     base_images = sample(pipe, list(toy_world.CAPTIONS), EVAL_SEED, args.eval_images_per_caption,
                          args.sample_batch_size)
     base_rewards, base_fidelity = score(base_images, captions)
-    base = {"mean_reward": float(base_rewards.mean()), "fidelity": fidelity_rates(base_fidelity)}
+    base = {"mean_reward": float(base_rewards.mean()), "fidelity": toy_world.fidelity_rates(base_fidelity)}
     log(f"base: mean reward {base['mean_reward']:.3f}, caption fidelity {base['fidelity']['all']:.3f}")
     del pipe
 

@@ -163,3 +163,8 @@ def caption_fidelity(image, caption):
               "shape": found["shape"] == shape}
     checks["all"] = all(checks.values())
     return checks
+
+
+def fidelity_rates(checks):
+    """Per-attribute rates (and "all") over a list of caption_fidelity() results."""
+    return {name: float(np.mean([check[name] for check in checks])) for name in checks[0]}
