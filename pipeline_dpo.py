@@ -32,11 +32,12 @@ In Python (returns a plain StableDiffusionPipeline or StableDiffusionXLPipeline)
     image = pipe("a cute corgi wearing a red scarf", guidance_scale=5.0).images[0]
 
 `dpo` is told apart by what is there, in this order (a hub id by its file listing, the same way):
-  1. a *.safetensors file: LoRA weights (any name; training checkpoints' unet_lora_adapter.safetensors too)
-  2. a folder with model_index.json: a full pipeline (the training scripts' default); only its unet/ is used,
-     everything else comes from the base (DPO trains the UNet alone)
-  3. a folder with pytorch_lora_weights.safetensors (the scripts' --use_lora result) or
-     unet_lora_adapter.safetensors (a LoRA training checkpoint): LoRA
+  1. a *.safetensors file: LoRA weights in the diffusers format (any name)
+  2. a folder with model_index.json: a full pipeline (the training scripts' default); only its unet/ (and its
+     scheduler/, which says the prediction type it was trained for) is used, everything else comes from the base
+     (DPO trains the UNet alone)
+  3. a folder with pytorch_lora_weights.safetensors (the scripts' --use_lora result, and each of its
+     checkpoint-N folders): LoRA, at the strength (lora_alpha) it was trained with
   4. a folder with unet/config.json: a UNet alone (--save_unet_only, a full-run checkpoint-N folder, and the
      authors' releases such as mhdang/dpo-sdxl-text2image-v1)
   5. a folder whose config.json names UNet2DConditionModel: the UNet folder itself
@@ -99,6 +100,9 @@ class DpoResult:
     subfolder: str | None = None  # the UNet's folder inside `location` ("unet"), or None for the folder itself
     weight_name: str | None = None  # LoRA file name inside `location`
     variant: str | None = None  # UNet weight variant to load ("fp16"), where the result has one
+    # "scheduler" where the result carries its own sampling scheduler (trained with --prediction_type): it then
+    # replaces the base's, so the model samples with the prediction type it was trained for
+    scheduler_subfolder: str | None = None
 
     @property
     def is_lora(self):
@@ -142,17 +146,18 @@ def _unet_weights_variant(files, prefix, variant, where):
 def _classify(files, read_json, location, on_hub, variant):
     """Decide what kind of DPO result a folder or hub repo holds, from its relative file paths."""
     where = f"{'hub repo' if on_hub else 'folder'} {location!r}"
+    scheduler = "scheduler" if "scheduler/scheduler_config.json" in files else None
     if PIPELINE_INDEX in files:
         if "unet/config.json" not in files:
             raise DpoResultError(f"{where} holds a pipeline ({PIPELINE_INDEX}) without unet/config.json; "
                                  "a DPO result needs its trained UNet.")
-        return DpoResult("pipeline", location, on_hub, subfolder="unet",
+        return DpoResult("pipeline", location, on_hub, subfolder="unet", scheduler_subfolder=scheduler,
                          variant=_unet_weights_variant(files, "unet/", variant, where))
     for name in LORA_WEIGHT_NAMES:
         if name in files:
-            return DpoResult("lora", location, on_hub, weight_name=name)
+            return DpoResult("lora", location, on_hub, weight_name=name, scheduler_subfolder=scheduler)
     if "unet/config.json" in files:
-        return DpoResult("unet", location, on_hub, subfolder="unet",
+        return DpoResult("unet", location, on_hub, subfolder="unet", scheduler_subfolder=scheduler,
                          variant=_unet_weights_variant(files, "unet/", variant, where))
     if "config.json" in files:
         class_name = read_json("config.json").get("_class_name")
@@ -268,9 +273,16 @@ def load_dpo_unet(result, base_unet_config, torch_dtype=None, base_name="the bas
     )
 
 
-def _lora_state_dict(result):
-    """Read a LoRA file (downloading it from the hub if needed); bare UNet keys get the 'unet.' prefix."""
-    from safetensors.torch import load_file
+def load_result_scheduler(result):
+    """The sampling scheduler a DPO result carries (see DpoResult.scheduler_subfolder), in its own class."""
+    config = diffusers.DDPMScheduler.load_config(result.location, subfolder=result.scheduler_subfolder)
+    return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def _lora_file(result):
+    """The local path of a LoRA result's file (downloaded from the hub if needed), checked to hold LoRA weights
+    in the diffusers format that `load_lora_weights` reads with its adapter config."""
+    from safetensors import safe_open
 
     if result.on_hub:
         from huggingface_hub import hf_hub_download
@@ -278,16 +290,18 @@ def _lora_state_dict(result):
         file = hf_hub_download(result.location, result.weight_name)
     else:
         file = os.path.join(result.location, result.weight_name)
-    state_dict = load_file(file)
-    if not any("lora" in key for key in state_dict):
-        examples = ", ".join(list(state_dict)[:3])
-        raise DpoResultError(f"{file!r} holds no LoRA weights (keys such as {examples}). A whole UNet must come as a "
-                             "folder with config.json (UNet2DConditionModel.save_pretrained).")
-    # Training checkpoints store the UNet adapter as PEFT keys without the 'unet.' prefix the loader expects.
+    with safe_open(file, framework="pt") as weights:
+        keys = list(weights.keys())
+    if not any("lora" in key for key in keys):
+        raise DpoResultError(f"{file!r} holds no LoRA weights (keys such as {', '.join(keys[:3])}). A whole UNet must "
+                             "come as a folder with config.json (UNet2DConditionModel.save_pretrained).")
     prefixes = ("unet.", "text_encoder.", "text_encoder_2.", "lora_unet_", "lora_te")
-    if not any(key.startswith(prefixes) for key in state_dict):
-        state_dict = {f"unet.{key}": value for key, value in state_dict.items()}
-    return state_dict
+    if not any(key.startswith(prefixes) for key in keys):
+        # A training checkpoint's resumable adapter: PEFT keys, without the adapter config (alpha) beside them.
+        raise DpoResultError(f"{file!r} is a training checkpoint's resumable LoRA adapter, which does not carry its "
+                             "lora_alpha. Load the checkpoint folder instead: its pytorch_lora_weights.safetensors "
+                             "holds the same adapter with its config.")
+    return file
 
 
 def _check_lora_options(result, lora_scale, fuse_lora, dpo_name):
@@ -303,6 +317,8 @@ def apply_dpo_result(pipe, result, *, torch_dtype=None, lora_scale=1.0, fuse_lor
     """
     dpo_name = dpo_name or result.location
     _check_lora_options(result, lora_scale, fuse_lora, dpo_name)
+    if result.scheduler_subfolder is not None:
+        pipe.scheduler = load_result_scheduler(result)
     if not result.is_lora:
         dpo_unet = load_dpo_unet(result, pipe.unet.config, torch_dtype=torch_dtype or pipe.unet.dtype,
                                  base_name="the loaded base")
@@ -314,7 +330,10 @@ def apply_dpo_result(pipe, result, *, torch_dtype=None, lora_scale=1.0, fuse_lor
         pipe.unet.to(device)
         return pipe
 
-    pipe.load_lora_weights(_lora_state_dict(result), adapter_name=ADAPTER_NAME)
+    file = _lora_file(result)
+    # By path, not as a state dict: diffusers then reads the adapter config (lora_alpha) from the file's header; a
+    # dict loses it and the adapter would apply at alpha = rank (a --rank 4 --lora_alpha 8 result at half strength).
+    pipe.load_lora_weights(os.path.dirname(file), weight_name=os.path.basename(file), adapter_name=ADAPTER_NAME)
     loaded_into = [component for component, names in pipe.get_list_adapters().items() if ADAPTER_NAME in names]
     if not loaded_into:
         raise DpoResultError(f"No weight in the LoRA {dpo_name!r} matched a module of the base: was it trained "
@@ -356,6 +375,8 @@ def load_dpo_pipeline(base, dpo=None, *, torch_dtype=None, device=None, variant=
         base_unet_config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision)
         components["unet"] = load_dpo_unet(result, base_unet_config, torch_dtype=torch_dtype,
                                            base_name=f"the base {base!r}")
+        if result.scheduler_subfolder is not None:
+            components["scheduler"] = load_result_scheduler(result)
     pipe = DiffusionPipeline.from_pretrained(base, revision=revision, variant=variant, use_safetensors=True,
                                              **_dtype_kwarg(torch_dtype), **components)
     if type(pipe).__name__ != pipeline_class_name or not isinstance(pipe, SUPPORTED_PIPELINES):

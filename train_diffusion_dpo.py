@@ -105,8 +105,8 @@ def diffusion_dpo_loss(model_losses, ref_losses, beta_dpo, loss_type="sigmoid"):
 
     Returns:
         (loss, metrics): a scalar loss and a dict of detached scalars: implicit_acc (fraction of pairs whose
-        winner the model prefers more than the reference does), reward_margin (mean of inside), and the mean
-        errors model_mse_w, model_mse_l, ref_mse_w, ref_mse_l.
+        winner the model prefers more than the reference does, a tie counting half: pair_implicit_accuracy),
+        reward_margin (mean of inside), and the mean errors model_mse_w, model_mse_l, ref_mse_w, ref_mse_l.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"Unknown loss_type {loss_type!r}; valid types are {', '.join(LOSS_TYPES)}.")
@@ -117,28 +117,46 @@ def diffusion_dpo_loss(model_losses, ref_losses, beta_dpo, loss_type="sigmoid"):
 
     if ref_losses is None:
         raise ValueError(f"loss_type {loss_type!r} needs the reference model's errors (ref_losses).")
-    # 1. Split [winners; losers] into per-pair errors.
-    model_mse_w, model_mse_l = model_losses.chunk(2)
-    ref_mse_w, ref_mse_l = ref_losses.float().chunk(2)
-    # 2. How much more the policy prefers the winner than the reference does (>0 = better than reference).
-    logits = -0.5 * ((model_mse_w - model_mse_l) - (ref_mse_w - ref_mse_l))
-    inside = beta_dpo * logits
-    # 3. The loss on those logits.
+    # 1. How much more the policy prefers the winner than the reference does, per pair (>0 = better than reference).
+    inside = dpo_implicit_reward(model_losses, ref_losses.float(), beta_dpo)
+    # 2. The loss on that margin.
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(inside)
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - inside)
-    else:  # "ipo"
+    elif loss_type == "ipo":
+        logits = inside / beta_dpo
         losses = (logits - 1.0 / (2.0 * beta_dpo)) ** 2
+    else:
+        raise AssertionError(f"loss_type {loss_type!r} is in LOSS_TYPES but has no branch here; add one.")
+    model_mse_w, model_mse_l = model_losses.detach().chunk(2)
+    ref_mse_w, ref_mse_l = ref_losses.detach().float().chunk(2)
     metrics = {
-        "implicit_acc": (inside > 0).float().mean().detach(),
+        "implicit_acc": pair_implicit_accuracy(inside.detach()).mean(),
         "reward_margin": inside.mean().detach(),
-        "model_mse_w": model_mse_w.mean().detach(),
-        "model_mse_l": model_mse_l.mean().detach(),
-        "ref_mse_w": ref_mse_w.mean().detach(),
-        "ref_mse_l": ref_mse_l.mean().detach(),
+        "model_mse_w": model_mse_w.mean(),
+        "model_mse_l": model_mse_l.mean(),
+        "ref_mse_w": ref_mse_w.mean(),
+        "ref_mse_l": ref_mse_l.mean(),
     }
     return losses.mean(), metrics
+
+
+def dpo_implicit_reward(model_losses, ref_losses, beta_dpo):
+    """Per pair, the argument of the DPO log-sigmoid (Wallace et al. 2023, eq. 14): [2B] errors in, [B] out.
+
+    inside = -(beta_dpo / 2) * ((m_w - m_l) - (r_w - r_l)), errors ordered [winners; losers]. Computed in the
+    inputs' dtype (float32 in training; evaluate.py passes float64).
+    """
+    model_mse_w, model_mse_l = model_losses.chunk(2)
+    ref_mse_w, ref_mse_l = ref_losses.chunk(2)
+    return -(beta_dpo / 2) * ((model_mse_w - model_mse_l) - (ref_mse_w - ref_mse_l))
+
+
+def pair_implicit_accuracy(inside):
+    """Per pair: 1 where the model prefers the winner more than the reference does (inside > 0), 0 where less, and
+    0.5 on a tie, so a model equal to its reference scores 0.5 (no preference), as the diffusers example counts it."""
+    return (inside > 0).to(inside.dtype) + 0.5 * (inside == 0).to(inside.dtype)
 
 
 @contextlib.contextmanager
@@ -968,11 +986,13 @@ def build_models(args, accelerator, weight_dtype):
         ))
         cast_training_params(unet, dtype=torch.float32)
     elif args.loss_type != "sft":
-        # A frozen copy of the starting UNet is the reference: weight dtype, eval mode, no grads.
+        # A frozen copy of the starting UNet is the reference: weight dtype (norms float32), no grads, and the
+        # policy's train mode. Nothing in it trains (SD and SDXL UNets have no dropout), but kernels are chosen by
+        # mode: an eval-mode copy differs from the policy in the last bits, which beta_dpo 5000 magnifies.
         ref_unet = copy.deepcopy(unet)
         ref_unet.requires_grad_(False)
-        ref_unet.eval()
-        ref_unet.to(accelerator.device, dtype=weight_dtype)
+        ref_unet.train()
+        cast_keeping_norms_in_float32(ref_unet, weight_dtype).to(accelerator.device)
         unet.to(accelerator.device)
     else:
         unet.to(accelerator.device)
@@ -980,6 +1000,21 @@ def build_models(args, accelerator, weight_dtype):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     return noise_scheduler, tokenizer, text_encoder, vae, unet, ref_unet
+
+
+def cast_keeping_norms_in_float32(model, dtype):
+    """Cast a frozen copy to `dtype`, except its normalization layers, which keep their float32 weights: autocast
+    runs them in float32 with the policy's float32 weights, so rounded weights there would make the reference
+    differ from the policy before the first step. They are a few thousand parameters."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                setattr(module, name, buffer.to(dtype))
+    return model
 
 
 def enable_xformers(unet):
@@ -1068,7 +1103,10 @@ def dpo_step_losses(args, batch, models, noise_scheduler, global_step, weight_dt
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
 
     def per_sample_mse(model):
-        prediction = model(noisy_latents, timesteps, text_embeddings).sample
+        # The run's autocast around every model, policy (accelerate wraps it in the same) and frozen reference alike:
+        # a reference equal to the policy then gives equal errors (step 1: loss log 2, no preference).
+        with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+            prediction = model(noisy_latents, timesteps, text_embeddings).sample
         return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
 
     # 4. Reference first, under no_grad: its activations are freed before the policy's are kept.
@@ -1189,6 +1227,11 @@ def register_checkpoint_hooks(args, accelerator):
                     state = get_peft_model_state_dict(unet, state_dict=full_state)
                     state = {k: v.contiguous() for k, v in state.items()}
                     save_file(state, os.path.join(output_dir, CHECKPOINT_LORA_NAME))
+                    # Beside the resumable adapter, the file stock diffusers samples a checkpoint from
+                    # (`pipe.load_lora_weights("checkpoint-N")`), written as the final result is, alpha included.
+                    StableDiffusionPipeline.save_lora_weights(
+                        output_dir, unet_lora_layers=convert_state_dict_to_diffusers(state), safe_serialization=True,
+                        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
                 else:
                     plain = unet if full_state is None else unet_from_state_dict(unet, full_state)
                     plain.save_pretrained(os.path.join(output_dir, "unet"))
@@ -1222,11 +1265,20 @@ def resolve_resume_dir(args):
     return os.path.join(args.output_dir, existing[-1]) if existing else None
 
 
+def sampling_scheduler(args):
+    """The base pipeline's own sampling scheduler, set to the prediction type the UNet is trained for: a run with
+    --prediction_type validates, saves and documents a model that samples as it was trained."""
+    config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                       revision=args.revision, cache_dir=args.cache_dir)
+    overrides = {} if args.prediction_type is None else {"prediction_type": args.prediction_type}
+    return getattr(diffusers, config["_class_name"]).from_config(config, **overrides)
+
+
 def build_pipeline(args, accelerator, unet, text_encoder, vae, tokenizer, weight_dtype):
     return StableDiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
-        revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, dtype=weight_dtype,
-        safety_checker=None, requires_safety_checker=False,
+        scheduler=sampling_scheduler(args), revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+        dtype=weight_dtype, safety_checker=None, requires_safety_checker=False,  # validation images are not filtered
     )
 
 
@@ -1327,7 +1379,7 @@ def free_accelerator_memory():
         torch.cuda.empty_cache()
 
 
-def save_results(args, accelerator, unet, text_encoder, vae, tokenizer, weight_dtype, full_state=None):
+def save_results(args, unet, full_state=None):
     """Full fine-tune: a complete pipeline folder (or unet/ alone). LoRA: pytorch_lora_weights.safetensors."""
     policy = unet_module(unet)
     if full_state is not None and not args.use_lora:  # FSDP / ZeRO-3: the weights gathered from all processes
@@ -1339,20 +1391,27 @@ def save_results(args, accelerator, unet, text_encoder, vae, tokenizer, weight_d
         # The adapter's config travels with the weights: without it a loader assumes alpha == rank.
         StableDiffusionPipeline.save_lora_weights(args.output_dir, unet_lora_layers=lora_state, safe_serialization=True,
                                                   unet_lora_adapter_metadata=policy.peft_config["default"].to_dict())
+        if args.prediction_type is not None:  # the base's scheduler would sample these adapters as its own type
+            sampling_scheduler(args).save_pretrained(os.path.join(args.output_dir, "scheduler"))
     elif args.save_unet_only:
         policy.save_pretrained(os.path.join(args.output_dir, "unet"), safe_serialization=True)
+        if args.prediction_type is not None:
+            sampling_scheduler(args).save_pretrained(os.path.join(args.output_dir, "scheduler"))
     else:
-        pipeline = build_pipeline(args, accelerator, policy.to(torch.float32), text_encoder.to(torch.float32),
-                                  vae.to(torch.float32), tokenizer, torch.float32)
+        # The frozen parts come from the base as it is stored (the copies on the accelerator were cast for training),
+        # with its safety checker and feature extractor; only the UNet is the trained one.
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, unet=policy.to(torch.float32), scheduler=sampling_scheduler(args),
+            revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
         pipeline.save_pretrained(args.output_dir, safe_serialization=True)
 
 
 def hub_upload_patterns(args):
     """What --push_to_hub uploads: final artifacts, card and grid; never checkpoints, logs or saved arguments."""
     if args.use_lora:
-        allow = [LORA_WEIGHTS_NAME]
+        allow = [LORA_WEIGHTS_NAME, "scheduler/*"]  # scheduler/: with --prediction_type only
     elif args.save_unet_only:
-        allow = ["unet/*"]
+        allow = ["unet/*", "scheduler/*"]
     else:
         allow = ["model_index.json", "unet/*", "vae/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
                  "tokenizer_2/*", "scheduler/*", "feature_extractor/*"]
@@ -1375,6 +1434,10 @@ def write_model_card(args, counts, grid_path, final_step):
                  f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", unet=unet)')
     else:
         usage = f'pipe = DiffusionPipeline.from_pretrained("{repo_id}")'
+    if args.prediction_type is not None and (args.use_lora or args.save_unet_only):
+        # trained for another prediction type than the base's: its scheduler travels with the result
+        usage += (f'\npipe.scheduler = pipe.scheduler.from_pretrained("{repo_id}", subfolder="scheduler")  '
+                  f'# {args.prediction_type}')
     dataset = args.dataset_name or "local preference data"
     settings = {
         "mode": f"LoRA (rank {args.rank}, alpha {args.lora_alpha})" if args.use_lora else "full fine-tune",
@@ -1667,11 +1730,21 @@ def main(args):
                     # no norm). A non-finite loss still counts, but DeepSpeed has already applied that step.
                     norm_finite = grad_norm is None or math.isfinite(float(grad_norm))
                     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                    finite = logs.pop("nonfinite") == 0 and norm_finite
+                    loss_finite = logs.pop("nonfinite") == 0
+                    finite = loss_finite and norm_finite
                     stop_now = logs.pop("stop_requested") > 0
-                    if finite:
+                    if finite or accelerator.scaler is not None:
+                        # fp16's GradScaler must see every step: it skips a non-finite one itself and lowers its
+                        # scale. Left out, it stays "unscaled" and the next clip_grad_norm_ raises.
                         optimizer.step()
+                    if finite:
                         nonfinite_in_a_row = 0
+                    elif loss_finite and accelerator.scaler is not None:
+                        # A finite loss whose fp16 gradients overflowed: the scaler finding its scale, not divergence
+                        # (counted, but no streak: a lowered scale cannot overflow forever).
+                        nonfinite_steps += 1
+                        logger.info(f"Step {global_step + 1}: fp16 gradient overflow, step skipped; gradient scale "
+                                    f"now {accelerator.scaler.get_scale():g}")
                     else:
                         nonfinite_steps += 1
                         nonfinite_in_a_row += 1
@@ -1718,7 +1791,7 @@ def main(args):
                                                       global_step, reference_images, grid_path)
     full_state = accelerator.get_state_dict(unet) if weights_are_sharded(accelerator) else None  # all processes
     if accelerator.is_main_process:
-        save_results(args, accelerator, unet, text_encoder, vae, tokenizer, weight_dtype, full_state)
+        save_results(args, unet, full_state)
     # Rows with problems, united over processes (a row may have gone to another process in another epoch)
     reports = exchange_through_files(args.output_dir, accelerator, {
         "problems": {reason: sorted(rows) for reason, rows in row_problems.items()}, "cache_stats": cache_stats})

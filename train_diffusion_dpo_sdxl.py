@@ -112,8 +112,8 @@ def diffusion_dpo_loss(model_losses, ref_losses, beta_dpo, loss_type="sigmoid"):
 
     Returns:
         (loss, metrics): a scalar loss and a dict of detached scalars: implicit_acc (fraction of pairs whose
-        winner the model prefers more than the reference does), reward_margin (mean of inside), and the mean
-        errors model_mse_w, model_mse_l, ref_mse_w, ref_mse_l.
+        winner the model prefers more than the reference does, a tie counting half: pair_implicit_accuracy),
+        reward_margin (mean of inside), and the mean errors model_mse_w, model_mse_l, ref_mse_w, ref_mse_l.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"Unknown loss_type {loss_type!r}; valid types are {', '.join(LOSS_TYPES)}.")
@@ -124,28 +124,48 @@ def diffusion_dpo_loss(model_losses, ref_losses, beta_dpo, loss_type="sigmoid"):
 
     if ref_losses is None:
         raise ValueError(f"loss_type {loss_type!r} needs the reference model's errors (ref_losses).")
-    # 1. Split [winners; losers] into per-pair errors.
-    model_mse_w, model_mse_l = model_losses.chunk(2)
-    ref_mse_w, ref_mse_l = ref_losses.float().chunk(2)
-    # 2. How much more the policy prefers the winner than the reference does (>0 = better than reference).
-    logits = -0.5 * ((model_mse_w - model_mse_l) - (ref_mse_w - ref_mse_l))
-    inside = beta_dpo * logits
-    # 3. The loss on those logits.
+    # 1. How much more the policy prefers the winner than the reference does, per pair (>0 = better than reference).
+    inside = dpo_implicit_reward(model_losses, ref_losses.float(), beta_dpo)
+    # 2. The loss on that margin.
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(inside)
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - inside)
-    else:  # "ipo"
+    elif loss_type == "ipo":
+        logits = inside / beta_dpo
         losses = (logits - 1.0 / (2.0 * beta_dpo)) ** 2
+    else:
+        raise AssertionError(f"loss_type {loss_type!r} is in LOSS_TYPES but has no branch here; add one.")
+    model_mse_w, model_mse_l = model_losses.detach().chunk(2)
+    ref_mse_w, ref_mse_l = ref_losses.detach().float().chunk(2)
     metrics = {
-        "implicit_acc": (inside > 0).float().mean().detach(),
+        "implicit_acc": pair_implicit_accuracy(inside.detach()).mean(),
         "reward_margin": inside.mean().detach(),
-        "model_mse_w": model_mse_w.mean().detach(),
-        "model_mse_l": model_mse_l.mean().detach(),
-        "ref_mse_w": ref_mse_w.mean().detach(),
-        "ref_mse_l": ref_mse_l.mean().detach(),
+        "model_mse_w": model_mse_w.mean(),
+        "model_mse_l": model_mse_l.mean(),
+        "ref_mse_w": ref_mse_w.mean(),
+        "ref_mse_l": ref_mse_l.mean(),
     }
     return losses.mean(), metrics
+
+
+# Copied from train_diffusion_dpo.dpo_implicit_reward
+def dpo_implicit_reward(model_losses, ref_losses, beta_dpo):
+    """Per pair, the argument of the DPO log-sigmoid (Wallace et al. 2023, eq. 14): [2B] errors in, [B] out.
+
+    inside = -(beta_dpo / 2) * ((m_w - m_l) - (r_w - r_l)), errors ordered [winners; losers]. Computed in the
+    inputs' dtype (float32 in training; evaluate.py passes float64).
+    """
+    model_mse_w, model_mse_l = model_losses.chunk(2)
+    ref_mse_w, ref_mse_l = ref_losses.chunk(2)
+    return -(beta_dpo / 2) * ((model_mse_w - model_mse_l) - (ref_mse_w - ref_mse_l))
+
+
+# Copied from train_diffusion_dpo.pair_implicit_accuracy
+def pair_implicit_accuracy(inside):
+    """Per pair: 1 where the model prefers the winner more than the reference does (inside > 0), 0 where less, and
+    0.5 on a tie, so a model equal to its reference scores 0.5 (no preference), as the diffusers example counts it."""
+    return (inside > 0).to(inside.dtype) + 0.5 * (inside == 0).to(inside.dtype)
 
 
 # Copied from train_diffusion_dpo.lora_adapters_disabled
@@ -798,8 +818,10 @@ def build_parser():
     model.add_argument("--is_turbo", action="store_true",
                        help="Train a few-step model (SDXL-Turbo) on its own schedule: each pair's timestep is drawn "
                             "from the --turbo_num_steps timesteps the model's scheduler samples with (SDXL-Turbo, "
-                            "4 steps: 999, 749, 499, 249) instead of from 0..999. Validate it with "
-                            "--validation_num_inference_steps 4 --validation_guidance_scale 0.")
+                            "4 steps: 999, 749, 499, 249) instead of from 0..999, and the noise betas are rescaled "
+                            "to zero terminal SNR (t=999 is pure noise), as in the authors' code and the diffusers "
+                            "example. Validate it with --validation_num_inference_steps 4 "
+                            "--validation_guidance_scale 0.")
     model.add_argument("--turbo_num_steps", type=int, default=4,
                        help="With --is_turbo: the number of sampling steps whose timesteps are trained.")
 
@@ -1032,13 +1054,7 @@ def build_models(args, accelerator, weight_dtype):
     or with --is_turbo the model's few-step sampling schedule.
     """
     load = {"revision": args.revision, "cache_dir": args.cache_dir}
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", **load)
-    if args.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type!r}; this script trains "
-                         f"{', '.join(PREDICTION_TYPES)} models (set --prediction_type).")
-    noise_scheduler.training_timesteps = few_step_timesteps(args) if args.is_turbo else None
+    noise_scheduler = load_noise_scheduler(args)
     unet_config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet", **load)
     if unet_config.get("addition_embed_type") != "text_time":
         raise ValueError(f"{args.pretrained_model_name_or_path!r} is not an SDXL model (its UNet's addition_embed_type "
@@ -1089,11 +1105,13 @@ def build_models(args, accelerator, weight_dtype):
         ))
         cast_training_params(unet, dtype=torch.float32)
     elif args.loss_type != "sft":
-        # A frozen copy of the starting UNet is the reference: weight dtype, eval mode, no grads.
+        # A frozen copy of the starting UNet is the reference: weight dtype (norms float32), no grads, and the
+        # policy's train mode. Nothing in it trains (SD and SDXL UNets have no dropout), but kernels are chosen by
+        # mode: an eval-mode copy differs from the policy in the last bits, which beta_dpo 5000 magnifies.
         ref_unet = copy.deepcopy(unet)
         ref_unet.requires_grad_(False)
-        ref_unet.eval()
-        ref_unet.to(accelerator.device, dtype=weight_dtype)
+        ref_unet.train()
+        cast_keeping_norms_in_float32(ref_unet, weight_dtype).to(accelerator.device)
         unet.to(accelerator.device)
     else:
         unet.to(accelerator.device)
@@ -1101,6 +1119,25 @@ def build_models(args, accelerator, weight_dtype):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     return noise_scheduler, tokenizers, text_encoders, vae, unet, ref_unet
+
+
+def load_noise_scheduler(args):
+    """The DDPM schedule the pairs are noised with, and in `training_timesteps` the timesteps drawn from.
+
+    With --is_turbo, as the authors' train.py and the diffusers SDXL DPO example do for SDXL-Turbo: betas rescaled
+    to zero terminal SNR (sqrt(alpha_bar) at t=999 is 0, pure noise, instead of 0.068 for SDXL's scaled_linear
+    betas) and timesteps from the model's few-step sampling schedule.
+    """
+    noise_scheduler = DDPMScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir,
+        rescale_betas_zero_snr=args.is_turbo)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type!r}; this script trains "
+                         f"{', '.join(PREDICTION_TYPES)} models (set --prediction_type).")
+    noise_scheduler.training_timesteps = few_step_timesteps(args) if args.is_turbo else None
+    return noise_scheduler
 
 
 def few_step_timesteps(args):
@@ -1113,6 +1150,22 @@ def few_step_timesteps(args):
     sampling_scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
     sampling_scheduler.set_timesteps(args.turbo_num_steps)
     return sampling_scheduler.timesteps.round().long().cpu()
+
+
+# Copied from train_diffusion_dpo.cast_keeping_norms_in_float32
+def cast_keeping_norms_in_float32(model, dtype):
+    """Cast a frozen copy to `dtype`, except its normalization layers, which keep their float32 weights: autocast
+    runs them in float32 with the policy's float32 weights, so rounded weights there would make the reference
+    differ from the policy before the first step. They are a few thousand parameters."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                setattr(module, name, buffer.to(dtype))
+    return model
 
 
 # Copied from train_diffusion_dpo.enable_xformers
@@ -1231,7 +1284,11 @@ def dpo_step_losses(args, batch, models, noise_scheduler, global_step, weight_dt
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
 
     def per_sample_mse(model):
-        prediction = model(noisy_latents, timesteps, prompt_embeds, added_cond_kwargs=added_cond_kwargs).sample
+        # The run's autocast around every model, policy (accelerate wraps it in the same) and frozen reference alike:
+        # a reference equal to the policy then gives equal errors (step 1: loss log 2, no preference).
+        with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+            prediction = model(noisy_latents, timesteps, prompt_embeds,
+                               added_cond_kwargs=added_cond_kwargs).sample
         return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
 
     # 4. Reference first, under no_grad: its activations are freed before the policy's are kept.
@@ -1337,7 +1394,7 @@ def save_checkpoint(args, accelerator, global_step, stream_state=None):
     accelerator.wait_for_everyone()
 
 
-# Copied from train_diffusion_dpo.register_checkpoint_hooks
+# Copied from train_diffusion_dpo.register_checkpoint_hooks with StableDiffusionPipeline->StableDiffusionXLPipeline
 def register_checkpoint_hooks(args, accelerator):
     """Checkpoints hold the LoRA adapter alone (not the frozen base) or the full UNet, and restore in place.
 
@@ -1360,6 +1417,11 @@ def register_checkpoint_hooks(args, accelerator):
                     state = get_peft_model_state_dict(unet, state_dict=full_state)
                     state = {k: v.contiguous() for k, v in state.items()}
                     save_file(state, os.path.join(output_dir, CHECKPOINT_LORA_NAME))
+                    # Beside the resumable adapter, the file stock diffusers samples a checkpoint from
+                    # (`pipe.load_lora_weights("checkpoint-N")`), written as the final result is, alpha included.
+                    StableDiffusionXLPipeline.save_lora_weights(
+                        output_dir, unet_lora_layers=convert_state_dict_to_diffusers(state), safe_serialization=True,
+                        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
                 else:
                     plain = unet if full_state is None else unet_from_state_dict(unet, full_state)
                     plain.save_pretrained(os.path.join(output_dir, "unet"))
@@ -1394,12 +1456,22 @@ def resolve_resume_dir(args):
     return os.path.join(args.output_dir, existing[-1]) if existing else None
 
 
+# Copied from train_diffusion_dpo.sampling_scheduler
+def sampling_scheduler(args):
+    """The base pipeline's own sampling scheduler, set to the prediction type the UNet is trained for: a run with
+    --prediction_type validates, saves and documents a model that samples as it was trained."""
+    config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                       revision=args.revision, cache_dir=args.cache_dir)
+    overrides = {} if args.prediction_type is None else {"prediction_type": args.prediction_type}
+    return getattr(diffusers, config["_class_name"]).from_config(config, **overrides)
+
+
 def build_pipeline(args, accelerator, unet, text_encoders, vae, tokenizers, weight_dtype):
     """A StableDiffusionXLPipeline around the given modules (text_encoders and tokenizers are the SDXL pairs)."""
     return StableDiffusionXLPipeline.from_pretrained(
         args.pretrained_model_name_or_path, unet=unet, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
-        vae=vae, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], revision=args.revision, variant=args.variant,
-        cache_dir=args.cache_dir, dtype=weight_dtype,
+        vae=vae, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], scheduler=sampling_scheduler(args),
+        revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, dtype=weight_dtype,
     )
 
 
@@ -1508,7 +1580,7 @@ def free_accelerator_memory():
         torch.cuda.empty_cache()
 
 
-def save_results(args, accelerator, unet, text_encoders, vae, tokenizers, weight_dtype, full_state=None):
+def save_results(args, unet, full_state=None):
     """Full fine-tune: a complete SDXL pipeline folder (or unet/ alone). LoRA: pytorch_lora_weights.safetensors.
 
     The saved pipeline holds the VAE the run used: the fixed one when --pretrained_vae_model_name_or_path was given.
@@ -1523,12 +1595,22 @@ def save_results(args, accelerator, unet, text_encoders, vae, tokenizers, weight
         # The adapter's config travels with the weights: without it a loader assumes alpha == rank.
         StableDiffusionXLPipeline.save_lora_weights(args.output_dir, unet_lora_layers=lora_state, safe_serialization=True,
                                                     unet_lora_adapter_metadata=policy.peft_config["default"].to_dict())
+        if args.prediction_type is not None:  # the base's scheduler would sample these adapters as its own type
+            sampling_scheduler(args).save_pretrained(os.path.join(args.output_dir, "scheduler"))
     elif args.save_unet_only:
         policy.save_pretrained(os.path.join(args.output_dir, "unet"), safe_serialization=True)
+        if args.prediction_type is not None:
+            sampling_scheduler(args).save_pretrained(os.path.join(args.output_dir, "scheduler"))
     else:
-        text_encoders = tuple(text_encoder.to(torch.float32) for text_encoder in text_encoders)
-        pipeline = build_pipeline(args, accelerator, policy.to(torch.float32), text_encoders, vae.to(torch.float32),
-                                  tokenizers, torch.float32)
+        # The frozen parts come from the base as it is stored (the copies on the accelerator were cast for training);
+        # only the UNet is the trained one. A fixed VAE given for training is saved with it, as loaded.
+        components = {}
+        if args.pretrained_vae_model_name_or_path is not None:
+            components["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path,
+                                                              cache_dir=args.cache_dir)
+        pipeline = StableDiffusionXLPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, unet=policy.to(torch.float32), scheduler=sampling_scheduler(args),
+            revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, **components)
         pipeline.save_pretrained(args.output_dir, safe_serialization=True)
 
 
@@ -1536,9 +1618,9 @@ def save_results(args, accelerator, unet, text_encoders, vae, tokenizers, weight
 def hub_upload_patterns(args):
     """What --push_to_hub uploads: final artifacts, card and grid; never checkpoints, logs or saved arguments."""
     if args.use_lora:
-        allow = [LORA_WEIGHTS_NAME]
+        allow = [LORA_WEIGHTS_NAME, "scheduler/*"]  # scheduler/: with --prediction_type only
     elif args.save_unet_only:
-        allow = ["unet/*"]
+        allow = ["unet/*", "scheduler/*"]
     else:
         allow = ["model_index.json", "unet/*", "vae/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
                  "tokenizer_2/*", "scheduler/*", "feature_extractor/*"]
@@ -1564,6 +1646,10 @@ def write_model_card(args, counts, grid_path, final_step):
                  'torch_dtype=torch.float16).to("cuda")')
     else:
         usage = f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float16).to("cuda")'
+    if args.prediction_type is not None and (args.use_lora or args.save_unet_only):
+        # trained for another prediction type than the base's: its scheduler travels with the result
+        usage += (f'\npipe.scheduler = pipe.scheduler.from_pretrained("{repo_id}", subfolder="scheduler")  '
+                  f'# {args.prediction_type}')
     if args.is_turbo:
         call = (f'pipe("a photo of an astronaut riding a horse on mars", num_inference_steps={args.turbo_num_steps}, '
                 'guidance_scale=0.0).images[0]')
@@ -1873,11 +1959,21 @@ def main(args):
                     # no norm). A non-finite loss still counts, but DeepSpeed has already applied that step.
                     norm_finite = grad_norm is None or math.isfinite(float(grad_norm))
                     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                    finite = logs.pop("nonfinite") == 0 and norm_finite
+                    loss_finite = logs.pop("nonfinite") == 0
+                    finite = loss_finite and norm_finite
                     stop_now = logs.pop("stop_requested") > 0
-                    if finite:
+                    if finite or accelerator.scaler is not None:
+                        # fp16's GradScaler must see every step: it skips a non-finite one itself and lowers its
+                        # scale. Left out, it stays "unscaled" and the next clip_grad_norm_ raises.
                         optimizer.step()
+                    if finite:
                         nonfinite_in_a_row = 0
+                    elif loss_finite and accelerator.scaler is not None:
+                        # A finite loss whose fp16 gradients overflowed: the scaler finding its scale, not divergence
+                        # (counted, but no streak: a lowered scale cannot overflow forever).
+                        nonfinite_steps += 1
+                        logger.info(f"Step {global_step + 1}: fp16 gradient overflow, step skipped; gradient scale "
+                                    f"now {accelerator.scaler.get_scale():g}")
                     else:
                         nonfinite_steps += 1
                         nonfinite_in_a_row += 1
@@ -1924,7 +2020,7 @@ def main(args):
                                                       global_step, reference_images, grid_path)
     full_state = accelerator.get_state_dict(unet) if weights_are_sharded(accelerator) else None  # all processes
     if accelerator.is_main_process:
-        save_results(args, accelerator, unet, text_encoders, vae, tokenizers, weight_dtype, full_state)
+        save_results(args, unet, full_state)
     # Rows with problems, united over processes (a row may have gone to another process in another epoch)
     reports = exchange_through_files(args.output_dir, accelerator, {
         "problems": {reason: sorted(rows) for reason, rows in row_problems.items()}, "cache_stats": cache_stats})

@@ -335,7 +335,7 @@ def build_trained_unet(preset, mode, args, device, weight_dtype):
 
     Mirrors build_models' branches (which load from disk): LoRA = frozen base in the weight dtype plus float32
     adapters (reference: the same UNet, adapters disabled); full = float32 policy plus a frozen reference copy in
-    the weight dtype, eval mode, no grads.
+    the weight dtype (norm layers float32), train mode, no grads.
     """
     unet_config, _, _ = preset.configs()
     torch.manual_seed(0)
@@ -355,8 +355,8 @@ def build_trained_unet(preset, mode, args, device, weight_dtype):
     else:
         ref_unet = copy.deepcopy(unet)
         ref_unet.requires_grad_(False)
-        ref_unet.eval()
-        ref_unet.to(device, dtype=weight_dtype)
+        ref_unet.train()  # the policy's mode, as in build_models
+        script_for(preset.family).cast_keeping_norms_in_float32(ref_unet, weight_dtype).to(device)
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -593,8 +593,8 @@ class StepRunner:
             logs = dict(zip(names, averaged.tolist()))
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             lap("clip")
-            if logs["nonfinite"] == 0 and math.isfinite(grad_norm):
-                self.optimizer.step()
+            if (logs["nonfinite"] == 0 and math.isfinite(grad_norm)) or accelerator.scaler is not None:
+                self.optimizer.step()  # fp16: the GradScaler sees every step (it skips an overflow itself)
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             lap("optimizer")

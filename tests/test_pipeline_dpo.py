@@ -66,7 +66,7 @@ def results(tiny_sd_path, tiny_sdxl_path, preference_data_path, tmp_path_factory
         ("train_diffusion_dpo.py", train_args(tiny_sd_path, preference_data_path, sd / "full")),
         ("train_diffusion_dpo.py", train_args(tiny_sd_path, preference_data_path, sd / "unet-only",
                                               "--save_unet_only")),
-        # Checkpoint at the last step: checkpoint-2 holds the same adapter as the result, in the training format.
+        # Checkpoint at the last step: checkpoint-2 holds the same adapter as the result, in the result's format too.
         ("train_diffusion_dpo.py", train_args(tiny_sd_path, preference_data_path, sd / "lora", "--use_lora",
                                               "--checkpointing_steps", "2")),
         ("train_diffusion_dpo_sdxl.py", train_args(tiny_sdxl_path, preference_data_path, sdxl / "full")),
@@ -142,7 +142,7 @@ def test_every_kind_of_result_samples_what_its_trained_unet_samples(family, form
 
 def test_lora_training_checkpoint_loads_like_the_final_lora(sd_results):
     checkpoint = sd_results["lora"] / "checkpoint-2"
-    assert resolve_dpo_result(checkpoint).weight_name == "unet_lora_adapter.safetensors"
+    assert resolve_dpo_result(checkpoint).weight_name == "pytorch_lora_weights.safetensors"
     image = sample(load_dpo_pipeline(sd_results["base"], checkpoint))
     np.testing.assert_array_equal(image, sample(by_hand(sd_results, "lora")))
 

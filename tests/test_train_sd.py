@@ -82,8 +82,11 @@ def test_implicit_accuracy_on_obvious_cases():
     prefers_losers = torch.tensor([0.9, 0.8, 0.7, 0.1, 0.2, 0.3])
     assert sd.diffusion_dpo_loss(prefers_winners, ref, 1.0)[1]["implicit_acc"].item() == 1.0
     assert sd.diffusion_dpo_loss(prefers_losers, ref, 1.0)[1]["implicit_acc"].item() == 0.0
-    # the reference itself has no preference beyond the reference: inside == 0 is not counted as correct
-    assert sd.diffusion_dpo_loss(ref, ref, 1.0)[1]["implicit_acc"].item() == 0.0
+    # the reference itself has no preference beyond the reference: inside == 0 is a tie, counted half (as
+    # tools/evaluate.py counts it, through the same pair_implicit_accuracy)
+    assert sd.diffusion_dpo_loss(ref, ref, 1.0)[1]["implicit_acc"].item() == 0.5
+    half_tied = torch.tensor([0.1, 0.5, 0.9, 0.5])  # pair 1 prefers the winner, pair 2 ties
+    assert sd.diffusion_dpo_loss(half_tied, torch.full((4,), 0.5), 1.0)[1]["implicit_acc"].item() == 0.75
 
 
 def test_unknown_loss_type_names_the_valid_ones():

@@ -90,27 +90,26 @@ def wilson_interval(successes, n, z=WILSON_Z):
 
 def outcome_summary(margins):
     """Wins (> 0), ties (== 0), losses (< 0) of a vector of margins; rate = (wins + ties / 2) / n with its
-    95% Wilson interval."""
-    margins = np.asarray(margins, dtype=np.float64)
+    95% Wilson interval. The rate is the training script's own per-pair rule (sd.pair_implicit_accuracy), so an
+    implicit accuracy here means what train/implicit_acc means in training."""
+    margins = torch.as_tensor(np.asarray(margins, dtype=np.float64))
     wins, ties = int((margins > 0).sum()), int((margins == 0).sum())
     n = len(margins)
     losses = n - wins - ties
-    rate = (wins + 0.5 * ties) / n if n else float("nan")
+    rate = float(sd.pair_implicit_accuracy(margins).mean()) if n else float("nan")
     low, high = wilson_interval(wins + 0.5 * ties, n)
     return {"n": n, "wins": wins, "ties": ties, "losses": losses, "rate": rate, "ci95_low": low, "ci95_high": high}
 
 
-def implicit_reward_margins(model_losses, ref_losses, beta_dpo):
-    """Per-pair DPO inside term averaged over draws (Wallace et al. 2023, eq. 14's argument of log sigmoid).
+def implicit_reward_margins(model_losses, ref_losses, beta_dpo, script=sd):
+    """Per-pair DPO inside term averaged over draws: the training script's dpo_implicit_reward on each draw.
 
     model_losses, ref_losses: [draws, 2B] per-sample errors ordered [winners; losers] within each draw.
-    Returns [B]: mean over draws of -(beta_dpo / 2) * ((m_w - m_l) - (r_w - r_l)).
+    Returns [B] in float64: mean over draws of -(beta_dpo / 2) * ((m_w - m_l) - (r_w - r_l)).
     """
-    model_losses, ref_losses = model_losses.double(), ref_losses.double()
-    model_w, model_l = model_losses.chunk(2, dim=-1)
-    ref_w, ref_l = ref_losses.chunk(2, dim=-1)
-    inside = -(beta_dpo / 2) * ((model_w - model_l) - (ref_w - ref_l))
-    return inside.mean(dim=0)
+    per_draw = [script.dpo_implicit_reward(model, ref, beta_dpo)
+                for model, ref in zip(model_losses.double(), ref_losses.double(), strict=True)]
+    return torch.stack(per_draw).mean(dim=0)
 
 
 def write_csv(path, rows):
@@ -143,7 +142,9 @@ def load_accuracy_models(args, script, device, dtype):
     if not result.is_lora:
         ref_unet = UNet2DConditionModel.from_pretrained(args.base, subfolder="unet", variant=args.variant,
                                                         torch_dtype=dtype).to(device)
-    noise_scheduler = DDPMScheduler.from_pretrained(args.base, subfolder="scheduler")
+    # The loaded pipeline's scheduler: the result's own where it carries one (a --prediction_type run), so the errors
+    # use the target the model was trained for.
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if script is sdxl:
         text_encoders, tokenizers = (pipe.text_encoder, pipe.text_encoder_2), (pipe.tokenizer, pipe.tokenizer_2)
         if pipe.vae.dtype != torch.float32:  # as SDXL training runs the model's own VAE: it overflows in fp16
@@ -219,7 +220,8 @@ def implicit_accuracy(args):
                                                                   f"implicit-accuracy/{draw}", dtype)
                 model_draws.append(model_losses)
                 ref_draws.append(ref_losses)
-        margins.append(implicit_reward_margins(torch.stack(model_draws), torch.stack(ref_draws), args.beta_dpo))
+        margins.append(implicit_reward_margins(torch.stack(model_draws), torch.stack(ref_draws), args.beta_dpo,
+                                               script))
     margins = torch.cat(margins).tolist()
 
     # 3. Accuracy, per-pair CSV, summary.

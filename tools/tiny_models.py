@@ -39,7 +39,7 @@ LATENT_SIZE = 8  # latents are 8x8; the VAE upsamples by 8, so images are 64x64
 
 # Fixed seed offsets, so each component's weights depend only on the seed and its own config:
 # changing the UNet's config later does not silently change the text encoder's weights.
-SEED_OFFSET = {"unet": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3}
+SEED_OFFSET = {"unet": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3, "safety_checker": 4}
 
 # Words that get whole-word BPE merges, so ordinary captions tokenize into words, not letters.
 # Any other text still tokenizes (into single characters), because every byte is in the vocabulary.
@@ -185,11 +185,29 @@ def build_tiny_vae(seed, scaling_factor):
     )
 
 
-def build_tiny_sd(output_dir, prediction_type="epsilon", seed=0):
+def build_tiny_safety_checker(seed=0):
+    """A tiny StableDiffusionSafetyChecker (CLIP vision tower, 32 px) and its image processor, as SD 1.x ships them."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(seed + SEED_OFFSET["safety_checker"])
+    config = CLIPConfig(
+        text_config={"hidden_size": TEXT_HIDDEN_SIZE, "intermediate_size": 37, "num_hidden_layers": 1,
+                     "num_attention_heads": 4},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=TEXT_PROJECTION_DIM,
+    )
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return StableDiffusionSafetyChecker(config).eval(), processor
+
+
+def build_tiny_sd(output_dir, prediction_type="epsilon", seed=0, safety_checker=False):
     """Build a tiny StableDiffusionPipeline (SD 1.x layout), save it to `output_dir`, return the path.
 
     `prediction_type` ("epsilon" or "v_prediction") is written to the scheduler config, which is where
     the training scripts and the pipeline read it from (SD 2.x 768 models are "v_prediction").
+    `safety_checker`: include a tiny safety checker and feature extractor, as SD 1.x releases do.
     """
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
@@ -231,9 +249,10 @@ def build_tiny_sd(output_dir, prediction_type="epsilon", seed=0):
         tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,  # no checker model exists offline; don't warn about it on every load
+        # without one, don't warn about it on every load
+        **dict(zip(("safety_checker", "feature_extractor"), build_tiny_safety_checker(seed)
+                   if safety_checker else (None, None))),
+        requires_safety_checker=safety_checker,
     )
     pipeline.save_pretrained(output_dir, safe_serialization=True)
     write_bpe_files(os.path.join(output_dir, "tokenizer"))
