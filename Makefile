@@ -19,13 +19,13 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo: install
 	$(PY) tools/demo.py --output_dir demo-output
 
-# The miniature replication (tools/toy_replication.py): pairs from the committed toy base, labelled by a programmatic
+# The miniature replication (toy/toy_replication.py): pairs from the committed toy base, labelled by a programmatic
 # reward, DPO vs SFT, evaluation and toy-output/report.md. `make toy-base` retrains that base from scratch first.
 toy: install
-	$(PY) tools/toy_replication.py --output_dir toy-output
+	$(PY) toy/toy_replication.py --output_dir toy-output
 
 toy-base: install
-	$(PY) tools/toy_replication.py --output_dir toy-output --retrain_base
+	$(PY) toy/toy_replication.py --output_dir toy-output --retrain_base
 
 # Two workers, a test file each at a time: most tests launch training subprocesses that use one core.
 # `make test` skips the tests marked slow (more runs of what the default suite already covers); `make test-all` runs all.

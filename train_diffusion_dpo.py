@@ -43,6 +43,7 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -319,8 +320,7 @@ def load_preference_dataset(args):
     if not keep.all():
         dataset = dataset.select(np.flatnonzero(keep))
     if args.max_train_samples is not None:
-        seed = args.seed if args.seed is not None else 0
-        dataset = dataset.shuffle(seed=seed).select(range(min(args.max_train_samples, len(dataset))))
+        dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
     if len(dataset) == 0:
         raise ValueError(
             f"Dataset {source!r} has no usable preference pairs after filtering ({counts['rows']} rows: "
@@ -349,7 +349,7 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         self.random_crop = args.random_crop
         self.hflip = not args.no_hflip
         self.proportion_empty_prompts = args.proportion_empty_prompts
-        self.seed = args.seed if args.seed is not None else 0
+        self.seed = args.seed
         self.epoch = 0  # set by the training loop before each epoch's iterator is built
 
     def __len__(self):
@@ -493,16 +493,11 @@ def build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_t
     _, extras = pairs.cache_views(*pairs.decode_pair(dataset[probe_row]))
     if accelerator.is_main_process:
         logger.info(f"Building the latent cache {cache_dir}: {num_rows} pairs, {len(prompts)} unique prompts")
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(cache_dir / "posteriors.npy", mode="w+", dtype=cache_dtype,
-                                  shape=(num_rows, 2, flips) + posterior_shape).flush()
-        for name, shape in text_shapes.items():
-            np.lib.format.open_memmap(cache_dir / f"text_{name}.npy", mode="w+", dtype=cache_dtype,
-                                      shape=(len(prompts),) + shape).flush()
-        for name, value in extras.items():
-            np.lib.format.open_memmap(cache_dir / f"row_{name}.npy", mode="w+", dtype=value.numpy().dtype,
-                                      shape=(num_rows,) + tuple(value.shape)).flush()
-        np.save(cache_dir / "row_prompt.npy", np.array([prompt_ids[c] for c in captions], dtype=np.int64))
+        arrays = {"posteriors": ((num_rows, 2, flips) + posterior_shape, cache_dtype)}
+        arrays.update({f"text_{name}": ((len(prompts),) + shape, cache_dtype) for name, shape in text_shapes.items()})
+        arrays.update({f"row_{name}": ((num_rows,) + tuple(value.shape), value.numpy().dtype)
+                       for name, value in extras.items()})
+        _allocate_cache_files(cache_dir, arrays, np.array([prompt_ids[c] for c in captions], dtype=np.int64))
     accelerator.wait_for_everyone()
 
     posteriors = np.load(cache_dir / "posteriors.npy", mmap_mode="r+")
@@ -537,16 +532,39 @@ def build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_t
             params = params.float().cpu().numpy().astype(cache_dtype).reshape((len(rows), flips, 2) + posterior_shape)
             posteriors[rows] = params.swapaxes(1, 2)
             stats["images_encoded"] += params.shape[0] * flips * 2
-        my_prompts = list(range(rank, len(prompts), world))
-        for start in range(0, len(my_prompts), chunk):
-            ids = my_prompts[start:start + chunk]
-            batch_prompts = [prompts[i] for i in ids]
-            for name, tensor in encode_text(batch_prompts).items():
-                text_arrays[name][ids] = tensor.float().cpu().numpy().astype(cache_dtype)
-            truncated[ids] = [pairs.prompt_truncated(prompt) for prompt in batch_prompts]
-            stats["prompts_encoded"] += len(ids)
+        stats["prompts_encoded"] += _encode_prompts(pairs, encode_text, prompts, range(rank, len(prompts), world),
+                                                    chunk, text_arrays, truncated)
     for array in [posteriors, *text_arrays.values(), *extra_arrays.values()]:
         array.flush()
+    _publish_cache(accelerator, cache_dir, status, truncated, {
+        "rows": num_rows, "prompts": len(prompts), "flips": flips, "text": sorted(text_shapes),
+        "row_extras": sorted(extras)})
+    return LatentCache(cache_dir), stats
+
+
+def _encode_prompts(pairs, encode_text, prompts, my_prompt_ids, chunk, text_arrays, truncated):
+    """Encode this process's share of the unique prompts into the cache's text arrays; returns how many."""
+    my_prompt_ids = list(my_prompt_ids)
+    for start in range(0, len(my_prompt_ids), chunk):
+        ids = my_prompt_ids[start:start + chunk]
+        batch_prompts = [prompts[i] for i in ids]
+        for name, tensor in encode_text(batch_prompts).items():
+            text_arrays[name][ids] = tensor.float().cpu().numpy().astype(text_arrays[name].dtype)
+        truncated[ids] = [pairs.prompt_truncated(prompt) for prompt in batch_prompts]
+    return len(my_prompt_ids)
+
+
+def _allocate_cache_files(cache_dir, arrays, row_prompt):
+    """The cache's memory-mapped .npy files at their full size ({name: (shape, dtype)}), and each row's prompt id."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for name, (shape, dtype) in arrays.items():
+        np.lib.format.open_memmap(cache_dir / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+    np.save(cache_dir / "row_prompt.npy", row_prompt)
+
+
+def _publish_cache(accelerator, cache_dir, status, truncated, meta):
+    """Unite every process's row status and truncated prompts, then write meta.json: the cache is complete."""
+    rank, world = accelerator.process_index, accelerator.num_processes
     np.save(cache_dir / f"status-{rank}.npy", status)
     np.save(cache_dir / f"truncated-{rank}.npy", truncated)
     accelerator.wait_for_everyone()
@@ -560,11 +578,9 @@ def build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_t
             os.remove(cache_dir / f"truncated-{r}.npy")
         # meta.json last, through a rename: its presence means the cache is complete
         with open(cache_dir / "meta.tmp", "w") as f:
-            json.dump({"rows": num_rows, "prompts": len(prompts), "flips": flips, "text": sorted(text_shapes),
-                       "row_extras": sorted(extras)}, f)
+            json.dump(meta, f)
         os.replace(cache_dir / "meta.tmp", cache_dir / "meta.json")
     accelerator.wait_for_everyone()
-    return LatentCache(cache_dir), stats
 
 
 def _decodable(pairs, row):
@@ -807,8 +823,8 @@ def build_parser():
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default="diffusion-dpo", help="Where results and checkpoints go.")
-    train.add_argument("--seed", type=int, default=None,
-                       help="Seed for reproducible training; noise, timesteps and crops depend on it. Default 0.")
+    train.add_argument("--seed", type=int, default=0,
+                       help="Seed for reproducible training; noise, timesteps and crops depend on it.")
     train.add_argument("--train_batch_size", type=int, default=1, help="Pairs per process per micro-batch.")
     train.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, unless --max_train_steps is set.")
     train.add_argument("--max_train_steps", type=int, default=None,
@@ -880,9 +896,6 @@ def build_parser():
 def parse_args(input_args=None):
     parser = build_parser()
     args = parser.parse_args(input_args)
-    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
-    if env_local_rank != -1:
-        args.local_rank = env_local_rank
     validate_args(parser, args)
     return args
 
@@ -941,8 +954,6 @@ def validate_args(parser, args):
         parser.error(f"--output_dir {args.output_dir!r} is not writable ({output_parent} is read-only).")
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
-    if args.seed is None:
-        args.seed = 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1028,23 +1039,25 @@ def enable_xformers(unet):
     unet.enable_xformers_memory_efficient_attention()
 
 
-def build_optimizer(args, params):
+def build_optimizer(args, params, learning_rate=None):
+    """The optimizer the flags choose, at `learning_rate` (the run's, after --scale_lr; default --learning_rate)."""
+    learning_rate = args.learning_rate if learning_rate is None else learning_rate
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError as error:
             raise ImportError("--use_8bit_adam needs `pip install bitsandbytes`.") from error
-        return bnb.optim.AdamW8bit(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        return bnb.optim.AdamW8bit(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                    weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     if args.use_adafactor:
         from transformers.optimization import Adafactor
 
         # A fixed learning rate, like the authors: Adafactor's own relative-step schedule is switched off.
-        return Adafactor(params, lr=args.learning_rate, scale_parameter=False, relative_step=False,
+        return Adafactor(params, lr=learning_rate, scale_parameter=False, relative_step=False,
                          warmup_init=False, weight_decay=args.adam_weight_decay)
     # Fused AdamW: one kernel per step on CUDA and on the CPU, where the default for-loop path is ~8x slower (SD1.5's
     # 860M parameters on 2 cores: 2.4 s per step instead of 0.31 s; benchmarks/README.md).
-    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    return torch.optim.AdamW(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=True)
 
 
@@ -1164,11 +1177,6 @@ def exchange_through_files(output_dir, accelerator, report):
     return reports
 
 
-def fault_injection(name):
-    """Faults the reliability tests inject (NaN losses, a crash inside a save, slow steps); empty in normal use."""
-    return os.environ.get(f"DIFFUSION_DPO_TEST_{name}", "")
-
-
 def checkpoint_dirs(output_dir):
     """Complete checkpoints in output_dir, oldest first (temporary folders of interrupted saves are ignored)."""
     if not os.path.isdir(output_dir):
@@ -1177,7 +1185,7 @@ def checkpoint_dirs(output_dir):
     return sorted(names, key=lambda name: int(name.split("-")[-1]))
 
 
-def save_checkpoint(args, accelerator, global_step, stream_state=None):
+def save_checkpoint(args, accelerator, global_step, stream_state=None, faults=None):
     """Save a resumable state atomically: written to a temporary folder, renamed when complete.
 
     With --streaming each process also records how far into its shard it has read (`stream_state`).
@@ -1196,8 +1204,8 @@ def save_checkpoint(args, accelerator, global_step, stream_state=None):
         with open(os.path.join(temp_dir, f"stream_state_{accelerator.process_index}.json"), "w") as f:
             json.dump(list(stream_state), f)
     accelerator.wait_for_everyone()
-    if fault_injection("CRASH_IN_SAVE") == str(global_step):  # the checkpoint is written but not yet renamed
-        os._exit(17)
+    if faults is not None:  # a test's crash here: the checkpoint is written but not yet renamed
+        faults.crash_if_saving(global_step)
     if accelerator.is_main_process:
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(temp_dir, final_dir)
@@ -1420,7 +1428,7 @@ def hub_upload_patterns(args):
     return allow, ignore
 
 
-def write_model_card(args, counts, grid_path, final_step):
+def write_model_card(args, run, counts, grid_path):
     from huggingface_hub import ModelCard, ModelCardData
 
     repo_id = args.hub_model_id or Path(args.output_dir).name
@@ -1441,10 +1449,10 @@ def write_model_card(args, counts, grid_path, final_step):
     dataset = args.dataset_name or "local preference data"
     settings = {
         "mode": f"LoRA (rank {args.rank}, alpha {args.lora_alpha})" if args.use_lora else "full fine-tune",
-        "loss_type": args.loss_type, "beta_dpo": args.beta_dpo, "learning_rate": args.learning_rate,
+        "loss_type": args.loss_type, "beta_dpo": args.beta_dpo, "learning_rate": run.learning_rate,
         "scale_lr": args.scale_lr, "lr_scheduler": args.lr_scheduler,
-        "effective batch (pairs)": args.train_batch_size * args.gradient_accumulation_steps * args.num_processes,
-        "optimizer steps": final_step, "resolution": args.resolution, "mixed_precision": args.mixed_precision,
+        "effective batch (pairs)": args.train_batch_size * args.gradient_accumulation_steps * run.num_processes,
+        "optimizer steps": run.global_step, "resolution": args.resolution, "mixed_precision": run.mixed_precision,
         "pairs used": counts.get("pairs", "streamed"), "ties dropped": counts.get("ties"), "seed": args.seed,
     }
     grid_md = ("![reference (left) vs DPO (right), same seeds](./validation_grid.png)\n\nEach row is a prompt; the "
@@ -1509,8 +1517,9 @@ def public_config(args):
     return config
 
 
-def write_run_info(args):
-    """Save the arguments (without secrets) and library versions, so a run can be reproduced or reported."""
+def write_run_info(args, run):
+    """Save the flags (without secrets), what the run derived from them and the library versions, so a run can be
+    reproduced or reported."""
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": sys.version.split()[0]}
@@ -1520,7 +1529,7 @@ def write_run_info(args):
         except PackageNotFoundError:
             versions[package] = None
     with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
-        json.dump({"args": public_config(args), "versions": versions}, f, indent=2, default=str)
+        json.dump({"args": public_config(args), "run": run.record(), "versions": versions}, f, indent=2, default=str)
 
 
 class StopRequest:
@@ -1536,11 +1545,71 @@ class StopRequest:
         self.requested = True
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------------------------
-def main(args):
-    # Accelerator, logging and seeds
+@dataclass(frozen=True)
+class InjectedFaults:
+    """Faults the reliability tests inject through DIFFUSION_DPO_TEST_* variables, read here and nowhere else; all
+    off in normal use. NAN_STEPS: optimizer steps whose loss is NaN ("2,3"); STEP_DELAY: seconds added to every
+    micro-batch; CRASH_IN_SAVE: the step whose checkpoint is written but never renamed (the process dies)."""
+
+    nan_steps: frozenset = frozenset()
+    step_delay: float = 0.0
+    crash_in_save: int | None = None
+
+    @classmethod
+    def from_environment(cls):
+        def read(name):
+            return os.environ.get(f"DIFFUSION_DPO_TEST_{name}", "")
+
+        return cls(nan_steps=frozenset(int(step) for step in read("NAN_STEPS").split(",") if step),
+                   step_delay=float(read("STEP_DELAY") or 0), crash_in_save=int(read("CRASH_IN_SAVE") or 0) or None)
+
+    def crash_if_saving(self, global_step):
+        if self.crash_in_save == global_step:
+            os._exit(17)
+
+
+@dataclass
+class TrainingRun:
+    """The state of a run: what it prepared, what it derived at run time and where the loop stands.
+
+    `args` stays the parsed flags; what the run derives from them and from the launch (the learning rate after
+    --scale_lr, the process count, the precision, the step and epoch counts) lives here, and training_args.json
+    records both, so the saved flags and the tracker config cannot disagree.
+    """
+
+    unet: torch.nn.Module
+    optimizer: object
+    lr_scheduler: object
+    train_dataset: object
+    train_dataloader: object
+    params: list  # the prepared trainable parameters (FSDP2 replaces the UNet's: clip these)
+    learning_rate: float
+    num_processes: int
+    mixed_precision: str
+    max_train_steps: int
+    num_train_epochs: int
+    steps_per_epoch: int
+    global_step: int = 0
+    first_epoch: int = 0
+    resume_batches: int = 0  # micro-batches of first_epoch already trained before a resume
+    nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    step_metrics: dict = field(default_factory=dict)  # summed over the micro-batches of the current step
+    micro_steps: int = 0
+    stream_state: tuple | None = None
+    # rows skipped (or captions cut) by reason; streaming also finds ties, labels and captions here
+    row_problems: dict = field(default_factory=dict)
+    grid_path: str | None = None
+    reference_images: list | None = None
+
+    def record(self):
+        return {"learning_rate": self.learning_rate, "num_processes": self.num_processes,
+                "mixed_precision": self.mixed_precision, "max_train_steps": self.max_train_steps,
+                "num_train_epochs": self.num_train_epochs}
+
+
+def setup_accelerator(args):
+    """The Accelerator, logging on the main process, seeds, and the output folder."""
     logging_dir = Path(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -1548,8 +1617,6 @@ def main(args):
         log_with=args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
     )
-    args.num_processes = accelerator.num_processes
-    args.mixed_precision = accelerator.mixed_precision
     if args.report_to in ("wandb", "all"):
         try:
             import wandb  # noqa: F401
@@ -1567,258 +1634,315 @@ def main(args):
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        write_run_info(args)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
 
-    # Dataset first: a wrong column or an empty dataset fails before any model is loaded
+
+def load_data(args, accelerator):
+    """The preference pairs and their counts, first of all: a wrong column or an empty dataset fails before any
+    model is loaded. data_summary.json is rewritten at the end with the image problems found while training."""
     with accelerator.main_process_first():
         dataset, columns, counts = load_preference_dataset(args)
     if not args.streaming:
         logger.info(f"Preference pairs: {counts['pairs']} of {counts['rows']} rows (dropped: {counts['ties']} ties, "
                     f"{counts['invalid_labels']} invalid labels, {counts['bad_caption']} missing captions)")
-    if accelerator.is_main_process:  # rewritten at the end with the image problems found while training
+    if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "data_summary.json"), "w") as f:
             json.dump(counts, f, indent=2)
+    return dataset, columns, counts
 
-    # Load scheduler and models
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    noise_scheduler, tokenizer, text_encoder, vae, unet, ref_unet = build_models(args, accelerator, weight_dtype)
-    register_checkpoint_hooks(args, accelerator)
 
-    # Optional cache: every image and prompt encoded once; the frozen encoders then leave the accelerator
-    cache, cache_stats = None, None
-    if args.cache_latents:
-        def encode_text(prompts):
-            input_ids = torch.stack([tokenize_caption(tokenizer, prompt)[0] for prompt in prompts])
-            return {"text_embeddings": text_encoder(input_ids.to(text_encoder.device))[0]}
+def build_cache(args, accelerator, dataset, columns, tokenizer, text_encoder, vae, weight_dtype, counts):
+    """--cache_latents: every image and prompt encoded once; the frozen encoders then leave the accelerator.
 
-        pairs = PreferencePairDataset(dataset, columns, tokenizer, args)
-        cache, cache_stats = build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_text,
-                                                [text_encoder], weight_dtype)
-        counts.update(cache.problem_counts())
-        vae.to("cpu")
-        text_encoder.to("cpu")
-        free_accelerator_memory()
+    Returns (cache, stats), or (None, None) without the flag.
+    """
+    if not args.cache_latents:
+        return None, None
 
-    # DataLoader: a (seed, epoch)-seeded permutation that accelerate shards across processes; or, streaming,
-    # this process's own shard of the stream (not given to accelerate, which would read every shard everywhere)
+    def encode_text(prompts):
+        input_ids = torch.stack([tokenize_caption(tokenizer, prompt)[0] for prompt in prompts])
+        return {"text_embeddings": text_encoder(input_ids.to(text_encoder.device))[0]}
+
+    pairs = PreferencePairDataset(dataset, columns, tokenizer, args)
+    cache, cache_stats = build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_text,
+                                            [text_encoder], weight_dtype)
+    counts.update(cache.problem_counts())
+    for frozen in (vae, text_encoder):
+        frozen.to("cpu")
+    free_accelerator_memory()
+    return cache, cache_stats
+
+
+def build_dataloader(args, accelerator, dataset, columns, tokenizer, cache):
+    """(dataset, dataloader), chosen once: plain, cached or streamed.
+
+    Map-style data goes through a (seed, epoch)-seeded permutation that accelerate shards across processes. A stream
+    is split here, each process reading its own shard (given to accelerate, every process would read every shard).
+    """
     if args.streaming:
         from datasets.distributed import split_dataset_by_node
 
         stream = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
         stream = stream.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
         train_dataset = StreamingPairDataset(stream, columns, tokenizer, args, accelerator.process_index)
-        train_dataloader = torch.utils.data.DataLoader(train_dataset, batch_size=args.train_batch_size,
-                                                       collate_fn=collate_pairs)
+        return train_dataset, torch.utils.data.DataLoader(train_dataset, batch_size=args.train_batch_size,
+                                                          collate_fn=collate_pairs)
+    if cache is not None:
+        train_dataset, collate_fn = CachedPairDataset(cache, args), collate_cached_pairs
     else:
-        if cache is not None:
-            train_dataset, collate_fn = CachedPairDataset(cache, args), collate_cached_pairs
-        else:
-            train_dataset, collate_fn = PreferencePairDataset(dataset, columns, tokenizer, args), collate_pairs
-        sampler = EpochPermutationSampler(len(train_dataset), args.seed)
-        train_dataloader = torch.utils.data.DataLoader(
-            train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate_fn,
-            num_workers=args.dataloader_num_workers,
-        )
+        train_dataset, collate_fn = PreferencePairDataset(dataset, columns, tokenizer, args), collate_pairs
+    sampler = EpochPermutationSampler(len(train_dataset), args.seed)
+    return train_dataset, torch.utils.data.DataLoader(
+        train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers)
 
-    # Optimizer and learning-rate schedule
+
+def prepare_training(args, accelerator, unet, train_dataset, train_dataloader):
+    """Optimizer, learning-rate schedule and step counts, prepared by accelerate; returns the TrainingRun."""
+    learning_rate = args.learning_rate
     if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = build_optimizer(args, params_to_optimize)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * math.ceil(
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = build_optimizer(args, [p for p in unet.parameters() if p.requires_grad], learning_rate)
+    max_train_steps = args.max_train_steps
+    if max_train_steps is None:
+        max_train_steps = args.num_train_epochs * math.ceil(
             len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
     if args.streaming:  # one endless pass: the stream itself moves from epoch to epoch
         if accelerator.distributed_type == DistributedType.DEEPSPEED:  # it reads the micro-batch off a DataLoader
             accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-        num_update_steps_per_epoch, args.num_train_epochs = args.max_train_steps, 1
+        steps_per_epoch, num_train_epochs = max_train_steps, 1
     else:
         unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
                                                                               lr_scheduler)
-        num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-        args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
-    # FSDP2 replaces the UNet's parameters with sharded ones: clip those (the old ones get no gradients)
-    params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=public_config(args))
-        accelerator.log({f"data/{name}": value for name, value in counts.items()}, step=0)
+        steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+        num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    row_problems = {reason: set() for reason in ("missing_image", "undecodable_image", "truncated_caption")}
+    if args.streaming:
+        row_problems.update({reason: set() for reason in ("ties", "invalid_labels", "bad_caption")})
+    return TrainingRun(
+        unet=unet, optimizer=optimizer, lr_scheduler=lr_scheduler, train_dataset=train_dataset,
+        train_dataloader=train_dataloader, params=[p for p in unet.parameters() if p.requires_grad],
+        learning_rate=learning_rate, num_processes=accelerator.num_processes,
+        mixed_precision=accelerator.mixed_precision, max_train_steps=max_train_steps,
+        num_train_epochs=num_train_epochs, steps_per_epoch=steps_per_epoch, row_problems=row_problems)
 
-    # Resume
-    global_step, first_epoch, resume_batches = 0, 0, 0
+
+def start_run(args, accelerator, run, counts, noise_scheduler):
+    """Trackers and the run's record, then the resume position: --resume_from_checkpoint restores the state and
+    the step; the data continues where that step left it (the stream's own position when streaming)."""
+    if accelerator.is_main_process:
+        write_run_info(args, run)
+        accelerator.init_trackers(args.tracker_project_name, config={**public_config(args), **run.record()})
+        accelerator.log({f"data/{name}": value for name, value in counts.items()}, step=0)
     resume_dir = resolve_resume_dir(args)
     if args.resume_from_checkpoint is not None and resume_dir is None:
         logger.info("No checkpoint found in --output_dir; starting a new run.")
     if resume_dir is not None:
         logger.info(f"Resuming from {resume_dir}")
         accelerator.load_state(resume_dir)
-        global_step = int(os.path.basename(os.path.normpath(resume_dir)).split("-")[-1])
+        run.global_step = int(os.path.basename(os.path.normpath(resume_dir)).split("-")[-1])
         if args.streaming:
             with open(os.path.join(resume_dir, f"stream_state_{accelerator.process_index}.json")) as f:
-                train_dataset.start_state = tuple(json.load(f))
+                run.train_dataset.start_state = tuple(json.load(f))
         else:
-            first_epoch = global_step // num_update_steps_per_epoch
-            resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
-
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+            run.first_epoch = run.global_step // run.steps_per_epoch
+            run.resume_batches = (run.global_step % run.steps_per_epoch) * args.gradient_accumulation_steps
+    total_batch_size = args.train_batch_size * run.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Diffusion-DPO ({args.loss_type}, beta_dpo={args.beta_dpo}, "
                 f"{'LoRA' if args.use_lora else 'full'}) *****")
-    logger.info(f"  Pairs = {'streamed' if args.streaming else len(train_dataset)}, epochs = "
-                f"{'endless' if args.streaming else args.num_train_epochs}, effective batch = "
-                f"{total_batch_size} pairs, optimizer steps = {args.max_train_steps}")
+    logger.info(f"  Pairs = {'streamed' if args.streaming else len(run.train_dataset)}, epochs = "
+                f"{'endless' if args.streaming else run.num_train_epochs}, effective batch = "
+                f"{total_batch_size} pairs, optimizer steps = {run.max_train_steps}")
+    few_steps = getattr(noise_scheduler, "training_timesteps", None)  # SDXL's --is_turbo sets it
+    logger.info(f"  Timesteps = {'0..T-1' if few_steps is None else f'the few-step schedule {few_steps.tolist()}'}")
 
-    models = (unet, ref_unet, vae, text_encoder)
-    grid_path, reference_images = None, None
-    # rows skipped (or captions cut) by reason; streaming also finds ties, labels and captions here
-    row_problems = {reason: set() for reason in ("missing_image", "undecodable_image", "truncated_caption")}
-    if args.streaming:
-        row_problems.update({reason: set() for reason in ("ties", "invalid_labels", "bad_caption")})
-    stream_state = None
-    stop_request = StopRequest()
-    nonfinite_steps, nonfinite_in_a_row = 0, 0
-    nan_test_steps = {int(step) for step in fault_injection("NAN_STEPS").split(",") if step}
-    step_delay = float(fault_injection("STEP_DELAY") or 0)
-    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
-                        disable=not accelerator.is_local_main_process)
-    step_metrics, micro_steps = {}, 0
 
-    for epoch in range(first_epoch, args.num_train_epochs):
+def training_batches(args, accelerator, run):
+    """Micro-batches from the resume position on, epoch after epoch, each batch's bad rows recorded."""
+    for epoch in range(run.first_epoch, run.num_train_epochs):
+        dataloader = run.train_dataloader
         if not args.streaming:
             # accelerate re-sets the sampler's epoch from its own counter when iteration starts: set it there
-            train_dataloader.set_epoch(epoch)
-            train_dataset.epoch = epoch
-        epoch_dataloader = train_dataloader
-        if epoch == first_epoch and resume_batches:
-            epoch_dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
-        for batch in epoch_dataloader:
+            dataloader.set_epoch(epoch)
+            run.train_dataset.epoch = epoch
+        if epoch == run.first_epoch and run.resume_batches:
+            dataloader = accelerator.skip_first_batches(dataloader, run.resume_batches)
+        for batch in dataloader:
             for row, reason in batch["skipped"]:
-                row_problems[reason].add(row)
-            row_problems["truncated_caption"].update(batch["truncated"])
-            stream_state = batch.get("stream_state")
-            with accelerator.accumulate(unet):
-                # Train step: per-sample errors, the DPO loss, backward
-                model_losses, ref_losses = dpo_step_losses(args, batch, models, noise_scheduler, global_step,
-                                                           weight_dtype)
-                loss, metrics = diffusion_dpo_loss(model_losses, ref_losses, args.beta_dpo, args.loss_type)
-                if global_step + 1 in nan_test_steps:
-                    loss = loss * float("nan")
-                if step_delay:
-                    time.sleep(step_delay)
-                accelerator.backward(loss)
-                metrics["loss"] = loss.detach()
-                # a tensor, not .item(): no device sync per micro-batch; it is read once per optimizer step below
-                metrics["nonfinite"] = (~torch.isfinite(loss.detach())).float()
-                for name, value in metrics.items():
-                    step_metrics[name] = step_metrics.get(name, 0.0) + value.float()
-                micro_steps += 1
+                run.row_problems[reason].add(row)
+            run.row_problems["truncated_caption"].update(batch["truncated"])
+            run.stream_state = batch.get("stream_state")
+            yield batch
 
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
-                    # Averaged across processes, so every process takes the same skip and stop decisions
-                    step_metrics["stop_requested"] = torch.tensor(float(stop_request.requested), device=loss.device)
-                    step_metrics["stop_requested"] *= micro_steps
-                    names = sorted(step_metrics)
-                    averaged = accelerator.reduce(torch.stack([step_metrics[n] for n in names]) / micro_steps,
-                                                  reduction="mean")
-                    logs = dict(zip(names, averaged.tolist()))
-                    # None: DeepSpeed, which clips and steps inside accelerator.backward (older accelerate reports
-                    # no norm). A non-finite loss still counts, but DeepSpeed has already applied that step.
-                    norm_finite = grad_norm is None or math.isfinite(float(grad_norm))
-                    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                    loss_finite = logs.pop("nonfinite") == 0
-                    finite = loss_finite and norm_finite
-                    stop_now = logs.pop("stop_requested") > 0
-                    if finite or accelerator.scaler is not None:
-                        # fp16's GradScaler must see every step: it skips a non-finite one itself and lowers its
-                        # scale. Left out, it stays "unscaled" and the next clip_grad_norm_ raises.
-                        optimizer.step()
-                    if finite:
-                        nonfinite_in_a_row = 0
-                    elif loss_finite and accelerator.scaler is not None:
-                        # A finite loss whose fp16 gradients overflowed: the scaler finding its scale, not divergence
-                        # (counted, but no streak: a lowered scale cannot overflow forever).
-                        nonfinite_steps += 1
-                        logger.info(f"Step {global_step + 1}: fp16 gradient overflow, step skipped; gradient scale "
-                                    f"now {accelerator.scaler.get_scale():g}")
-                    else:
-                        nonfinite_steps += 1
-                        nonfinite_in_a_row += 1
-                        logger.warning(f"Step {global_step + 1}: non-finite loss or gradient; optimizer step skipped")
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step_metrics, micro_steps = {}, 0
-                else:
-                    continue
 
-            # Bookkeeping after each optimizer step
-            global_step += 1
-            progress_bar.update(1)
-            logs.update({"lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm, "nonfinite_steps": nonfinite_steps})
-            logs.update({f"rows_{reason}": len(rows) for reason, rows in row_problems.items()})
-            accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=global_step)
-            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}",
-                                     lr=f"{logs['lr']:.2e}")
-            if nonfinite_in_a_row > args.max_nonfinite_steps:
-                accelerator.end_training()
-                raise RuntimeError(
-                    f"{nonfinite_in_a_row} optimizer steps in a row had a NaN/Inf loss or gradient; stopping. The "
-                    "last checkpoint is intact. Likely causes: an fp16 VAE overflowing (use fp32 or a fixed VAE), "
-                    "a learning rate too high, or a beta_dpo so large that the sigmoid saturates.")
-            if global_step % args.checkpointing_steps == 0 or stop_now:
-                save_checkpoint(args, accelerator, global_step, stream_state)
-            if stop_now:
-                logger.warning(f"SIGTERM: saved checkpoint-{global_step}; resume with --resume_from_checkpoint latest")
-                accelerator.end_training()
-                return
-            if ((accelerator.is_main_process or weights_are_sharded(accelerator)) and args.num_validation_images > 0
-                    and global_step % args.validation_steps == 0 and global_step < args.max_train_steps):
-                grid_path, reference_images = safe_validation(args, accelerator, models, tokenizer, weight_dtype,
-                                                              global_step, reference_images, grid_path)
-            if global_step >= args.max_train_steps:
-                break
-        if global_step >= args.max_train_steps:
-            break
+def micro_batch_step(args, accelerator, run, batch, models, noise_scheduler, weight_dtype, faults=InjectedFaults()):
+    """Per-sample errors, the DPO loss and its backward for one micro-batch; returns the loss.
 
-    # Final validation, results, model card and hub push
+    The metrics are summed as tensors, not read with .item(): no device sync per micro-batch (optimizer_step reads
+    them once per step).
+    """
+    model_losses, ref_losses = dpo_step_losses(args, batch, models, noise_scheduler, run.global_step, weight_dtype)
+    loss, metrics = diffusion_dpo_loss(model_losses, ref_losses, args.beta_dpo, args.loss_type)
+    if run.global_step + 1 in faults.nan_steps:
+        loss = loss * float("nan")
+    if faults.step_delay:
+        time.sleep(faults.step_delay)
+    accelerator.backward(loss)
+    metrics["loss"] = loss.detach()
+    metrics["nonfinite"] = (~torch.isfinite(loss.detach())).float()
+    for name, value in metrics.items():
+        run.step_metrics[name] = run.step_metrics.get(name, 0.0) + value.float()
+    run.micro_steps += 1
+    return loss
+
+
+def optimizer_step(args, accelerator, run, stop_requested=False):
+    """Clip, average the step's metrics across processes, then step (or skip a non-finite step); returns the logs.
+
+    The SIGTERM flag is averaged with the metrics, so every process takes the same skip and stop decisions in the
+    same collective. logs["stop"] says whether any process was asked to stop.
+    """
+    grad_norm = accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
+    run.step_metrics["stop_requested"] = torch.tensor(float(stop_requested) * run.micro_steps,
+                                                      device=accelerator.device)
+    names = sorted(run.step_metrics)
+    averaged = accelerator.reduce(torch.stack([run.step_metrics[n] for n in names]) / run.micro_steps,
+                                  reduction="mean")
+    logs = dict(zip(names, averaged.tolist()))
+    # None: DeepSpeed, which clips and steps inside accelerator.backward (older accelerate reports no norm). A
+    # non-finite loss still counts, but DeepSpeed has already applied that step.
+    norm_finite = grad_norm is None or math.isfinite(float(grad_norm))
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    loss_finite = logs.pop("nonfinite") == 0
+    finite = loss_finite and norm_finite
+    stop = logs.pop("stop_requested") > 0
+    if finite or accelerator.scaler is not None:
+        # fp16's GradScaler must see every step: it skips a non-finite one itself and lowers its scale. Left out,
+        # it stays "unscaled" and the next clip_grad_norm_ raises.
+        run.optimizer.step()
+    if finite:
+        run.nonfinite_in_a_row = 0
+    elif loss_finite and accelerator.scaler is not None:
+        # A finite loss whose fp16 gradients overflowed: the scaler finding its scale, not divergence (counted, but
+        # no streak: a lowered scale cannot overflow forever).
+        run.nonfinite_steps += 1
+        logger.info(f"Step {run.global_step + 1}: fp16 gradient overflow, step skipped; gradient scale now "
+                    f"{accelerator.scaler.get_scale():g}")
+    else:
+        run.nonfinite_steps += 1
+        run.nonfinite_in_a_row += 1
+        logger.warning(f"Step {run.global_step + 1}: non-finite loss or gradient; optimizer step skipped")
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step_metrics, run.micro_steps = {}, 0
+    run.global_step += 1
+    logs.update({"lr": run.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                 "nonfinite_steps": run.nonfinite_steps})
+    logs.update({f"rows_{reason}": len(rows) for reason, rows in run.row_problems.items()})
+    return logs, stop
+
+
+def after_step(args, accelerator, run, logs, stop, models, tokenizer, weight_dtype, faults=InjectedFaults()):
+    """Log the step, stop a diverged run, checkpoint, stop on SIGTERM, validate; True when the run ends here."""
+    accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=run.global_step)
+    if run.nonfinite_in_a_row > args.max_nonfinite_steps:
+        accelerator.end_training()
+        raise RuntimeError(
+            f"{run.nonfinite_in_a_row} optimizer steps in a row had a NaN/Inf loss or gradient; stopping. The last "
+            "checkpoint is intact. Likely causes: an fp16 VAE overflowing (use fp32 or a fixed VAE), a learning rate "
+            "too high, or a beta_dpo so large that the sigmoid saturates.")
+    if run.global_step % args.checkpointing_steps == 0 or stop:
+        save_checkpoint(args, accelerator, run.global_step, run.stream_state, faults)
+    if stop:
+        logger.warning(f"SIGTERM: saved checkpoint-{run.global_step}; resume with --resume_from_checkpoint latest")
+        accelerator.end_training()
+        return True
+    # Under FSDP / ZeRO-3 every process holds a shard of the UNet, so every process takes part in sampling
+    if ((accelerator.is_main_process or weights_are_sharded(accelerator)) and args.num_validation_images > 0
+            and run.global_step % args.validation_steps == 0 and run.global_step < run.max_train_steps):
+        run.grid_path, run.reference_images = safe_validation(args, accelerator, models, tokenizer, weight_dtype,
+                                                              run.global_step, run.reference_images, run.grid_path)
+    return False
+
+
+def finish_run(args, accelerator, run, models, tokenizer, weight_dtype, counts, cache, cache_stats):
+    """Final validation, the results, the data summary, the model card and the hub push; then an orderly exit."""
     accelerator.wait_for_everyone()
     if args.num_validation_images > 0 and (accelerator.is_main_process or weights_are_sharded(accelerator)):
-        grid_path, reference_images = safe_validation(args, accelerator, models, tokenizer, weight_dtype,
-                                                      global_step, reference_images, grid_path)
-    full_state = accelerator.get_state_dict(unet) if weights_are_sharded(accelerator) else None  # all processes
+        run.grid_path, run.reference_images = safe_validation(args, accelerator, models, tokenizer, weight_dtype,
+                                                              run.global_step, run.reference_images, run.grid_path)
+    full_state = accelerator.get_state_dict(run.unet) if weights_are_sharded(accelerator) else None  # all processes
     if accelerator.is_main_process:
-        save_results(args, unet, full_state)
+        save_results(args, run.unet, full_state)
     # Rows with problems, united over processes (a row may have gone to another process in another epoch)
     reports = exchange_through_files(args.output_dir, accelerator, {
-        "problems": {reason: sorted(rows) for reason, rows in row_problems.items()}, "cache_stats": cache_stats})
-    all_problems = [report["problems"] for report in reports]
-    all_cache_stats = [report["cache_stats"] for report in reports if report["cache_stats"] is not None]
+        "problems": {reason: sorted(rows) for reason, rows in run.row_problems.items()}, "cache_stats": cache_stats})
     if accelerator.is_main_process:
         if cache is None:  # with the cache, every row was checked (and counted) when the cache was built
-            for reason in row_problems:
-                counts[reason] = len(set().union(*(set(problems[reason]) for problems in all_problems)))
-        counts["nonfinite_steps"] = nonfinite_steps
+            for reason in run.row_problems:
+                counts[reason] = len(set().union(*(set(report["problems"][reason]) for report in reports)))
+        counts["nonfinite_steps"] = run.nonfinite_steps
         if cache_stats is not None:
             for name in ("images_encoded", "prompts_encoded"):
-                cache_stats[name] = sum(stats[name] for stats in all_cache_stats)
+                cache_stats[name] = sum(report["cache_stats"][name] for report in reports)
             with open(os.path.join(args.output_dir, "latent_cache_stats.json"), "w") as f:
                 json.dump(cache_stats, f, indent=2)
         with open(os.path.join(args.output_dir, "data_summary.json"), "w") as f:
             json.dump(counts, f, indent=2)
-        write_model_card(args, counts, grid_path, global_step)
+        write_model_card(args, run, counts, run.grid_path)
         if args.push_to_hub:
             push_to_hub(args)
-        logger.info(f"Done: {global_step} steps; results in {args.output_dir}")
+        logger.info(f"Done: {run.global_step} steps; results in {args.output_dir}")
     # Last collective: a barrier, then an orderly process-group teardown. Left to interpreter exit, the DDP
     # reducer's teardown (holding the GIL) can wait forever on a gloo thread that needs the GIL.
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main: a table of contents of the stages above
+# ----------------------------------------------------------------------------------------------------------------
+def main(args):
+    accelerator = setup_accelerator(args)
+    dataset, columns, counts = load_data(args, accelerator)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    noise_scheduler, tokenizer, text_encoder, vae, unet, ref_unet = build_models(args, accelerator, weight_dtype)
+    register_checkpoint_hooks(args, accelerator)
+    cache, cache_stats = build_cache(args, accelerator, dataset, columns, tokenizer, text_encoder, vae, weight_dtype,
+                                     counts)
+    train_dataset, train_dataloader = build_dataloader(args, accelerator, dataset, columns, tokenizer, cache)
+    run = prepare_training(args, accelerator, unet, train_dataset, train_dataloader)
+    start_run(args, accelerator, run, counts, noise_scheduler)
+    models = (run.unet, ref_unet, vae, text_encoder)
+    faults, stop_request = InjectedFaults.from_environment(), StopRequest()
+    progress_bar = tqdm(range(run.max_train_steps), initial=run.global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+
+    for batch in training_batches(args, accelerator, run):
+        if run.global_step >= run.max_train_steps:  # a resume at the last step, or the steps ran out mid-epoch
+            break
+        with accelerator.accumulate(run.unet):
+            micro_batch_step(args, accelerator, run, batch, models, noise_scheduler, weight_dtype, faults)
+            stepped = accelerator.sync_gradients
+            if stepped:
+                logs, stop = optimizer_step(args, accelerator, run, stop_request.requested)
+        if not stepped:
+            continue
+        progress_bar.update(1)
+        progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}",
+                                 lr=f"{logs['lr']:.2e}")
+        if after_step(args, accelerator, run, logs, stop, models, tokenizer, weight_dtype, faults):
+            return  # stopped on SIGTERM with a checkpoint written
+
+    finish_run(args, accelerator, run, models, tokenizer, weight_dtype, counts, cache, cache_stats)
 
 
 if __name__ == "__main__":

@@ -123,8 +123,8 @@ def openclip_bigg_text_config():
 
 
 def tiny_configs(family):
-    """The sizes of tools/tiny_models.py (see DESIGN.md, "Facts of this machine")."""
-    from tools import tiny_models
+    """The sizes of fixtures/tiny_models.py (see DESIGN.md, "Facts of this machine")."""
+    from fixtures import tiny_models
 
     tokenizer = tiny_models.build_tiny_clip_tokenizer()
     text_config = tiny_models.tiny_clip_text_config(tokenizer)
@@ -169,7 +169,7 @@ PRESETS = {
     # The tiny presets run on one thread: their ops are too small to split, and split ops stall badly whenever
     # another process holds a core (steps of ~100 ms took 2-5 s on this 2-core machine under load).
     "tiny": Preset("tiny", "sd", lambda: tiny_configs("sd"), 64, 1, 5, 1, "adamw", False,
-                   "tools/tiny_models.py sizes; seconds on a CPU", threads=1),
+                   "fixtures/tiny_models.py sizes; seconds on a CPU", threads=1),
     "tiny-sdxl": Preset("tiny-sdxl", "sdxl", lambda: tiny_configs("sdxl"), 64, 1, 5, 1, "adamw", False,
                         "tiny SDXL wiring (two encoders, text_time); exercises the sdxl-1024 code path on a CPU",
                         threads=1),
@@ -417,52 +417,6 @@ def make_batches(preset, args, vae, text_encoders, weight_dtype):
     return uncached, cached
 
 
-def sdxl_cached_step_losses(args, batch, models, noise_scheduler, global_step, weight_dtype):
-    """train_diffusion_dpo_sdxl.dpo_step_losses on a cached batch: BENCHMARK COPY, not the shipped step.
-
-    The SDXL script has no --cache_latents yet, so its step only takes pixels. This is that step with its
-    encoder calls replaced by the cached posteriors and embeddings; every helper it calls is the script's own.
-    Replace it with the script's step once that accepts cached batches.
-    """
-    xl = script_for("sdxl")
-    unet, ref_unet, vae, _ = models
-    device = unet.device
-    num_pairs = batch["index"].shape[0]
-    generators = [xl.pair_generator(args.seed, global_step, int(i)) for i in batch["index"]]
-    timesteps = xl.draw_timesteps(generators, noise_scheduler.config.num_train_timesteps,
-                                  noise_scheduler.training_timesteps)
-    with torch.no_grad():
-        posterior_params = torch.cat([batch["posterior_w"], batch["posterior_l"]])
-        generators = generators + [xl.pair_generator(args.seed, global_step, f"{int(i)}/l") for i in batch["index"]]
-        latents = xl.sample_latents(posterior_params.to(device, dtype=weight_dtype), generators,
-                                    vae.config.scaling_factor)
-        generators = generators[:num_pairs]
-        prompt_embeds = batch["prompt_embeds"].to(device, dtype=weight_dtype)
-        pooled_prompt_embeds = batch["pooled_prompt_embeds"].to(device, dtype=weight_dtype)
-    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
-    noise = noise.to(device, dtype=latents.dtype)
-    timesteps = timesteps.to(device)
-    noise, timesteps, prompt_embeds = noise.repeat(2, 1, 1, 1), timesteps.repeat(2), prompt_embeds.repeat(2, 1, 1)
-    added_cond_kwargs = {"text_embeds": pooled_prompt_embeds.repeat(2, 1),
-                         "time_ids": batch["time_ids"].to(device, dtype=prompt_embeds.dtype).repeat(2, 1)}
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-
-    def per_sample_mse(model):
-        prediction = model(noisy_latents, timesteps, prompt_embeds, added_cond_kwargs=added_cond_kwargs).sample
-        return (prediction.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
-
-    with torch.no_grad():
-        if args.use_lora:
-            with xl.lora_adapters_disabled(xl.unet_module(unet)) as reference:
-                ref_losses = per_sample_mse(reference)
-        else:
-            ref_losses = per_sample_mse(ref_unet)
-    return per_sample_mse(unet), ref_losses
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The three measured things
-# ----------------------------------------------------------------------------------------------------------------
 class StepRunner:
     """Runs one preset x mode: floor, uncached step and cached step, each a callable returning its phase times."""
 
@@ -491,18 +445,17 @@ class StepRunner:
         self.noise_scheduler = noise_scheduler_for(preset.family)
         self.uncached_batch, self.cached_batch = make_batches(preset, self.args, vae, text_encoders,
                                                               self.weight_dtype)
-        if preset.family == "sd":
-            self.models = (self.unet, self.ref_unet, vae, text_encoders[0])
-            self.step_sources = {"uncached": "train_diffusion_dpo.dpo_step_losses",
-                                 "cached": "train_diffusion_dpo.dpo_step_losses"}
-            self.step_losses = {"uncached": self.script.dpo_step_losses, "cached": self.script.dpo_step_losses}
-        else:
-            self.models = (self.unet, self.ref_unet, vae, tuple(text_encoders))
-            self.step_sources = {"uncached": "train_diffusion_dpo_sdxl.dpo_step_losses",
-                                 "cached": "benchmark copy (the SDXL script has no cache yet)"}
-            self.step_losses = {"uncached": self.script.dpo_step_losses, "cached": sdxl_cached_step_losses}
+        text_encoder_or_pair = text_encoders[0] if preset.family == "sd" else tuple(text_encoders)
+        self.models = (self.unet, self.ref_unet, vae, text_encoder_or_pair)
+        source = f"{self.script.__name__}.micro_batch_step + optimizer_step"
+        self.step_sources = {"uncached": source, "cached": source}
+        # The loop's state as the script's prepare_training makes it (no dataloader: the batches are fixed here)
+        self.training_run = self.script.TrainingRun(
+            unet=self.unet, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, train_dataset=None,
+            train_dataloader=None, params=self.params, learning_rate=self.args.learning_rate,
+            num_processes=self.accelerator.num_processes, mixed_precision=self.accelerator.mixed_precision,
+            max_train_steps=10**9, num_train_epochs=1, steps_per_epoch=10**9)
         self.floor_inputs = self.make_floor_inputs()
-        self.global_step = 0
 
     def make_floor_inputs(self):
         """One fixed noised [2B] batch on the device, the UNet's inputs and nothing else."""
@@ -558,56 +511,28 @@ class StepRunner:
         return {"total": total}
 
     def step(self, kind):
-        """The whole training step, as the body of main()'s loop runs it (one micro-batch per optimizer step).
-
-        main() keeps this inline; the lines below follow it: per-sample errors, the DPO loss, backward, the
-        non-finite check, metrics reduced across processes, clipping, optimizer and schedule steps, zero_grad.
-        """
-        args, accelerator = self.args, self.accelerator
+        """The whole training step through the script's own stages, as main() runs them (one micro-batch per
+        optimizer step): micro_batch_step (per-sample errors, the DPO loss, backward) and optimizer_step (clip,
+        metrics reduced across processes, the non-finite check, optimizer and schedule steps, zero_grad)."""
         batch = self.uncached_batch if kind == "uncached" else self.cached_batch
-        phases = {}
-        mark = time.perf_counter()
-        started = mark
-
-        def lap(name):
-            nonlocal mark
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            phases[name] = now - mark
-            mark = now
-
-        with accelerator.accumulate(self.unet):
-            model_losses, ref_losses = self.step_losses[kind](args, batch, self.models, self.noise_scheduler,
-                                                              self.global_step, self.weight_dtype)
-            loss, metrics = self.script.diffusion_dpo_loss(model_losses, ref_losses, args.beta_dpo, args.loss_type)
-            lap("forward")
-            accelerator.backward(loss)
-            metrics["loss"] = loss.detach()
-            metrics["nonfinite"] = torch.tensor(float(not torch.isfinite(loss).item()), device=loss.device)
-            step_metrics = {name: value.float() for name, value in metrics.items()}
-            lap("backward")
-            grad_norm = accelerator.clip_grad_norm_(self.params, args.max_grad_norm)
-            names = sorted(step_metrics)
-            averaged = accelerator.reduce(torch.stack([step_metrics[n] for n in names]), reduction="mean")
-            logs = dict(zip(names, averaged.tolist()))
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            lap("clip")
-            if (logs["nonfinite"] == 0 and math.isfinite(grad_norm)) or accelerator.scaler is not None:
-                self.optimizer.step()  # fp16: the GradScaler sees every step (it skips an overflow itself)
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            lap("optimizer")
-        phases["total"] = time.perf_counter() - started
-        self.global_step += 1
-        return phases
+        started = time.perf_counter()
+        with self.accelerator.accumulate(self.unet):
+            self.script.micro_batch_step(self.args, self.accelerator, self.training_run, batch, self.models,
+                                         self.noise_scheduler, self.weight_dtype)
+            synchronize(self.device)
+            micro_batch = time.perf_counter() - started
+            self.script.optimizer_step(self.args, self.accelerator, self.training_run)
+            synchronize(self.device)
+        total = time.perf_counter() - started
+        return {"micro_batch": micro_batch, "optimizer_step": total - micro_batch, "total": total}
 
     def run(self, kind):
         return self.floor() if kind == "floor" else self.step(kind)
 
     def close(self):
         self.accelerator.free_memory()
-        for name in ("unet", "ref_unet", "optimizer", "lr_scheduler", "models", "params", "floor_inputs"):
+        for name in ("unet", "ref_unet", "optimizer", "lr_scheduler", "models", "params", "floor_inputs",
+                     "training_run"):
             setattr(self, name, None)
 
 
@@ -685,8 +610,8 @@ def rows_for(preset, mode, measured, bench_args, peak_tflops):
             "step_ms": step_s[kind] * 1e3, "floor_ms": floor_s * 1e3,
             "step_over_floor": step_s[kind] / floor_s,
             # derived, not timed: with accumulation the clip and optimizer run once per ACCUMULATION micro-batches
-            f"step_over_floor_accum{ACCUMULATION}": (phases["forward"] + phases["backward"]
-                                                    + (phases["clip"] + phases["optimizer"]) / ACCUMULATION) / floor_s,
+            f"step_over_floor_accum{ACCUMULATION}": (phases["micro_batch"]
+                                                    + phases["optimizer_step"] / ACCUMULATION) / floor_s,
             "cache_speedup": step_s["uncached"] / step_s["cached"] if kind == "cached" else None,
             "phases_ms": {name: value * 1e3 for name, value in phases.items()},
             "step_ms_all": [s["total"] * 1e3 for s in measured["samples"][kind]],
@@ -925,16 +850,15 @@ def print_table(rows):
 def print_phases(rows):
     """Where each step's time goes, next to the floor: the overheads the ratio is made of."""
     print(f"\nWhere the step goes, ms ({'median step' if rows[0]['statistic'] == 'median' else 'fastest of each'}):")
-    print("  forward = dpo_step_losses + loss (the VAE and text encoders run here when uncached); backward includes "
-          "the non-finite check;\n  clip = metric reduce + grad clip; optimizer = step + schedule + zero_grad; "
-          f"acc{ACCUMULATION} = step/floor derived for --gradient_accumulation_steps {ACCUMULATION}\n  (clip and "
-          f"optimizer once per {ACCUMULATION} micro-batches); FLOPs x = counted FLOPs uncached / cached (the cache's "
-          "speedup if all ran equally fast).")
+    print("  micro-batch = the script's micro_batch_step: dpo_step_losses, the loss and its backward (the VAE and "
+          "text encoders run here when uncached);\n  optimizer = its optimizer_step: grad clip, metric reduce, step, "
+          f"schedule, zero_grad; acc{ACCUMULATION} = step/floor derived for\n  --gradient_accumulation_steps "
+          f"{ACCUMULATION} (optimizer_step once per {ACCUMULATION} micro-batches); FLOPs x = counted FLOPs uncached / "
+          "cached (the cache's speedup if all ran equally fast).")
     for r in rows:
         p = r["phases_ms"]
         print(f"  {r['preset']:>9} {r['mode']:>4} cache={'yes' if r['cache'] else 'no ':3}  floor {r['floor_ms']:8.0f}"
-              f"  forward {p['forward']:8.0f}  backward {p['backward']:8.0f}  clip {p['clip']:6.0f}  optimizer "
-              f"{p['optimizer']:7.0f}  acc{ACCUMULATION} {r[f'step_over_floor_accum{ACCUMULATION}']:.2f}  FLOPs x "
+              f"  micro-batch {p['micro_batch']:8.0f}  optimizer {p['optimizer_step']:7.0f}  acc{ACCUMULATION} {r[f'step_over_floor_accum{ACCUMULATION}']:.2f}  FLOPs x "
               f"{r['flops_uncached_over_cached']:.2f}")
 
 

@@ -1,6 +1,6 @@
 """Session-wide fixtures: tiny pipelines and a preference dataset, built once per test run from configs.
 
-Build the same things by hand with tools/tiny_models.py and tools/make_preference_data.py.
+Build the same things by hand with fixtures/tiny_models.py and fixtures/make_preference_data.py.
 """
 
 import os
@@ -16,8 +16,8 @@ import torch  # noqa: E402
 # only oversubscribe the CPU (tiny ops become hundreds of times slower), and in-process numbers match launched runs.
 torch.set_num_threads(1)
 
-from tools.make_preference_data import make_preference_dataset  # noqa: E402
-from tools.tiny_models import build_tiny_sd, build_tiny_sdxl  # noqa: E402
+from fixtures.make_preference_data import make_preference_dataset  # noqa: E402
+from fixtures.tiny_models import build_tiny_sd, build_tiny_sdxl  # noqa: E402
 
 
 @pytest.fixture(scope="session")

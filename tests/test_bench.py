@@ -75,3 +75,40 @@ def test_meta_activation_memory_counts_activations_not_weights():
     with torch.device("meta"):
         params = sum(p.numel() for p in UNet2DConditionModel(**unet_config).parameters())
     assert full_peak >= 4 * params  # float32 grads of every parameter are live at the end of backward
+
+
+def test_the_benchmark_step_is_the_scripts_step(tmp_path, monkeypatch):
+    """A benchmark step and the script's loop body (micro_batch_step then optimizer_step, as main runs them), from the
+    same weights on the same batch, give the same loss and the same weights: the benchmark times the code that
+    ships. A retyped step in the benchmark that drifts from the script fails here."""
+    import torch
+
+    args = bench_dpo_step.parse_args(["--preset", "tiny", "--threads", "1", "--no_estimate"])
+    preset = bench_dpo_step.PRESETS["tiny"]
+    settings = bench_dpo_step.preset_settings(preset, args)
+    for mode in ("lora", "full"):
+        vae, text_encoders = bench_dpo_step.build_frozen_models(preset, torch.device("cpu"), torch.float32)
+        bench, by_hand = (bench_dpo_step.StepRunner(preset, mode, settings, tmp_path, vae, text_encoders)
+                          for _ in range(2))
+        script = bench.script
+        losses = []
+        real_micro_batch_step = script.micro_batch_step
+
+        def recording(*step_args, **kwargs):
+            losses.append(real_micro_batch_step(*step_args, **kwargs).item())
+            return losses[-1]
+
+        monkeypatch.setattr(script, "micro_batch_step", recording)
+        bench.step("uncached")
+        monkeypatch.setattr(script, "micro_batch_step", real_micro_batch_step)
+        with by_hand.accelerator.accumulate(by_hand.unet):
+            loss = script.micro_batch_step(by_hand.args, by_hand.accelerator, by_hand.training_run,
+                                           by_hand.uncached_batch, by_hand.models, by_hand.noise_scheduler,
+                                           by_hand.weight_dtype)
+            script.optimizer_step(by_hand.args, by_hand.accelerator, by_hand.training_run)
+        assert losses == [loss.item()]
+        for (name, ours), (_, theirs) in zip(bench.unet.named_parameters(), by_hand.unet.named_parameters()):
+            assert torch.equal(ours, theirs), name
+        assert bench.training_run.global_step == by_hand.training_run.global_step == 1
+        bench.close()
+        by_hand.close()

@@ -8,7 +8,7 @@ import torch
 
 import train_diffusion_dpo as sd
 from launch_utils import launch, logged_scalars, max_abs_difference, max_movement, trained_weights
-from tools.tiny_models import build_tiny_sd
+from fixtures.tiny_models import build_tiny_sd
 
 SCRIPT = "train_diffusion_dpo.py"
 

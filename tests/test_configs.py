@@ -125,9 +125,9 @@ def two_processes(port):
 
 
 def training_args(output_dir):
-    """The run's saved arguments; the script fills in num_processes and mixed_precision from the Accelerator."""
+    """The run's saved flags and what it derived from the launch (num_processes, mixed_precision from the Accelerator)."""
     saved = json.loads((Path(output_dir) / "training_args.json").read_text())
-    return saved.get("args", saved)
+    return {**saved["args"], **saved["run"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------

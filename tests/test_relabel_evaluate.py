@@ -17,7 +17,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 
 import train_diffusion_dpo as sd
 from tools import evaluate, relabel_pairs
-from tools.tiny_models import build_tiny_clip_tokenizer
+from fixtures.tiny_models import build_tiny_clip_tokenizer
 
 
 BRIGHTNESS_REWARD = """

@@ -13,7 +13,7 @@ import torch
 
 import train_diffusion_dpo as sd
 from launch_utils import ACCELERATE, REPO_ROOT, launch, max_abs_difference, summary, trained_weights
-from tools.make_hostile_data import ODD_KINDS, make_hostile_dataset
+from fixtures.make_hostile_data import ODD_KINDS, make_hostile_dataset
 
 SCRIPT = "train_diffusion_dpo.py"
 STEPS = 6

@@ -11,7 +11,7 @@ from transformers import CLIPTokenizer
 
 import train_diffusion_dpo as sd
 from launch_utils import launch, max_abs_difference, trained_weights
-from tools.make_preference_data import make_preference_dataset
+from fixtures.make_preference_data import make_preference_dataset
 
 # datasets sleeps 5 s whenever a multi-shard stream ends (a grace period for arrow's threads); these in-process
 # tests end streams a dozen times, so the grace period is skipped here.

@@ -17,9 +17,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from tools import make_preference_data, tiny_models
-from tools.make_preference_data import ATTRIBUTES, corrupt_scene, make_preference_dataset, random_scene
-from tools.tiny_models import build_tiny_sd, build_tiny_sdxl
+from fixtures import make_preference_data, tiny_models
+from fixtures.make_preference_data import ATTRIBUTES, corrupt_scene, make_preference_dataset, random_scene
+from fixtures.tiny_models import build_tiny_sd, build_tiny_sdxl
 
 
 def generate(pipeline_path, expected_class):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from tools import toy_base, toy_replication, toy_world
+from toy import toy_base, toy_replication, toy_world
 
 
 def test_caption_checker_reads_every_caption_of_rendered_scenes():

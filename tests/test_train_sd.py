@@ -12,7 +12,7 @@ from PIL import Image
 import train_diffusion_dpo as sd
 from launch_utils import (all_finite, launch, logged_scalars, max_abs_difference, max_movement, summary,
                           trained_weights)
-from tools.make_preference_data import make_preference_dataset
+from fixtures.make_preference_data import make_preference_dataset
 
 SCRIPT = "train_diffusion_dpo.py"
 
@@ -414,8 +414,9 @@ def test_batch_equals_gradient_accumulation(tiny_sd_path, preference_data_path, 
     assert max_abs_difference(trained_weights(tmp_path / "batch"), trained_weights(tmp_path / "accum")) < 1e-4
 
 
-@pytest.mark.parametrize("loss_type", ["hinge", pytest.param("ipo", marks=pytest.mark.slow),
-                                       pytest.param("sft", marks=pytest.mark.slow)])
+# Slow: repeats of what the default suite covers (v-prediction runs in test_users_path.py; each loss type's math above)
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", ["hinge", "ipo", "sft"])
 def test_other_loss_types_train_v_prediction(loss_type, tiny_sd_vpred_path, preference_data_path, tmp_path):
     launch(SCRIPT, run_args(tiny_sd_vpred_path, preference_data_path, tmp_path, "--use_lora", "--loss_type",
                             loss_type, "--max_train_steps", "2", "--beta_dpo", "50"))

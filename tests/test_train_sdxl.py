@@ -22,8 +22,8 @@ import train_diffusion_dpo as sd
 import train_diffusion_dpo_sdxl as sdxl
 from launch_utils import (REPO_ROOT, all_finite, launch, logged_scalars, max_abs_difference, max_movement, summary,
                           trained_weights)
-from tools.make_preference_data import make_preference_dataset
-from tools.tiny_models import build_tiny_vae
+from fixtures.make_preference_data import make_preference_dataset
+from fixtures.tiny_models import build_tiny_vae
 
 SCRIPT = "train_diffusion_dpo_sdxl.py"
 # Flags of the SD script that this one does not have yet: issue 5's latent cache and streaming.
@@ -86,6 +86,28 @@ def test_copied_pieces_are_identical_to_the_sd_script():
                    "save_checkpoint", "register_checkpoint_hooks", "log_validation", "hub_upload_patterns"):
         assert shared in marked
 
+
+# What the two scripts define under the same name without a "Copied from" mark: the pieces that are SDXL's own
+# (two text encoders and tokenizers, time ids, the float32 VAE, turbo). Everything else is copied and guarded above.
+FAMILY_SPECIFIC = {
+    "PreferencePairDataset", "PreferencePairDataset.__init__", "PreferencePairDataset.cache_views",
+    "PreferencePairDataset.model_inputs", "PreferencePairDataset.prompt_truncated", "build_cache", "build_models",
+    "build_parser", "build_pipeline", "collate_pairs", "dpo_step_losses", "generate_images", "safe_validation",
+    "save_results", "validate_args", "write_model_card",
+}
+
+
+def test_every_function_both_scripts_define_is_copied_or_known_to_be_sdxl_specific():
+    sd_defs, _ = definitions(REPO_ROOT / "train_diffusion_dpo.py")
+    sdxl_defs, sdxl_lines = definitions(REPO_ROOT / SCRIPT)
+    marked = {name for name, (start, _) in sdxl_defs.items() if start >= 2 and COPIED_FROM.match(sdxl_lines[start - 2])}
+    covered = {name for name in sdxl_defs if name in marked or any(name.startswith(m + ".") for m in marked)}
+    unmarked_in_both = {name for name in sdxl_defs if name in sd_defs and name not in covered}
+    assert unmarked_in_both == FAMILY_SPECIFIC, (
+        f"new unmarked: {sorted(unmarked_in_both - FAMILY_SPECIFIC)}; now marked or gone: "
+        f"{sorted(FAMILY_SPECIFIC - unmarked_in_both)}")
+    for stage in ("main", "micro_batch_step", "optimizer_step", "after_step", "finish_run", "prepare_training"):
+        assert stage in marked
 
 @pytest.mark.parametrize("loss_type", sd.LOSS_TYPES)
 def test_loss_gives_equal_outputs_in_both_scripts(loss_type):
@@ -552,6 +574,8 @@ def test_full_resume_equals_an_uninterrupted_run(full_run, tiny_sdxl_path, prefe
     assert max_abs_difference(resumed, uninterrupted) < 1e-6
 
 
+# Slow: the DDP path is the SD script's, copied under the drift test (its 2-process test is in the default suite)
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(tiny_sdxl_path, non_square_data_path, tmp_path):
     # As in the SD test: a large Adam epsilon keeps Adam from magnifying float-summation noise in near-zero
     # gradients into lr-sized weight differences.

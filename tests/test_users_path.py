@@ -15,8 +15,8 @@ import train_diffusion_dpo as sd
 import train_diffusion_dpo_sdxl as sdxl
 from launch_utils import launch, logged_scalars, summary, trained_weights
 from tools import evaluate
-from tools.make_preference_data import make_preference_dataset
-from tools.tiny_models import build_tiny_sd, build_tiny_sdxl
+from fixtures.make_preference_data import make_preference_dataset
+from fixtures.tiny_models import build_tiny_sd, build_tiny_sdxl
 
 SCRIPTS = {"sd": sd, "sdxl": sdxl}
 SCRIPT_FILES = {"sd": "train_diffusion_dpo.py", "sdxl": "train_diffusion_dpo_sdxl.py"}
@@ -138,13 +138,17 @@ LORA_FLAGS = ["--use_lora", "--rank", "4", "--lora_alpha", "8"]
 
 @pytest.fixture(scope="module")
 def runs(bases, pairs, tmp_path_factory):
-    done = {}
-    for family in ("sd", "sdxl"):
-        for mode in ("lora", "full"):
-            output_dir = tmp_path_factory.mktemp(f"{family}-{mode}")
-            launch(SCRIPT_FILES[family], run_args(bases[family], pairs, output_dir, *RUN_FLAGS,
-                                                  *(LORA_FLAGS if mode == "lora" else [])))
-            done[family, mode] = output_dir
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = {(family, mode): tmp_path_factory.mktemp(f"{family}-{mode}")
+            for family in ("sd", "sdxl") for mode in ("lora", "full")}
+    # Independent runs, mostly start-up time: side by side, one thread each.
+    with ThreadPoolExecutor(max_workers=len(done)) as pool:
+        launched = [pool.submit(launch, SCRIPT_FILES[family], run_args(
+            bases[family], pairs, output_dir, *RUN_FLAGS, *(LORA_FLAGS if mode == "lora" else [])),
+            env={"OMP_NUM_THREADS": "1"}) for (family, mode), output_dir in done.items()]
+        for run in launched:
+            run.result()
     return done
 
 

@@ -3,7 +3,7 @@
     make demo            # = python tools/demo.py --output_dir demo-output
 
 1. samples preference pairs from the committed toy base (toy/base, a small text-to-image model trained on a world
-   of coloured shapes by tools/toy_base.py) and labels them with a programmatic reward (centredness: the shape
+   of coloured shapes by toy/toy_base.py) and labels them with a programmatic reward (centredness: the shape
    closer to the middle wins) through tools/relabel_pairs.py,
 2. runs `accelerate launch train_diffusion_dpo.py ...` on them (a full fine-tune, as in the paper), exactly as on SD1.5,
 3. loads the result back with stock diffusers (`DiffusionPipeline.from_pretrained(output_dir)`),
@@ -39,7 +39,7 @@ def main(args):
     from diffusers import DiffusionPipeline
     from diffusers.utils import make_image_grid
 
-    from tools import toy_replication, toy_world
+    from toy import toy_replication, toy_world
 
     started = time.time()
     output_dir = Path(args.output_dir).resolve()

@@ -56,7 +56,6 @@ import json
 import math
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -159,16 +158,20 @@ def load_accuracy_models(args, script, device, dtype):
     return pipe.unet, ref_unet, pipe.vae, text_encoders, tokenizers, noise_scheduler, result.is_lora
 
 
-def data_args(args, resolution):
-    """The training script's data settings for evaluation: no crop or flip randomness, no prompt dropout."""
-    return SimpleNamespace(
-        train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        dataset_split_name=args.dataset_split_name, cache_dir=args.cache_dir, streaming=False,
-        caption_column=args.caption_column, image_0_column=args.image_0_column, image_1_column=args.image_1_column,
-        label_0_column=args.label_0_column, label_1_column=args.label_1_column, chosen_column=args.chosen_column,
-        rejected_column=args.rejected_column, max_train_samples=args.max_pairs, seed=args.seed,
-        resolution=resolution, random_crop=False, no_hflip=True, proportion_empty_prompts=0.0)
+def training_args(args, script, resolution, is_lora):
+    """The training script's own parsed flags for evaluation, checked by its parse_args as a training run's are: the
+    same data columns and seed, at `resolution`, with no crop or flip randomness and no prompt dropout."""
+    argv = ["--pretrained_model_name_or_path", args.base, "--output_dir", args.output_dir, "--seed", str(args.seed),
+            "--resolution", str(resolution), "--no_hflip", "--proportion_empty_prompts", "0",
+            "--dataset_split_name", args.dataset_split_name, "--caption_column", args.caption_column,
+            "--image_0_column", args.image_0_column, "--image_1_column", args.image_1_column,
+            "--label_0_column", args.label_0_column, "--label_1_column", args.label_1_column]
+    optional = {"--train_data_dir": args.train_data_dir, "--dataset_name": args.dataset_name,
+                "--dataset_config_name": args.dataset_config_name, "--cache_dir": args.cache_dir,
+                "--chosen_column": args.chosen_column, "--rejected_column": args.rejected_column,
+                "--max_train_samples": args.max_pairs}
+    argv += [item for flag, value in optional.items() if value is not None for item in (flag, str(value))]
+    return script.parse_args(argv + (["--use_lora"] if is_lora else []))
 
 
 def implicit_accuracy(args):
@@ -179,12 +182,9 @@ def implicit_accuracy(args):
     resolution = args.resolution if args.resolution is not None else training_defaults.get_default("resolution")
     unet, ref_unet, vae, text_encoders, tokenizers, noise_scheduler, is_lora = load_accuracy_models(
         args, script, device, dtype)
-    settings = data_args(args, resolution)
+    settings = training_args(args, script, resolution, is_lora)
     dataset, columns, counts = script.load_preference_dataset(settings)
     pairs = script.PreferencePairDataset(dataset, columns, tokenizers, settings)
-    # vae_encode_batch_size: SDXL's images per VAE call, its training default (SD encodes the batch in one call).
-    step_args = SimpleNamespace(seed=args.seed, loss_type="sigmoid", use_lora=is_lora,
-                                vae_encode_batch_size=training_defaults.get_default("vae_encode_batch_size"))
     models = (unet, ref_unet, vae, text_encoders)
 
     # 1. Decode each pair once (unusable rows are skipped and counted, never replaced by another row).
@@ -216,7 +216,7 @@ def implicit_accuracy(args):
         model_draws, ref_draws = [], []
         with torch.no_grad():
             for draw in range(args.num_draws):
-                model_losses, ref_losses = script.dpo_step_losses(step_args, batch, models, noise_scheduler,
+                model_losses, ref_losses = script.dpo_step_losses(settings, batch, models, noise_scheduler,
                                                                   f"implicit-accuracy/{draw}", dtype)
                 model_draws.append(model_losses)
                 ref_draws.append(ref_losses)

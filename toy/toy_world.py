@@ -28,7 +28,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tools.make_preference_data import COLORS, SHAPES, with_article
+from fixtures.make_preference_data import COLORS, SHAPES, with_article
 
 
 IMAGE_SIZE = 32

@@ -1,6 +1,6 @@
 """Train the toy world's base text-to-image model from scratch on the CPU: the "SD 1.5" of `make toy`.
 
-    python tools/toy_base.py --output_dir toy/base          # 20-30 minutes on 2 CPU cores
+    python toy/toy_base.py --output_dir toy/base          # 20-30 minutes on 2 CPU cores
 
 It writes an ordinary StableDiffusionPipeline folder (32 x 32 pictures, 8 x 8 x 4 latents) that
 `DiffusionPipeline.from_pretrained` loads and that train_diffusion_dpo.py takes as --pretrained_model_name_or_path.
@@ -11,7 +11,7 @@ UNet and text encoder to within 2e-3 (a multithreaded CPU backward sums in a var
 curve and the same caption fidelity. Another torch build gives a different but equally usable base.
 
 Stages:
-1. A text encoder: the tiny CLIP of tools/tiny_models.py, trained with the UNet (as a from-scratch text-to-image
+1. A text encoder: the tiny CLIP of fixtures/tiny_models.py, trained with the UNet (as a from-scratch text-to-image
    model has to learn its words; frozen later, since DPO trains the UNet only).
 2. A small AutoencoderKL (3 levels, scale factor 4), trained to reconstruct the world's pictures; its latent scaling
    factor is set so the latents have unit variance, as SD's 0.18215 does for SD's VAE.
@@ -35,7 +35,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from tools import tiny_models, toy_world  # noqa: E402
+from fixtures import tiny_models  # noqa: E402
+from toy import toy_world  # noqa: E402
 
 
 LATENT_SIZE = toy_world.IMAGE_SIZE // 4
