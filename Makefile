@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo toy toy-base test test-all bench clean
+.PHONY: install demo toy toy-base test test-all bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -41,4 +41,10 @@ bench: install
 	$(PY) benchmarks/bench_dpo_step.py --preset tiny --preset sd15 --json bench-output/bench.json
 
 clean:
-	rm -rf demo-output bench-output toy-output .pytest_cache
+	rm -rf demo-output bench-output toy-output gpu-check .pytest_cache
+
+# The prepared device check (benchmarks/gpu_check.py): every GPU-only training path through the scripts' own stages,
+# one JSON and one table, at most ~8 minutes on one CUDA GPU. Without CUDA it runs its CPU form on the tiny models
+# (the default suite runs that form too). On a bare GPU machine, see the install lines at the top of the script.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --json gpu-check/gpu_check.json

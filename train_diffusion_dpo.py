@@ -1547,11 +1547,14 @@ class StopRequest:
 
 @dataclass(frozen=True)
 class InjectedFaults:
-    """Faults the reliability tests inject through DIFFUSION_DPO_TEST_* variables, read here and nowhere else; all
-    off in normal use. NAN_STEPS: optimizer steps whose loss is NaN ("2,3"); STEP_DELAY: seconds added to every
-    micro-batch; CRASH_IN_SAVE: the step whose checkpoint is written but never renamed (the process dies)."""
+    """Faults the reliability tests and the device check inject through DIFFUSION_DPO_TEST_* variables, read here
+    and nowhere else; all off in normal use. NAN_STEPS: optimizer steps whose loss is NaN ("2,3"); OVERFLOW_STEPS:
+    steps whose loss is multiplied by 1e35, finite in float32 but with fp16-scaled gradients that overflow (what a
+    GradScaler must survive); STEP_DELAY: seconds added to every micro-batch; CRASH_IN_SAVE: the step whose
+    checkpoint is written but never renamed (the process dies)."""
 
     nan_steps: frozenset = frozenset()
+    overflow_steps: frozenset = frozenset()
     step_delay: float = 0.0
     crash_in_save: int | None = None
 
@@ -1560,7 +1563,10 @@ class InjectedFaults:
         def read(name):
             return os.environ.get(f"DIFFUSION_DPO_TEST_{name}", "")
 
-        return cls(nan_steps=frozenset(int(step) for step in read("NAN_STEPS").split(",") if step),
+        def steps(name):
+            return frozenset(int(step) for step in read(name).split(",") if step)
+
+        return cls(nan_steps=steps("NAN_STEPS"), overflow_steps=steps("OVERFLOW_STEPS"),
                    step_delay=float(read("STEP_DELAY") or 0), crash_in_save=int(read("CRASH_IN_SAVE") or 0) or None)
 
     def crash_if_saving(self, global_step):
@@ -1791,6 +1797,8 @@ def micro_batch_step(args, accelerator, run, batch, models, noise_scheduler, wei
     loss, metrics = diffusion_dpo_loss(model_losses, ref_losses, args.beta_dpo, args.loss_type)
     if run.global_step + 1 in faults.nan_steps:
         loss = loss * float("nan")
+    if run.global_step + 1 in faults.overflow_steps:
+        loss = loss * 1e35
     if faults.step_delay:
         time.sleep(faults.step_delay)
     accelerator.backward(loss)

@@ -420,7 +420,9 @@ def make_batches(preset, args, vae, text_encoders, weight_dtype):
 class StepRunner:
     """Runs one preset x mode: floor, uncached step and cached step, each a callable returning its phase times."""
 
-    def __init__(self, preset, mode, bench_args, workdir, vae, text_encoders):
+    def __init__(self, preset, mode, bench_args, workdir, vae, text_encoders, grad_scaler=None):
+        """grad_scaler: a GradScaler to put into the Accelerator before anything is prepared (the device check's
+        fp16 emulation on a CPU, where accelerate makes none); None: whatever accelerate makes."""
         from accelerate import Accelerator
 
         self.preset, self.mode, self.device = preset, mode, torch.device(bench_args.device)
@@ -432,6 +434,8 @@ class StepRunner:
         # and fp16 gets a grad scaler, exactly as in the scripts.
         self.accelerator = Accelerator(mixed_precision=MIXED_PRECISION[bench_args.dtype],
                                        cpu=self.device.type == "cpu")
+        if grad_scaler is not None:
+            self.accelerator.native_amp, self.accelerator.scaler = True, grad_scaler
         started = time.perf_counter()
         unet, self.ref_unet = build_trained_unet(preset, mode, self.args, self.device, self.weight_dtype)
         self.build_s = time.perf_counter() - started
@@ -456,6 +460,8 @@ class StepRunner:
             num_processes=self.accelerator.num_processes, mixed_precision=self.accelerator.mixed_precision,
             max_train_steps=10**9, num_train_epochs=1, steps_per_epoch=10**9)
         self.floor_inputs = self.make_floor_inputs()
+        self.faults = self.script.InjectedFaults()  # none; the device check injects an fp16 overflow
+        self.last_logs = None  # what optimizer_step logged for the last step (loss, implicit_acc, grad_norm...)
 
     def make_floor_inputs(self):
         """One fixed noised [2B] batch on the device, the UNet's inputs and nothing else."""
@@ -518,10 +524,10 @@ class StepRunner:
         started = time.perf_counter()
         with self.accelerator.accumulate(self.unet):
             self.script.micro_batch_step(self.args, self.accelerator, self.training_run, batch, self.models,
-                                         self.noise_scheduler, self.weight_dtype)
+                                         self.noise_scheduler, self.weight_dtype, self.faults)
             synchronize(self.device)
             micro_batch = time.perf_counter() - started
-            self.script.optimizer_step(self.args, self.accelerator, self.training_run)
+            self.last_logs, _ = self.script.optimizer_step(self.args, self.accelerator, self.training_run)
             synchronize(self.device)
         total = time.perf_counter() - started
         return {"micro_batch": micro_batch, "optimizer_step": total - micro_batch, "total": total}

@@ -94,7 +94,8 @@ def wait_for(path, process, timeout=120):
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("kill_after", [1, 4])
+# kill_after 4: the same path at another step (slow: a repeat of 1)
+@pytest.mark.parametrize("kill_after", [1, pytest.param(4, marks=pytest.mark.slow)])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(kill_after, uninterrupted, tiny_sd_path,
                                                          preference_data_path, tmp_path):
     args = run_args(tiny_sd_path, preference_data_path, tmp_path, "--checkpointing_steps", "1")
