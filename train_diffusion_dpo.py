@@ -1770,8 +1770,11 @@ def start_run(args, accelerator, run, counts, noise_scheduler):
 
 
 def training_batches(args, accelerator, run):
-    """Micro-batches from the resume position on, epoch after epoch, each batch's bad rows recorded."""
+    """Micro-batches from the resume position on, epoch after epoch, until the last optimizer step: none is read
+    after it (its bad rows would be counted, a stream's position moved), and a resume at the end reads none."""
     for epoch in range(run.first_epoch, run.num_train_epochs):
+        if run.global_step >= run.max_train_steps:
+            return
         dataloader = run.train_dataloader
         if not args.streaming:
             # accelerate re-sets the sampler's epoch from its own counter when iteration starts: set it there
@@ -1779,7 +1782,11 @@ def training_batches(args, accelerator, run):
             run.train_dataset.epoch = epoch
         if epoch == run.first_epoch and run.resume_batches:
             dataloader = accelerator.skip_first_batches(dataloader, run.resume_batches)
-        for batch in dataloader:
+        batches = iter(dataloader)
+        while run.global_step < run.max_train_steps:
+            batch = next(batches, None)
+            if batch is None:
+                break
             for row, reason in batch["skipped"]:
                 run.row_problems[reason].add(row)
             run.row_problems["truncated_caption"].update(batch["truncated"])
@@ -1935,8 +1942,6 @@ def main(args):
                         disable=not accelerator.is_local_main_process)
 
     for batch in training_batches(args, accelerator, run):
-        if run.global_step >= run.max_train_steps:  # a resume at the last step, or the steps ran out mid-epoch
-            break
         with accelerator.accumulate(run.unet):
             micro_batch_step(args, accelerator, run, batch, models, noise_scheduler, weight_dtype, faults)
             stepped = accelerator.sync_gradients
