@@ -271,6 +271,9 @@ def test_two_process_save_and_resume_equals_an_uninterrupted_two_process_run(ddp
     assert logged_scalars(tmp_path) == pytest.approx(logged_scalars(ddp_lora_run), rel=1e-6)
 
 
+# Slow: the same gloo DDP path as the 2-process tests above; the config's machine layout is checked without a run
+# (test_multi_node_config_starts_eight_processes_on_each_of_two_machines).
+@pytest.mark.slow
 def test_multi_node_config_two_machines_equal_one_machine(ddp_lora_run, tiny_sd_path, preference_data_path, tmp_path):
     # multi_node_2x8.yaml as two "machines" with one process each on localhost: the same 2-process world as
     # ddp_lora_run, wired through the multi-node launch path (node ranks, main process address and port).

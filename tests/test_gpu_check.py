@@ -18,7 +18,8 @@ def test_cpu_form_runs_every_row_and_the_fp16_row_survives_its_overflow(tmp_path
     json_path = tmp_path / "cpu.json"
     completed = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--preset", "tiny",
-         "--json", str(json_path)], cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+         "--warmup", "1", "--steps", "1", "--json", str(json_path)],
+        cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert completed.returncode == 0, completed.stdout[-4000:]
     assert "step/floor" in completed.stdout and "MFU" in completed.stdout
