@@ -13,13 +13,12 @@ from safetensors.torch import load_file
 import pipeline_dpo
 import train_diffusion_dpo as sd
 import train_diffusion_dpo_sdxl as sdxl
-from launch_utils import launch, logged_scalars, summary, trained_weights
+from launch_utils import logged_scalars, summary, trained_weights
 from tools import evaluate
 from fixtures.make_preference_data import make_preference_dataset
 from fixtures.tiny_models import build_tiny_sd, build_tiny_sdxl
 
 SCRIPTS = {"sd": sd, "sdxl": sdxl}
-SCRIPT_FILES = {"sd": "train_diffusion_dpo.py", "sdxl": "train_diffusion_dpo_sdxl.py"}
 
 
 def run_args(model, data, output_dir, *extra):
@@ -138,17 +137,21 @@ LORA_FLAGS = ["--use_lora", "--rank", "4", "--lora_alpha", "8"]
 
 @pytest.fixture(scope="module")
 def runs(bases, pairs, tmp_path_factory):
-    from concurrent.futures import ThreadPoolExecutor
+    """The four runs, in this process (main() as `accelerate launch` runs it on one process, without the start-up)."""
+    from accelerate.state import AcceleratorState, GradientState
 
-    done = {(family, mode): tmp_path_factory.mktemp(f"{family}-{mode}")
-            for family in ("sd", "sdxl") for mode in ("lora", "full")}
-    # Independent runs, mostly start-up time: side by side, one thread each.
-    with ThreadPoolExecutor(max_workers=len(done)) as pool:
-        launched = [pool.submit(launch, SCRIPT_FILES[family], run_args(
-            bases[family], pairs, output_dir, *RUN_FLAGS, *(LORA_FLAGS if mode == "lora" else [])),
-            env={"OMP_NUM_THREADS": "1"}) for (family, mode), output_dir in done.items()]
-        for run in launched:
-            run.result()
+    done = {}
+    for family in ("sd", "sdxl"):
+        for mode in ("lora", "full"):
+            output_dir = tmp_path_factory.mktemp(f"{family}-{mode}")
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            script = SCRIPTS[family]
+            script.main(script.parse_args(run_args(bases[family], pairs, output_dir, *RUN_FLAGS,
+                                                   *(LORA_FLAGS if mode == "lora" else []))))
+            done[family, mode] = output_dir
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
     return done
 
 
