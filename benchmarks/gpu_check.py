@@ -233,7 +233,8 @@ def main(args):
     started = time.perf_counter()
     rows = run_check(args)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print_table(rows, device_name)
+    sizes = "SD 1.5 at 512 px, SDXL at 1024 px" if args.preset == "real" else "the tiny models (the rows' code paths)"
+    print_table(rows, f"{device_name}, {sizes}")
     wall_s = time.perf_counter() - started
     print(f"\ndevice check wall time {wall_s:.0f} s")
     if args.json:
