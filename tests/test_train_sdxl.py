@@ -34,16 +34,31 @@ CPU = SimpleNamespace(device=torch.device("cpu"))  # build_models asks the accel
 # ---------------------------------------------------------------------------------------------------------------
 # Drift between the two scripts
 # ---------------------------------------------------------------------------------------------------------------
-# diffusers' convention: "# Copied from module.name", optionally "with old->new, ..." (whole-word renames).
+# diffusers' convention: "# Copied from module.name", optionally "with old->new, ..." (renames of whole names, where
+# an underscore separates names: unet->transformer also gives ref_transformer and transformer_module). A script may
+# add renames that every copied piece of it applies, in a comment block that starts with SCRIPT_RENAMES.
 COPIED_FROM = re.compile(r"^\s*# Copied from train_diffusion_dpo\.([\w.]+)(?: with (.+))?$")
+SCRIPT_RENAMES = '# Every "# Copied from" below also renames '
 
 
 def renamed(lines, renames):
     text = "\n".join(lines)
     for pair in renames.split(",") if renames else []:
         old, new = pair.strip().split("->")
-        text = re.sub(rf"\b{re.escape(old)}\b", new, text)
+        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(old)}(?![A-Za-z0-9])", new, text)
     return text.splitlines()
+
+
+def script_renames(lines):
+    """The renames a script applies to every copied piece (its SCRIPT_RENAMES block, up to the full stop), or None."""
+    for i, line in enumerate(lines):
+        if line.startswith(SCRIPT_RENAMES):
+            text = line[len(SCRIPT_RENAMES):]
+            while not text.endswith("."):
+                i += 1
+                text += " " + lines[i].lstrip("#").strip()
+            return text[:-1]
+    return None
 
 
 def definitions(path):
@@ -64,23 +79,41 @@ def definitions(path):
     return walk(ast.parse("\n".join(lines)).body, ""), lines
 
 
-def test_copied_pieces_are_identical_to_the_sd_script():
+def copied_pieces(script):
+    """{name: source name} of the script's marked pieces; asserts each equals the SD script's source, renamed."""
     sd_defs, _ = definitions(REPO_ROOT / "train_diffusion_dpo.py")
-    sdxl_defs, sdxl_lines = definitions(REPO_ROOT / SCRIPT)
+    defs, lines = definitions(REPO_ROOT / script)
+    everywhere = script_renames(lines)
     marked = {}
-    for name, (start, source) in sdxl_defs.items():
-        match = COPIED_FROM.match(sdxl_lines[start - 2]) if start >= 2 else None
+    for name, (start, source) in defs.items():
+        match = COPIED_FROM.match(lines[start - 2]) if start >= 2 else None
         if match:
             marked[name] = match.groups()
     # Every marker sits directly above a definition: none is orphaned by an edit.
-    marker_lines = [i for i, line in enumerate(sdxl_lines, 1) if COPIED_FROM.match(line)]
+    marker_lines = [i for i, line in enumerate(lines, 1) if COPIED_FROM.match(line)]
     assert len(marker_lines) == len(marked)
     drifted = []
     for name, (source_name, renames) in marked.items():
         assert source_name in sd_defs, f"{name} is marked as copied from {source_name}, which the SD script lacks"
-        if sdxl_defs[name][1] != renamed(sd_defs[source_name][1], renames):
+        if defs[name][1] != renamed(renamed(sd_defs[source_name][1], everywhere), renames):
             drifted.append(name)
-    assert not drifted, f"copied pieces differ from train_diffusion_dpo.py: {drifted}; copy them again"
+    assert not drifted, f"copied pieces of {script} differ from train_diffusion_dpo.py: {drifted}; copy them again"
+    return {name: source for name, (source, _) in marked.items()}
+
+
+def unmarked_shared_definitions(script):
+    """What the script defines under an SD-script name (after its renames) without a "Copied from" mark."""
+    sd_defs, _ = definitions(REPO_ROOT / "train_diffusion_dpo.py")
+    defs, lines = definitions(REPO_ROOT / script)
+    everywhere = script_renames(lines)
+    sd_names = {renamed([name], everywhere)[0] for name in sd_defs}
+    marked = {name for name, (start, _) in defs.items() if start >= 2 and COPIED_FROM.match(lines[start - 2])}
+    covered = {name for name in defs if name in marked or any(name.startswith(m + ".") for m in marked)}
+    return {name for name in defs if name in sd_names and name not in covered}, marked
+
+
+def test_copied_pieces_are_identical_to_the_sd_script():
+    marked = copied_pieces(SCRIPT)
     assert len(marked) >= 8, sorted(marked)
     for shared in ("diffusion_dpo_loss", "pair_generator", "preprocess_pair", "load_pil_image",
                    "save_checkpoint", "register_checkpoint_hooks", "log_validation", "hub_upload_patterns"):
@@ -98,16 +131,13 @@ FAMILY_SPECIFIC = {
 
 
 def test_every_function_both_scripts_define_is_copied_or_known_to_be_sdxl_specific():
-    sd_defs, _ = definitions(REPO_ROOT / "train_diffusion_dpo.py")
-    sdxl_defs, sdxl_lines = definitions(REPO_ROOT / SCRIPT)
-    marked = {name for name, (start, _) in sdxl_defs.items() if start >= 2 and COPIED_FROM.match(sdxl_lines[start - 2])}
-    covered = {name for name in sdxl_defs if name in marked or any(name.startswith(m + ".") for m in marked)}
-    unmarked_in_both = {name for name in sdxl_defs if name in sd_defs and name not in covered}
+    unmarked_in_both, marked = unmarked_shared_definitions(SCRIPT)
     assert unmarked_in_both == FAMILY_SPECIFIC, (
         f"new unmarked: {sorted(unmarked_in_both - FAMILY_SPECIFIC)}; now marked or gone: "
         f"{sorted(FAMILY_SPECIFIC - unmarked_in_both)}")
     for stage in ("main", "micro_batch_step", "optimizer_step", "after_step", "finish_run", "prepare_training"):
         assert stage in marked
+
 
 @pytest.mark.parametrize("loss_type", sd.LOSS_TYPES)
 def test_loss_gives_equal_outputs_in_both_scripts(loss_type):
