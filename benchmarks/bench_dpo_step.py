@@ -16,6 +16,7 @@
 
     python benchmarks/bench_dpo_step.py --preset tiny --preset sd15 --json bench-output/bench.json   # CPU (make bench)
     python benchmarks/bench_dpo_step.py --preset sd15-512 --preset sdxl-1024 --device cuda --json bench-output/gpu.json
+    python benchmarks/bench_dpo_step.py --preset sd35-medium-1024 --modes lora --device cuda   # SD3.5 medium, a GPU
 
 Every model is built from its real config with random weights (no download). For each preset and mode (full
 fine-tune with a frozen reference copy; LoRA with the adapters disabled as reference) three things are timed in
@@ -28,8 +29,10 @@ three alike):
     cached    the same step fed what --cache_latents stores: VAE posteriors and text embeddings
 
 and printed as one table (pairs/s, ms/step, peak memory, step/floor, cache speedup, TFLOP/s and MFU from
-torch.utils.flop_counter), followed by where the step's time goes beyond the floor and an estimate (labelled as
-such) of SDXL's peak GPU memory at 1024 px. --json writes every figure, per-step times included.
+torch.utils.flop_counter), followed by where the step's time goes beyond the floor and estimates (labelled as
+such) of SDXL's and SD3.5's peak GPU memory at 1024 px. --json writes every figure, per-step times included. The SD3
+presets (tiny-sd3 on a CPU, sd35-medium-1024 on a GPU) time train_diffusion_dpo_sd3.py's step: the same stages on
+velocity errors; there the floor is the transformer's forward + backward and the reference forward.
 """
 
 import argparse
@@ -55,9 +58,11 @@ sys.path.insert(0, str(REPO_ROOT))  # the training scripts and tools/ are import
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler,  # noqa: E402
+                       SD3Transformer2DModel, UNet2DConditionModel)
 from diffusers.training_utils import cast_training_params  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,  # noqa: E402
+                          T5EncoderModel)
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 import train_diffusion_dpo as sd_script  # noqa: E402
@@ -122,6 +127,36 @@ def openclip_bigg_text_config():
                           projection_dim=1280, bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
 
 
+def sd35_transformer_config(size):
+    """SD3.5 medium (2.5B, MMDiT-X: dual attention in its first 13 blocks) or large (8.1B), as released."""
+    if size == "medium":
+        return dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                    attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                    caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                    dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    return dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+                num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm")
+
+
+def sd3_vae_config():
+    """SD3's VAE: SD's architecture with 16 latent channels, latents shifted and scaled, no quant convolutions."""
+    return dict(sd_vae_config(1.5305, 1024), latent_channels=16, shift_factor=0.0609, use_quant_conv=False,
+                use_post_quant_conv=False)
+
+
+def t5_xxl_config():
+    """SD3's third text encoder: the T5 v1.1 XXL encoder (4.7B parameters, 4096 wide)."""
+    return T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                    feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=1)
+
+
+def sd3_text_configs():
+    clip_l = clip_vit_l_text_config()
+    clip_l.eos_token_id = 49407  # SD3's CLIP-L pools at <|endoftext|> like SD's; its projection is used here
+    return [clip_l, openclip_bigg_text_config(), t5_xxl_config()]
+
+
 def tiny_configs(family):
     """The sizes of fixtures/tiny_models.py (see DESIGN.md, "Facts of this machine")."""
     from fixtures import tiny_models
@@ -142,6 +177,18 @@ def tiny_configs(family):
     )
     if family == "sd":
         return unet, vae, [text_config]
+    if family == "sd3":
+        transformer = dict(sample_size=tiny_models.LATENT_SIZE, patch_size=2, in_channels=16, out_channels=16,
+                           num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                           joint_attention_dim=tiny_models.T5_HIDDEN_SIZE, caption_projection_dim=32,
+                           pooled_projection_dim=2 * tiny_models.TEXT_PROJECTION_DIM,
+                           pos_embed_max_size=tiny_models.LATENT_SIZE, dual_attention_layers=(0,), qk_norm="rms_norm")
+        vae.update(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                   use_post_quant_conv=False)
+        t5 = T5Config(vocab_size=203, d_model=tiny_models.T5_HIDDEN_SIZE, d_kv=16, d_ff=64, num_layers=2,
+                      num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                      pad_token_id=0, eos_token_id=1)
+        return transformer, vae, [text_config, tiny_models.tiny_clip_text_config(tokenizer), t5]
     unet.update(cross_attention_dim=2 * tiny_models.TEXT_HIDDEN_SIZE, transformer_layers_per_block=1,
                 use_linear_projection=True, addition_embed_type="text_time",
                 addition_time_embed_dim=tiny_models.ADDITION_TIME_EMBED_DIM,
@@ -153,8 +200,8 @@ def tiny_configs(family):
 @dataclasses.dataclass
 class Preset:
     name: str
-    family: str  # "sd" (train_diffusion_dpo.py) or "sdxl" (train_diffusion_dpo_sdxl.py)
-    configs: object  # () -> (unet config, vae config, [text encoder configs])
+    family: str  # "sd" (train_diffusion_dpo.py), "sdxl" (train_diffusion_dpo_sdxl.py), "sd3" (..._sd3.py)
+    configs: object  # () -> (unet or transformer config, vae config, [text encoder configs])
     resolution: int
     batch_pairs: int
     steps: int
@@ -173,6 +220,9 @@ PRESETS = {
     "tiny-sdxl": Preset("tiny-sdxl", "sdxl", lambda: tiny_configs("sdxl"), 64, 1, 5, 1, "adamw", False,
                         "tiny SDXL wiring (two encoders, text_time); exercises the sdxl-1024 code path on a CPU",
                         threads=1),
+    "tiny-sd3": Preset("tiny-sd3", "sd3", lambda: tiny_configs("sd3"), 64, 1, 5, 1, "adamw", False,
+                       "tiny SD3.5 wiring (MMDiT-X transformer, CLIP-L, CLIP-G, T5, flow matching) on a CPU",
+                       threads=1),
     "sd15": Preset("sd15", "sd", lambda: (sd15_unet_config(), sd_vae_config(0.18215, 512),
                                           [clip_vit_l_text_config()]), 128, 1, 2, 1, "adafactor", False,
                    "real SD 1.5 configs on a CPU at 128 px (16x16 latents: 256 px takes ~1 min a step on 2 cores); "
@@ -185,7 +235,13 @@ PRESETS = {
                                                       [clip_vit_l_text_config(), openclip_bigg_text_config()]),
                         1024, 1, 10, 3, "adamw8bit", True,
                         "real SDXL base configs at 1024 px, 8-bit AdamW, gradient checkpointing; meant for a GPU"),
+    "sd35-medium-1024": Preset("sd35-medium-1024", "sd3", lambda: (sd35_transformer_config("medium"),
+                                                                   sd3_vae_config(), sd3_text_configs()),
+                               1024, 1, 10, 3, "adamw8bit", True,
+                               "real SD3.5 medium configs at 1024 px, gradient checkpointing (the uncached step "
+                               "runs T5-XXL: ~12 GB of frozen encoders in bf16); meant for a GPU"),
 }
+DENOISER = {"sd": "unet", "sdxl": "unet", "sd3": "transformer"}  # what each script calls the trained model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,6 +348,10 @@ def default_peak_tflops(device, dtype_name):
 def script_for(family):
     if family == "sd":
         return sd_script
+    if family == "sd3":
+        import train_diffusion_dpo_sd3
+
+        return train_diffusion_dpo_sd3
     import train_diffusion_dpo_sdxl
 
     return train_diffusion_dpo_sdxl
@@ -320,7 +380,12 @@ def build_frozen_models(preset, device, weight_dtype):
     torch.manual_seed(1)
     vae = AutoencoderKL(**vae_config)
     vae_dtype = torch.float32 if preset.family == "sdxl" else weight_dtype
-    text_encoders = [CLIPTextModel(text_configs[0])]
+    if preset.family == "sd3":  # CLIP-L and CLIP-G with projections, then T5
+        with torch.device(device):
+            text_encoders = [CLIPTextModelWithProjection(text_configs[0]),
+                             CLIPTextModelWithProjection(text_configs[1]), T5EncoderModel(text_configs[2])]
+    else:
+        text_encoders = [CLIPTextModel(text_configs[0])]
     if preset.family == "sdxl":
         text_encoders.append(CLIPTextModelWithProjection(text_configs[1]))
     for frozen, dtype in [(vae, vae_dtype)] + [(encoder, weight_dtype) for encoder in text_encoders]:
@@ -331,7 +396,7 @@ def build_frozen_models(preset, device, weight_dtype):
 
 
 def build_trained_unet(preset, mode, args, device, weight_dtype):
-    """The UNet as train_diffusion_dpo.build_models prepares it: (policy, reference or None for LoRA).
+    """The UNet (SD3: the transformer) as the script's build_models prepares it: (policy, reference or None).
 
     Mirrors build_models' branches (which load from disk): LoRA = frozen base in the weight dtype plus float32
     adapters (reference: the same UNet, adapters disabled); full = float32 policy plus a frozen reference copy in
@@ -340,7 +405,7 @@ def build_trained_unet(preset, mode, args, device, weight_dtype):
     unet_config, _, _ = preset.configs()
     torch.manual_seed(0)
     with torch.device(device):  # initialise in place: a real-size UNet is built fastest where it will run
-        unet = UNet2DConditionModel(**unet_config)
+        unet = (SD3Transformer2DModel if preset.family == "sd3" else UNet2DConditionModel)(**unet_config)
     ref_unet = None
     if mode == "lora":
         from peft import LoraConfig
@@ -364,7 +429,9 @@ def build_trained_unet(preset, mode, args, device, weight_dtype):
 
 
 def noise_scheduler_for(family):
-    """SD 1.5's and SDXL's training schedule (scaled_linear, 1000 steps, epsilon)."""
+    """SD 1.5's and SDXL's training schedule (scaled_linear, 1000 steps, epsilon); SD3's flow matching (shift 3)."""
+    if family == "sd3":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", clip_sample=False, steps_offset=1,
                               prediction_type="epsilon")
@@ -405,6 +472,17 @@ def make_batches(preset, args, vae, text_encoders, weight_dtype):
                   "index": uncached["index"]}
         if preset.family == "sd":
             cached["text_embeddings"] = text_encoders[0](uncached["input_ids"].to(vae.device))[0].to("cpu", cache_dtype)
+        elif preset.family == "sd3":
+            uncached["input_ids_2"] = token_ids()
+            # T5: 12 words, </s> (1), padding (0) to --max_sequence_length
+            t5_ids = torch.zeros((pairs, args.max_sequence_length), dtype=torch.long)
+            t5_ids[:, :12] = torch.randint(2, text_encoders[2].config.vocab_size, (pairs, 12), generator=generator)
+            t5_ids[:, 12] = 1
+            uncached["input_ids_3"] = t5_ids
+            prompt_embeds, pooled = script_for("sd3").encode_prompt(
+                text_encoders, [uncached["input_ids"], uncached["input_ids_2"], uncached["input_ids_3"]])
+            cached.update(prompt_embeds=prompt_embeds.to("cpu", cache_dtype),
+                          pooled_prompt_embeds=pooled.to("cpu", cache_dtype))
         else:
             uncached["input_ids_2"] = token_ids()
             # original size, crop top-left, target size: what preprocess_pair_with_time_ids gives a centre crop
@@ -450,12 +528,13 @@ class StepRunner:
         self.uncached_batch, self.cached_batch = make_batches(preset, self.args, vae, text_encoders,
                                                               self.weight_dtype)
         text_encoder_or_pair = text_encoders[0] if preset.family == "sd" else tuple(text_encoders)
+        self.denoiser_module = getattr(self.script, f"{DENOISER[preset.family]}_module")
         self.models = (self.unet, self.ref_unet, vae, text_encoder_or_pair)
         source = f"{self.script.__name__}.micro_batch_step + optimizer_step"
         self.step_sources = {"uncached": source, "cached": source}
         # The loop's state as the script's prepare_training makes it (no dataloader: the batches are fixed here)
         self.training_run = self.script.TrainingRun(
-            unet=self.unet, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, train_dataset=None,
+            **{DENOISER[preset.family]: self.unet}, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, train_dataset=None,
             train_dataloader=None, params=self.params, learning_rate=self.args.learning_rate,
             num_processes=self.accelerator.num_processes, mixed_precision=self.accelerator.mixed_precision,
             max_train_steps=10**9, num_train_epochs=1, steps_per_epoch=10**9)
@@ -467,6 +546,17 @@ class StepRunner:
         """One fixed noised [2B] batch on the device, the UNet's inputs and nothing else."""
         pairs, latent_size = self.args.train_batch_size, self.args.resolution // 8
         generator = torch.Generator().manual_seed(1)
+        if self.preset.family == "sd3":  # flow matching: x_t = (1 - sigma) x_0 + sigma eps, target eps - x_0
+            latents = torch.randn(2 * pairs, 16, latent_size, latent_size, generator=generator)
+            noise = torch.randn(latents.shape, generator=generator)
+            indices = torch.randint(0, 1000, (pairs,), generator=generator).repeat(2)
+            sigmas = self.noise_scheduler.sigmas[indices].view(-1, 1, 1, 1)
+            to_device = lambda tensor: tensor.to(self.device, self.weight_dtype)  # noqa: E731
+            return {"hidden_states": to_device((1 - sigmas) * latents + sigmas * noise),
+                    "timestep": self.noise_scheduler.timesteps[indices].to(self.device),
+                    "encoder_hidden_states": to_device(self.cached_batch["prompt_embeds"].repeat(2, 1, 1)),
+                    "pooled_projections": to_device(self.cached_batch["pooled_prompt_embeds"].repeat(2, 1)),
+                    "target": to_device(noise - latents)}
         latents = torch.randn(2 * pairs, 4, latent_size, latent_size, generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, 1000, (pairs,), generator=generator).repeat(2)
@@ -503,7 +593,7 @@ class StepRunner:
         started = time.perf_counter()
         with torch.no_grad():
             if self.mode == "lora":
-                with self.script.lora_adapters_disabled(self.script.unet_module(unet)) as reference:
+                with self.script.lora_adapters_disabled(self.denoiser_module(unet)) as reference:
                     reference(**inputs)
             else:
                 self.ref_unet(**inputs)
@@ -545,7 +635,7 @@ class StepRunner:
 def measure_mode(preset, mode, bench_args, workdir, vae, text_encoders, log):
     runner = StepRunner(preset, mode, bench_args, workdir, vae, text_encoders)
     device = runner.device
-    log(f"  {mode}: UNet {runner.unet_params / 1e6:.1f}M params, {sum(p.numel() for p in runner.params) / 1e6:.2f}M "
+    log(f"  {mode}: {DENOISER[preset.family]} {runner.unet_params / 1e6:.1f}M params, {sum(p.numel() for p in runner.params) / 1e6:.2f}M "
         f"trained, optimizer {runner.optimizer_name}, built in {runner.build_s:.1f} s")
     flops, samples, peaks = {}, {kind: [] for kind in KINDS}, {kind: 0 for kind in KINDS}
     # Warm-up: every kind runs --warmup times; its first run also counts its FLOPs (not timed).
@@ -814,6 +904,97 @@ def sdxl_memory_estimate(resolution=1024, pairs=1):
     }
 
 
+def meta_transformer_activation_memory(config, latent_size, pairs, lora, gradient_checkpointing, text_tokens,
+                                       lora_targets):
+    """meta_activation_memory for SD3's transformer: peak bytes of one policy forward + backward beyond the weights
+    (meta device, bf16), on [2 * pairs] latents and a joint text sequence of `text_tokens` tokens."""
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(**config).to(torch.bfloat16)
+        if lora:
+            from peft import LoraConfig
+
+            transformer.requires_grad_(False)
+            transformer.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
+                                               target_modules=lora_targets))
+        images = 2 * pairs
+        inputs = {"hidden_states": torch.randn(images, config["in_channels"], latent_size, latent_size,
+                                               dtype=torch.bfloat16),
+                  "timestep": torch.full((images,), 500.0),
+                  "encoder_hidden_states": torch.randn(images, text_tokens, config["joint_attention_dim"],
+                                                       dtype=torch.bfloat16),
+                  "pooled_projections": torch.randn(images, config["pooled_projection_dim"], dtype=torch.bfloat16)}
+    transformer.train()
+    if gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    known = [t.untyped_storage()._cdata for t in [*transformer.parameters(), *transformer.buffers(),
+                                                   *inputs.values()]]
+    tracker = LiveMemory(known, grad_scale=1 if lora else 2)
+    hooks = [p.register_post_accumulate_grad_hook(tracker.mark_grad) for p in transformer.parameters()
+             if p.requires_grad]
+    with flash_attention_on_meta(), tracker:
+        loss = transformer(**inputs).sample.float().pow(2).mean()
+        tracker.sweep()
+        loss.backward()
+        tracker.sweep()
+    for hook in hooks:
+        hook.remove()
+    return tracker.peak
+
+
+def sd35_memory_estimate(size, resolution=1024, pairs=1, max_sequence_length=77):
+    """ESTIMATE of peak GPU memory (allocated) of SD3.5 LoRA DPO with --cache_latents (VAE and the three text
+    encoders off the GPU): 1 pair, bf16, gradient checkpointing, the script's default LoRA targets at rank 8.
+
+    The frozen transformer in bf16 plus float32 adapters, their grads and AdamW state from parameter counts of the
+    real config (meta device); activations from a forward+backward on the meta device. Not a measurement.
+    """
+    from accelerate import init_empty_weights
+
+    import train_diffusion_dpo_sd3 as sd3_script
+
+    config = sd35_transformer_config(size)
+    targets = sd3_script.DEFAULT_LORA_TARGETS.split(",")
+    with init_empty_weights():
+        transformer = SD3Transformer2DModel(**config)
+        vae = AutoencoderKL(**sd3_vae_config())
+        encoders = [CLIPTextModelWithProjection(c) if i < 2 else T5EncoderModel(c)
+                    for i, c in enumerate(sd3_text_configs())]
+    params = sum(p.numel() for p in transformer.parameters())
+    lora_params = sum(8 * (module.in_features + module.out_features) for name, module in transformer.named_modules()
+                      if isinstance(module, torch.nn.Linear) and any(name.endswith("." + t) for t in targets))
+    encoder_bytes = 2 * (sum(p.numel() for p in vae.parameters())
+                         + sum(p.numel() for e in encoders for p in e.parameters()))
+    latent_size = resolution // 8
+    text_tokens = 77 + max_sequence_length
+    lora_peak = meta_transformer_activation_memory(config, latent_size, pairs, True, True, text_tokens, targets)
+    no_ckpt_peak = meta_transformer_activation_memory(config, latent_size, pairs, True, False, text_tokens, targets)
+    gb = lambda n: n / 1e9  # noqa: E731  (the targets are in GB)
+    parts = {"base_bf16": gb(2 * params), "lora_weights_grads_adam_fp32": gb(16 * lora_params),
+             "activations": gb(lora_peak)}
+    return {
+        "label": "ESTIMATE from parameter counts and a meta-device pass, not a measurement",
+        "model": f"SD3.5 {size}", "resolution": resolution, "pairs": pairs, "transformer_params": params,
+        "lora_params_rank8": lora_params, "activations_lora_no_ckpt_gb": round(gb(no_ckpt_peak), 2),
+        "encoders_on_gpu_without_cache_gb": round(gb(encoder_bytes), 2),
+        "lora_adamw": {**{k: round(v, 2) for k, v in parts.items()}, "total": round(sum(parts.values()), 2)},
+        "target_gb": {"medium": 16, "large": 40}[size],
+    }
+
+
+def print_sd35_estimate(estimate):
+    parts, limit = estimate["lora_adamw"], estimate["target_gb"]
+    detail = ", ".join(f"{name} {value:.1f}" for name, value in parts.items() if name != "total")
+    print(f"\n{estimate['model']} LoRA at {estimate['resolution']} px, {estimate['pairs']} pair, bf16, gradient "
+          f"checkpointing, cached text embeddings and latents, peak allocated in GB (1e9 bytes):\n  ESTIMATE, not "
+          f"measured: {estimate['transformer_params'] / 1e9:.2f}B transformer parameters, "
+          f"{estimate['lora_params_rank8'] / 1e6:.1f}M LoRA parameters (rank 8)\n"
+          f"  lora_adamw       {parts['total']:5.1f} GB  {'within' if parts['total'] <= limit else 'OVER'} the "
+          f"{limit} GB target  ({detail}); without checkpointing the activations are "
+          f"{estimate['activations_lora_no_ckpt_gb']:.1f} GB\n  Without the cache add "
+          f"{estimate['encoders_on_gpu_without_cache_gb']:.1f} GB of bf16 weights (VAE, CLIP-L, CLIP-G, T5-XXL) and "
+          "their activations; the CUDA context and fragmentation come on top.")
+
+
 def print_sdxl_estimate(estimate):
     print(f"\nSDXL at {estimate['resolution']} px, {estimate['pairs']} pair/GPU, bf16 mixed precision, gradient "
           "checkpointing, latent cache (VAE and text encoders off the GPU), peak allocated in GB (1e9 bytes):")
@@ -876,9 +1057,9 @@ def parse_args(input_args=None):
         description="Time the shipped Diffusion-DPO step against its compute floor (policy fwd+bwd + reference fwd), "
                     "with and without the latent cache, full and LoRA; print one table and write JSON.")
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS),
-                        help="Model family and size to measure; repeat for several. tiny / tiny-sdxl: seconds on a "
-                             "CPU; sd15: real SD 1.5 configs at 256 px on a CPU; sd15-512, sdxl-1024: real configs, "
-                             "meant for a GPU. Default: tiny.")
+                        help="Model family and size to measure; repeat for several. tiny / tiny-sdxl / tiny-sd3: "
+                             "seconds on a CPU; sd15: real SD 1.5 configs at 128 px on a CPU; sd15-512, sdxl-1024, "
+                             "sd35-medium-1024: real configs, meant for a GPU. Default: tiny.")
     parser.add_argument("--modes", default="full,lora",
                         help="Comma-separated training modes: full (whole UNet, frozen reference copy) and/or lora.")
     parser.add_argument("--steps", type=int, default=None, help="Timed steps per kind; default: the preset's.")
@@ -908,7 +1089,7 @@ def parse_args(input_args=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for every preset; default: 1 for tiny presets, else torch's (one per "
                              "core). 1 is steadier on a busy machine.")
-    parser.add_argument("--no_estimate", action="store_true", help="Skip the SDXL memory estimate.")
+    parser.add_argument("--no_estimate", action="store_true", help="Skip the SDXL and SD3.5 memory estimates.")
     parser.add_argument("--json", type=str, default=None, help="Write every figure to this JSON file.")
     args = parser.parse_args(input_args)
     args.preset = args.preset or ["tiny"]
@@ -962,7 +1143,7 @@ def main(args):
         for name in args.preset:
             preset = PRESETS[name]
             settings = preset_settings(preset, args)
-            if preset.name in ("sd15-512", "sdxl-1024") and settings.device == "cpu":
+            if preset.name in ("sd15-512", "sdxl-1024", "sd35-medium-1024") and settings.device == "cpu":
                 log(f"warning: preset {name} is meant for a GPU; on this CPU it may take very long or run out of "
                     "memory.")
             log(f"{name}: {preset.note}; {settings.resolution} px, {settings.batch_pairs} pair(s), "
@@ -984,17 +1165,20 @@ def main(args):
     print(f"\nDiffusion-DPO step benchmark: {settings.device_name}, torch {torch.__version__}; {statistic}{load_note}")
     print_table(rows)
     print_phases(rows)
-    estimate = None
+    estimate, sd35_estimates = None, None
     if not args.no_estimate:
         estimate = sdxl_memory_estimate()
         print_sdxl_estimate(estimate)
+        sd35_estimates = [sd35_memory_estimate(size) for size in ("medium", "large")]
+        for sd35_estimate in sd35_estimates:
+            print_sd35_estimate(sd35_estimate)
     wall_s = time.perf_counter() - started
     print(f"\nbenchmark wall time {wall_s:.0f} s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         report = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                   "cpu_threads": torch.get_num_threads(), "settings": settings_used, "rows": rows,
-                  "sdxl_memory_estimate": estimate, "wall_s": wall_s,
+                  "sdxl_memory_estimate": estimate, "sd35_memory_estimates": sd35_estimates, "wall_s": wall_s,
                   "load_average_start_end": [load_at_start, load]}
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

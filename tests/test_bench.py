@@ -20,10 +20,10 @@ import bench_dpo_step  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
-    """The tiny SD and tiny SDXL presets, 1 warm-up + 2 timed steps, run as `make bench` runs the script."""
+    """The tiny SD, SDXL and SD3 presets, 1 warm-up + 2 timed steps, run as `make bench` runs the script."""
     json_path = tmp_path_factory.mktemp("bench") / "bench.json"
     command = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_dpo_step.py"), "--preset", "tiny",
-               "--preset", "tiny-sdxl", "--steps", "2", "--warmup", "1", "--threads", "1", "--no_estimate",
+               "--preset", "tiny-sdxl", "--preset", "tiny-sd3", "--steps", "2", "--warmup", "1", "--threads", "1", "--no_estimate",
                "--json", str(json_path)]
     completed = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
@@ -31,7 +31,7 @@ def tiny_report(tmp_path_factory):
     return json.loads(json_path.read_text()), completed.stdout
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3"])
 def test_rows_for_every_mode_and_cache_setting(tiny_report, preset):
     report, _ = tiny_report
     rows = {(row["mode"], row["cache"]): row for row in report["rows"] if row["preset"] == preset}
@@ -57,6 +57,23 @@ def test_table_is_printed(tiny_report):
     _, output = tiny_report
     assert "step/floor" in output and "cache x" in output
     assert output.count("tiny-sdxl") >= 4  # one table row per mode and cache setting, and the phase lines
+    assert output.count("tiny-sd3") >= 4
+
+
+def test_sd3_meta_activation_memory_counts_activations_not_weights():
+    """The SD3.5 estimate's activation pass on the tiny SD3.5 config: checkpointing keeps less, and a full pass
+    holds at least the float32 grads of every parameter."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    config, _, _ = bench_dpo_step.tiny_configs("sd3")
+    targets = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
+    measure = lambda lora, checkpointing: bench_dpo_step.meta_transformer_activation_memory(  # noqa: E731
+        config, 8, 1, lora, checkpointing, text_tokens=154, lora_targets=targets)
+    assert 0 < measure(True, True) < measure(True, False)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in SD3Transformer2DModel(**config).parameters())
+    assert measure(False, True) >= 4 * params
 
 
 def test_meta_activation_memory_counts_activations_not_weights():
@@ -77,14 +94,15 @@ def test_meta_activation_memory_counts_activations_not_weights():
     assert full_peak >= 4 * params  # float32 grads of every parameter are live at the end of backward
 
 
-def test_the_benchmark_step_is_the_scripts_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("preset_name", ["tiny", "tiny-sd3"])
+def test_the_benchmark_step_is_the_scripts_step(preset_name, tmp_path, monkeypatch):
     """A benchmark step and the script's loop body (micro_batch_step then optimizer_step, as main runs them), from the
     same weights on the same batch, give the same loss and the same weights: the benchmark times the code that
     ships. A retyped step in the benchmark that drifts from the script fails here."""
     import torch
 
-    args = bench_dpo_step.parse_args(["--preset", "tiny", "--threads", "1", "--no_estimate"])
-    preset = bench_dpo_step.PRESETS["tiny"]
+    args = bench_dpo_step.parse_args(["--preset", preset_name, "--threads", "1", "--no_estimate"])
+    preset = bench_dpo_step.PRESETS[preset_name]
     settings = bench_dpo_step.preset_settings(preset, args)
     for mode in ("lora", "full"):
         vae, text_encoders = bench_dpo_step.build_frozen_models(preset, torch.device("cpu"), torch.float32)
