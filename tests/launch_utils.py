@@ -36,6 +36,21 @@ def launch(script, args, num_processes=1, env=None, check=True, timeout=600):
     return result
 
 
+def run_in_process(script, args):
+    """main() of a training script module as `accelerate launch` runs it on one process, in this process: the same
+    stages without the launcher's ~12 s start-up. accelerate's state is a process-wide singleton that each run
+    configures anew, so it is reset around the run."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        script.main(script.parse_args([str(a) for a in args]))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 def trained_weights(output_dir):
     """The trained tensors of a result: the LoRA file if there is one, else the saved UNet."""
     output_dir = Path(output_dir)

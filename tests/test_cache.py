@@ -7,11 +7,8 @@ import pytest
 import torch
 
 import train_diffusion_dpo as sd
-from launch_utils import launch, logged_scalars, max_abs_difference, max_movement, trained_weights
+from launch_utils import logged_scalars, max_abs_difference, max_movement, run_in_process, trained_weights
 from fixtures.tiny_models import build_tiny_sd
-
-SCRIPT = "train_diffusion_dpo.py"
-
 
 def run_args(model, data, output_dir, cache_dir, *extra):
     # prompt dropout and flips stay on: the cache must reproduce both
@@ -30,8 +27,9 @@ def cache_stats(output_dir):
 def runs(tiny_sd_path, preference_data_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("cache-runs")
     cache_dir = root / "cache"
+    # In process: main() as a one-process launch runs it (the launched path is covered by the other run tests)
     for name, extra in (("uncached", []), ("cached", ["--cache_latents"]), ("reused", ["--cache_latents"])):
-        launch(SCRIPT, run_args(tiny_sd_path, preference_data_path, root / name, cache_dir, *extra))
+        run_in_process(sd, run_args(tiny_sd_path, preference_data_path, root / name, cache_dir, *extra))
     return root
 
 

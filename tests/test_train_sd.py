@@ -1,6 +1,7 @@
 """train_diffusion_dpo.py: the loss, the data path, and whole runs through `accelerate launch` on a tiny SD."""
 
 import argparse
+import logging
 import math
 import random
 
@@ -10,8 +11,8 @@ import torch
 from PIL import Image
 
 import train_diffusion_dpo as sd
-from launch_utils import (all_finite, launch, logged_scalars, max_abs_difference, max_movement, summary,
-                          trained_weights)
+from launch_utils import (all_finite, launch, logged_scalars, max_abs_difference, max_movement, run_in_process,
+                          summary, trained_weights)
 from fixtures.make_preference_data import make_preference_dataset
 
 SCRIPT = "train_diffusion_dpo.py"
@@ -369,12 +370,14 @@ def test_full_run_saves_a_pipeline_diffusers_loads(full_run, tiny_sd_path):
     assert Image.open(full_run / "validation_grid.png").size == (128, 64)
 
 
-def test_lora_resume_equals_an_uninterrupted_run(lora_run, tiny_sd_path, preference_data_path, tmp_path):
-    # lora_run trained 4 steps in one go (with validation in between, which must not change training)
+def test_lora_resume_equals_an_uninterrupted_run(lora_run, tiny_sd_path, preference_data_path, tmp_path, caplog):
+    # lora_run trained 4 steps in one go, launched (with validation in between, which must not change training); the
+    # two halves here run in process, main() as a one-process launch runs it
     half = run_args(tiny_sd_path, preference_data_path, tmp_path, "--use_lora", "--rank", "4", "--lora_alpha", "8")
-    launch(SCRIPT, half + ["--max_train_steps", "2"])
-    result = launch(SCRIPT, half + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
-    assert "Resuming from" in result.stdout
+    run_in_process(sd, half + ["--max_train_steps", "2"])
+    with caplog.at_level(logging.INFO):
+        run_in_process(sd, half + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
+    assert "Resuming from" in caplog.text
     assert max_abs_difference(trained_weights(tmp_path), trained_weights(lora_run)) < 1e-6
 
 
@@ -384,7 +387,7 @@ def test_full_resume_equals_an_uninterrupted_run(full_run, tiny_sd_path, prefere
 
     shutil.copytree(full_run / "checkpoint-2", tmp_path / "checkpoint-2")
     half = run_args(tiny_sd_path, preference_data_path, tmp_path, "--learning_rate", "1e-4")
-    launch(SCRIPT, half + ["--max_train_steps", "4", "--resume_from_checkpoint", str(tmp_path / "checkpoint-2")])
+    run_in_process(sd, half + ["--max_train_steps", "4", "--resume_from_checkpoint", str(tmp_path / "checkpoint-2")])
     assert max_abs_difference(trained_weights(tmp_path), trained_weights(full_run)) < 1e-6
 
 
@@ -393,7 +396,7 @@ def test_two_process_ddp_equals_one_process(tiny_sd_path, preference_data_path, 
     # lr-sized weight differences (its first step is lr * sign(g) otherwise).
     common = ["--use_lora", "--max_train_steps", "3", "--checkpointing_steps", "100", "--adam_epsilon", "1e-4"]
     one = run_args(tiny_sd_path, preference_data_path, tmp_path / "one", *common)
-    launch(SCRIPT, one)  # 1 process x 2 pairs
+    run_in_process(sd, one)  # 1 process x 2 pairs (main() as a one-process launch runs it)
     two = run_args(tiny_sd_path, preference_data_path, tmp_path / "two", *common) + ["--train_batch_size", "1"]
     launch(SCRIPT, two, num_processes=2)  # 2 processes x 1 pair
     # Same pairs, noise and timesteps: the same losses and weights up to float32 summation order (which
@@ -430,7 +433,9 @@ def test_injected_nan_skips_exactly_that_step(lora_run, tiny_sd_path, preference
 
     args = run_args(tiny_sd_path, preference_data_path, tmp_path, "--use_lora", "--max_train_steps", "3",
                     "--checkpointing_steps", "3", "--rank", "4", "--lora_alpha", "8")
-    launch(SCRIPT, args, env={"DIFFUSION_DPO_TEST_NAN_STEPS": "3"})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIFFUSION_DPO_TEST_NAN_STEPS", "3")
+        run_in_process(sd, args)
     assert summary(tmp_path)["nonfinite_steps"] == 1
     after_nan = load_file(tmp_path / "checkpoint-3" / sd.CHECKPOINT_LORA_NAME)
     two_clean_steps = load_file(lora_run / "checkpoint-2" / sd.CHECKPOINT_LORA_NAME)
@@ -440,9 +445,10 @@ def test_injected_nan_skips_exactly_that_step(lora_run, tiny_sd_path, preference
 def test_repeated_nans_stop_the_run_with_a_message(tiny_sd_path, preference_data_path, tmp_path):
     args = run_args(tiny_sd_path, preference_data_path, tmp_path, "--use_lora", "--max_train_steps", "8",
                     "--max_nonfinite_steps", "2", "--checkpointing_steps", "1")
-    result = launch(SCRIPT, args, env={"DIFFUSION_DPO_TEST_NAN_STEPS": "2,3,4,5,6"}, check=False)
-    assert result.returncode != 0
-    assert "in a row had a NaN/Inf loss" in result.stdout and "fp16 VAE" in result.stdout
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError) as stopped:
+        patch.setenv("DIFFUSION_DPO_TEST_NAN_STEPS", "2,3,4,5,6")
+        run_in_process(sd, args)
+    assert "in a row had a NaN/Inf loss" in str(stopped.value) and "fp16 VAE" in str(stopped.value)
     # the checkpoints written before and during the NaN streak hold finite weights
     from safetensors.torch import load_file
 
@@ -457,7 +463,7 @@ def test_repeated_nans_stop_the_run_with_a_message(tiny_sd_path, preference_data
 ])
 def test_bf16_runs_with_each_optimizer(extra, tiny_sd_path, preference_data_path, tmp_path):
     # bf16 autocast runs on CPU: frozen models in bf16, trained parameters kept in float32, validation in autocast
-    launch(SCRIPT, run_args(tiny_sd_path, preference_data_path, tmp_path, "--mixed_precision", "bf16",
+    run_in_process(sd, run_args(tiny_sd_path, preference_data_path, tmp_path, "--mixed_precision", "bf16",
                             "--max_train_steps", "2", "--num_validation_images", "1", "--validation_steps", "2",
                             "--validation_num_inference_steps", "2", "--validation_prompts", "a red circle", *extra))
     weights = trained_weights(tmp_path)

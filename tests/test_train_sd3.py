@@ -18,6 +18,7 @@ import train_diffusion_dpo_sd3 as sd3
 from fixtures.make_preference_data import make_preference_dataset
 from fixtures.tiny_models import build_tiny_sd3
 from launch_utils import all_finite, launch, logged_scalars, max_abs_difference, max_movement, summary
+from launch_utils import run_in_process as run_script_in_process
 from test_train_sdxl import Recorder, copied_pieces, unmarked_shared_definitions
 
 SCRIPT = "train_diffusion_dpo_sd3.py"
@@ -36,18 +37,6 @@ def pairs_path(tmp_path_factory):
     """Pick-a-Pic-layout parquet: 12 pairs, 2 ties, images of other sizes than the training resolution."""
     return make_preference_dataset(str(tmp_path_factory.mktemp("sd3-pairs")), num_pairs=12, num_ties=2,
                                    non_square=True)
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    """In-process runs: accelerate's state is a process-wide singleton that each run configures anew."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def trained_weights(output_dir):
@@ -271,16 +260,7 @@ def run_args(model, data, output_dir, *extra):
 
 
 def run_in_process(*flags):
-    """main() as `accelerate launch` runs it on one process, without the launcher's start-up."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        sd3.main(sd3.parse_args([str(flag) for flag in flags]))
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    run_script_in_process(sd3, flags)
 
 
 @pytest.fixture(scope="module")
@@ -383,8 +363,7 @@ def test_full_bf16_run_saves_an_sd3_pipeline_with_the_base_frozen_parts(full_run
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_resume_equals_an_uninterrupted_run(mode, lora_run, full_run, tiny_sd3_path, pairs_path, tmp_path,
-                                            fresh_accelerate_state):
+def test_resume_equals_an_uninterrupted_run(mode, lora_run, full_run, tiny_sd3_path, pairs_path, tmp_path):
     """Steps 3-4 again from the launched run's own step-2 checkpoint, in process, in a new folder."""
     run, extra = {"lora": (lora_run, ["--use_lora", "--random_crop"]),
                   "full": (full_run, ["--learning_rate", "1e-4", "--mixed_precision", "bf16"])}[mode]
@@ -395,7 +374,7 @@ def test_resume_equals_an_uninterrupted_run(mode, lora_run, full_run, tiny_sd3_p
     assert max_abs_difference(trained_weights(tmp_path), trained_weights(run)) < 1e-6
 
 
-def test_two_process_ddp_equals_one_process(tiny_sd3_path, pairs_path, tmp_path, fresh_accelerate_state):
+def test_two_process_ddp_equals_one_process(tiny_sd3_path, pairs_path, tmp_path):
     # As in the SD test: a large Adam epsilon keeps Adam from magnifying float-summation noise in near-zero
     # gradients into lr-sized weight differences.
     common = ["--use_lora", "--max_train_steps", "2", "--checkpointing_steps", "100", "--adam_epsilon", "1e-4"]
@@ -407,8 +386,7 @@ def test_two_process_ddp_equals_one_process(tiny_sd3_path, pairs_path, tmp_path,
     assert max_abs_difference(one, two) < 1e-3 * max_movement(one)
 
 
-def test_cached_run_trains_like_the_uncached_run_and_reuses_its_cache(tiny_sd3_path, pairs_path, tmp_path,
-                                                                      fresh_accelerate_state):
+def test_cached_run_trains_like_the_uncached_run_and_reuses_its_cache(tiny_sd3_path, pairs_path, tmp_path):
     common = ["--use_lora", "--max_train_steps", "2", "--checkpointing_steps", "100", "--adam_epsilon", "1e-4",
               "--latent_cache_dir", tmp_path / "cache", "--proportion_empty_prompts", "0.3"]
     for name, extra in (("uncached", []), ("cached", ["--cache_latents"]), ("reused", ["--cache_latents"])):
@@ -426,7 +404,7 @@ def test_cached_run_trains_like_the_uncached_run_and_reuses_its_cache(tiny_sd3_p
     assert max_abs_difference(trained_weights(tmp_path / "reused"), cached) == 0
 
 
-def test_streaming_sft_adafactor_checkpointing_run(tiny_sd3_path, pairs_path, tmp_path, fresh_accelerate_state):
+def test_streaming_sft_adafactor_checkpointing_run(tiny_sd3_path, pairs_path, tmp_path):
     """The other paths in one run: a stream, the sft loss with a full fine-tune (validation then reloads the base
     transformer), Adafactor, gradient checkpointing, the mode density, and a NaN injected at step 2."""
     import os
