@@ -20,8 +20,8 @@ from PIL import Image
 import test_train_sd
 import train_diffusion_dpo as sd
 import train_diffusion_dpo_sdxl as sdxl
-from launch_utils import (REPO_ROOT, all_finite, launch, logged_scalars, max_abs_difference, max_movement, summary,
-                          trained_weights)
+from launch_utils import (REPO_ROOT, all_finite, launch, logged_scalars, max_abs_difference, max_movement,
+                          run_in_process, summary, trained_weights)
 from fixtures.make_preference_data import make_preference_dataset
 from fixtures.tiny_models import build_tiny_vae
 
@@ -585,9 +585,10 @@ def resume_from(run, tmp_path, model, data, *extra):
     """Train steps 3-4 again from the run's own step-2 checkpoint, in a new folder; return (resumed weights,
     uninterrupted weights). One launch instead of two: the first half is the checkpoint the 4-step run wrote."""
     shutil.copytree(run / "checkpoint-2", tmp_path / "checkpoint-2")
-    result = launch(SCRIPT, run_args(model, data, tmp_path, *extra) + ["--max_train_steps", "4",
-                                                                       "--resume_from_checkpoint", "latest"])
-    assert "Resuming from" in result.stdout and (tmp_path / "checkpoint-4").is_dir()
+    # in process: main() as a one-process launch runs it (the 4-step run it is compared with was launched)
+    run_in_process(sdxl, run_args(model, data, tmp_path, *extra) + ["--max_train_steps", "4",
+                                                                    "--resume_from_checkpoint", "latest"])
+    assert (tmp_path / "checkpoint-4").is_dir()
     return trained_weights(tmp_path), trained_weights(run)
 
 
@@ -629,13 +630,14 @@ def test_turbo_sft_adafactor_checkpointing_fixed_vae_run(tiny_turbo_path, prefer
     fixed_vae = str(tmp_path / "fixed-vae")
     build_tiny_vae(seed=7, scaling_factor=0.13025).save_pretrained(fixed_vae)
     output_dir = tmp_path / "out"
-    launch(SCRIPT, run_args(tiny_turbo_path, preference_data_path, output_dir, "--max_train_steps", "3",
-                            "--learning_rate", "1e-4", "--loss_type", "sft", "--is_turbo", "--use_adafactor",
-                            "--gradient_checkpointing", "--pretrained_vae_model_name_or_path", fixed_vae,
-                            "--vae_encode_batch_size", "1", "--num_validation_images", "1",
-                            "--validation_num_inference_steps", "4", "--validation_guidance_scale", "0",
-                            "--validation_prompts", "a red circle"),
-           env={"DIFFUSION_DPO_TEST_NAN_STEPS": "2"})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIFFUSION_DPO_TEST_NAN_STEPS", "2")
+        run_in_process(sdxl, run_args(tiny_turbo_path, preference_data_path, output_dir, "--max_train_steps", "3",
+                                      "--learning_rate", "1e-4", "--loss_type", "sft", "--is_turbo",
+                                      "--use_adafactor", "--gradient_checkpointing",
+                                      "--pretrained_vae_model_name_or_path", fixed_vae, "--vae_encode_batch_size",
+                                      "1", "--num_validation_images", "1", "--validation_num_inference_steps", "4",
+                                      "--validation_guidance_scale", "0", "--validation_prompts", "a red circle"))
     assert summary(output_dir)["nonfinite_steps"] == 1
     base = load_file(f"{tiny_turbo_path}/unet/diffusion_pytorch_model.safetensors")
     tuned = trained_weights(output_dir)
