@@ -1,6 +1,7 @@
 """Hostile data, kills, crashes mid-save, SIGTERM, failing validation: each costs a row or minutes, never the run."""
 
 import json
+import logging
 import os
 import random
 import signal
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import train_diffusion_dpo as sd
-from launch_utils import ACCELERATE, REPO_ROOT, launch, max_abs_difference, summary, trained_weights
+from launch_utils import ACCELERATE, REPO_ROOT, launch, max_abs_difference, run_in_process, summary, trained_weights
 from fixtures.make_hostile_data import ODD_KINDS, make_hostile_dataset
 
 SCRIPT = "train_diffusion_dpo.py"
@@ -27,9 +28,10 @@ def run_args(model, data, output_dir, *extra):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_sd_path, preference_data_path, tmp_path_factory):
-    """The reference result: STEPS optimizer steps in one go, never checkpointing."""
+    """The reference result: STEPS optimizer steps in one go, never checkpointing (main() in this process, as a
+    one-process launch runs it; the interrupted runs below are real launched processes)."""
     output_dir = tmp_path_factory.mktemp("uninterrupted")
-    launch(SCRIPT, run_args(tiny_sd_path, preference_data_path, output_dir, "--checkpointing_steps", "1000"))
+    run_in_process(sd, run_args(tiny_sd_path, preference_data_path, output_dir, "--checkpointing_steps", "1000"))
     return trained_weights(output_dir)
 
 
@@ -40,8 +42,8 @@ def test_hostile_dataset_trains_to_the_end_with_exact_counts(tiny_sd_path, tmp_p
     data, planted, usable_rows = make_hostile_dataset(str(tmp_path / "hostile"))
     output_dir = tmp_path / "run"
     # 19 rows pass the caption/label checks; 2 epochs of batch 4 decode every one of them
-    launch(SCRIPT, run_args(tiny_sd_path, data, output_dir, "--max_train_steps", "10", "--train_batch_size", "4",
-                            "--checkpointing_steps", "1000"))
+    run_in_process(sd, run_args(tiny_sd_path, data, output_dir, "--max_train_steps", "10", "--train_batch_size", "4",
+                                "--checkpointing_steps", "1000"))
     counts = summary(output_dir)
     for reason, planted_count in planted.items():
         assert counts[reason] == planted_count, reason
@@ -104,20 +106,21 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(kill_after, uninterrupt
     time.sleep(random.Random(kill_after).uniform(0.0, 0.3))  # somewhere inside a later step, or a save
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    launch(SCRIPT, args + ["--resume_from_checkpoint", "latest"])
+    run_in_process(sd, args + ["--resume_from_checkpoint", "latest"])
     # checkpointing every step (and the kill) leave the weights exactly as a never-checkpointing run
     assert max_abs_difference(trained_weights(tmp_path), uninterrupted) < 1e-6
 
 
 def test_crash_during_a_save_leaves_the_previous_checkpoint_for_latest(uninterrupted, tiny_sd_path,
-                                                                       preference_data_path, tmp_path):
+                                                                       preference_data_path, tmp_path, caplog):
     args = run_args(tiny_sd_path, preference_data_path, tmp_path, "--checkpointing_steps", "1")
     crashed = launch(SCRIPT, args, env={"DIFFUSION_DPO_TEST_CRASH_IN_SAVE": "3"}, check=False)
     assert crashed.returncode != 0
     assert (tmp_path / ".tmp-checkpoint-3").exists() and not (tmp_path / "checkpoint-3").exists()
     assert sd.resolve_resume_dir(argparse_namespace(tmp_path)).endswith("checkpoint-2")
-    result = launch(SCRIPT, args + ["--resume_from_checkpoint", "latest"])
-    assert "checkpoint-2" in result.stdout
+    with caplog.at_level(logging.INFO):
+        run_in_process(sd, args + ["--resume_from_checkpoint", "latest"])
+    assert "Resuming from" in caplog.text and "checkpoint-2" in caplog.text
     assert max_abs_difference(trained_weights(tmp_path), uninterrupted) < 1e-6
 
 
@@ -143,20 +146,21 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(uninterrupted, t
     saved = sd.checkpoint_dirs(str(tmp_path))
     assert len(saved) == 1 and int(saved[0].split("-")[1]) < STEPS, output[-3000:]
     assert "SIGTERM: saved" in output
-    launch(SCRIPT, args + ["--resume_from_checkpoint", "latest"])
+    run_in_process(sd, args + ["--resume_from_checkpoint", "latest"])
     assert max_abs_difference(trained_weights(tmp_path), uninterrupted) < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Validation failures, saved arguments
 # ---------------------------------------------------------------------------------------------------------------
-def test_failing_validation_is_logged_and_training_goes_on(tiny_sd_path, preference_data_path, tmp_path):
+def test_failing_validation_is_logged_and_training_goes_on(tiny_sd_path, preference_data_path, tmp_path, caplog):
     # 5000 sampling steps on a 1000-step scheduler: diffusers refuses, validation fails for real
     args = run_args(tiny_sd_path, preference_data_path, tmp_path, "--max_train_steps", "2", "--num_validation_images",
                     "1", "--validation_steps", "1", "--validation_num_inference_steps", "5000",
                     "--validation_prompts", "a red circle", "--hub_token", "hf_NEVERwrittenANYWHERE")
-    result = launch(SCRIPT, args)
-    assert result.stdout.count("failed and was skipped") == 2  # at step 1 and at the end
+    with caplog.at_level(logging.WARNING):
+        run_in_process(sd, args)
+    assert caplog.text.count("failed and was skipped") == 2  # at step 1 and at the end
     assert (tmp_path / "pytorch_lora_weights.safetensors").exists() and (tmp_path / "README.md").exists()
     run_info = json.loads((tmp_path / "training_args.json").read_text())
     assert run_info["versions"]["torch"] == torch.__version__.split("+")[0] or run_info["versions"]["torch"]
