@@ -19,29 +19,38 @@ Compare a result with its base (same seeds, base on the left, DPO on the right, 
         --dpo sd15-dpo-lora --prompts prompts.txt --out grid.png --device cuda --dtype float16
     python pipeline_dpo.py compare --base stabilityai/stable-diffusion-xl-base-1.0 \
         --dpo mhdang/dpo-sdxl-text2image-v1 --prompts prompts.txt --out grid.png --device cuda --dtype float16
+    python pipeline_dpo.py compare --base stabilityai/stable-diffusion-3.5-medium \
+        --dpo sd35-medium-dpo-lora --prompts prompts.txt --out grid.png --device cuda --dtype bfloat16
 
 Generate with a result (writes PNGs and generate.json into --out):
     python pipeline_dpo.py generate --base stable-diffusion-v1-5/stable-diffusion-v1-5 --dpo sd15-dpo \
         --prompt "a cute corgi wearing a red scarf" --prompt "a lighthouse at sunset" --seed 0 --out images
 
-In Python (returns a plain StableDiffusionPipeline or StableDiffusionXLPipeline):
+In Python (returns a plain StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline):
     import torch
     from pipeline_dpo import load_dpo_pipeline
     pipe = load_dpo_pipeline("stabilityai/stable-diffusion-xl-base-1.0", "mhdang/dpo-sdxl-text2image-v1",
                              torch_dtype=torch.float16, device="cuda")
     image = pipe("a cute corgi wearing a red scarf", guidance_scale=5.0).images[0]
 
-`dpo` is told apart by what is there, in this order (a hub id by its file listing, the same way):
+`dpo` is told apart by what is there, in this order (a hub id by its file listing, the same way). The denoiser is
+what DPO trains: the UNet of SD 1.x/2.x and SDXL (unet/), the MMDiT transformer of SD3 / SD3.5 (transformer/).
   1. a *.safetensors file: LoRA weights in the diffusers format (any name)
-  2. a folder with model_index.json: a full pipeline (the training scripts' default); only its unet/ (and its
-     scheduler/, which says the prediction type it was trained for) is used, everything else comes from the base
-     (DPO trains the UNet alone)
+  2. a folder with model_index.json: a full pipeline (the training scripts' default); only its unet/ or
+     transformer/ (and its scheduler/, which says the prediction type it was trained for) is used, everything
+     else comes from the base (DPO trains the denoiser alone)
   3. a folder with pytorch_lora_weights.safetensors (the scripts' --use_lora result, and each of its
      checkpoint-N folders): LoRA, at the strength (lora_alpha) it was trained with
-  4. a folder with unet/config.json: a UNet alone (--save_unet_only, a full-run checkpoint-N folder, and the
-     authors' releases such as mhdang/dpo-sdxl-text2image-v1)
-  5. a folder whose config.json names UNet2DConditionModel: the UNet folder itself
-Weights load from safetensors only, and no remote code is ever run.
+  4. a folder with unet/config.json or transformer/config.json: a denoiser alone (--save_unet_only,
+     --save_transformer_only, a full-run checkpoint-N folder, and the authors' releases such as
+     mhdang/dpo-sdxl-text2image-v1)
+  5. a folder whose config.json names UNet2DConditionModel or SD3Transformer2DModel: the denoiser folder itself
+The base's family decides the pipeline and must match the result's denoiser (a UNet, or LoRA keys unet.*, for SD
+and SDXL; a transformer, or LoRA keys transformer.*, for SD3). Weights load from safetensors only, and no remote
+code is ever run.
+
+SD3 prompts go to T5 with the token length the result was trained with (--max_sequence_length of
+train_diffusion_dpo_sd3.py, read from the result's training_args.json; its default 77 where the result has none).
 
 Seeds: image j of every prompt uses seed + j, drawn from a CPU generator, so the starting noise is the same
 on every device and `generate --seed S` reproduces the DPO half of `compare --seed S`.
@@ -60,29 +69,63 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import diffusers
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (DiffusionPipeline, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
 
 
-SUPPORTED_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline)
-# Sampling defaults per family: the authors' evaluation settings (50 steps; guidance 7.5 for SD1.5, 5 for SDXL).
-FAMILY_DEFAULTS = {
-    "StableDiffusionPipeline": {"num_inference_steps": 50, "guidance_scale": 7.5},
-    "StableDiffusionXLPipeline": {"num_inference_steps": 50, "guidance_scale": 5.0},
+@dataclass(frozen=True)
+class Family:
+    """What pipeline_dpo needs to know about one pipeline family."""
+
+    name: str  # as messages call it
+    denoiser: str  # the model DPO trains: the pipeline's attribute and the result's subfolder, "unet" or "transformer"
+    num_inference_steps: int
+    guidance_scale: float
+    # T5 tokens per prompt where the family has a T5 encoder (SD3): train_diffusion_dpo_sd3.py's --max_sequence_length
+    # default, for results that do not record theirs (the pipeline's own default, 256, is not what they trained on)
+    max_sequence_length: int | None = None
+
+
+# Keyed by the pipeline class name in a base's model_index.json. Sampling defaults are the authors' evaluation
+# settings (50 steps; guidance 7.5 for SD1.5, 5 for SDXL) and, for SD3, diffusers' and Stability's (28 steps,
+# guidance 7.0; also train_diffusion_dpo_sd3.py's validation defaults).
+FAMILIES = {
+    "StableDiffusionPipeline": Family("Stable Diffusion 1.x/2.x", "unet", 50, 7.5),
+    "StableDiffusionXLPipeline": Family("SDXL", "unet", 50, 5.0),
+    "StableDiffusion3Pipeline": Family("Stable Diffusion 3 / 3.5", "transformer", 28, 7.0, max_sequence_length=77),
 }
+SUPPORTED_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline)
+# The denoiser kinds: model class, how messages name it, and the config entries that must agree between the base's
+# and a DPO result's for the swap to make sense (checked before any weights load). The transformer's include its
+# depth and width: SD3.5 large and medium share the text encoders and the VAE, so a mix-up would still sample.
+DENOISERS = {
+    "unet": (UNet2DConditionModel, "UNet",
+             ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type", "block_out_channels")),
+    "transformer": (SD3Transformer2DModel, "transformer",
+                    ("in_channels", "out_channels", "patch_size", "joint_attention_dim", "pooled_projection_dim",
+                     "num_layers", "num_attention_heads", "attention_head_dim")),
+}
+DENOISER_CLASS_NAMES = {model_class.__name__: denoiser for denoiser, (model_class, _, _) in DENOISERS.items()}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ADAPTER_NAME = "dpo"  # name of the LoRA adapter load_dpo_pipeline adds (pipe.set_adapters / disable_lora use it)
 
 # Files that identify each kind of result (see the module docstring for the order they are tried in).
 PIPELINE_INDEX = "model_index.json"
-LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "unet_lora_adapter.safetensors")
-UNET_WEIGHTS = "diffusion_pytorch_model"
+# The checkpoints' resumable adapters come last: found alone, they are refused with the folder to load instead.
+LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "unet_lora_adapter.safetensors",
+                     "transformer_lora_adapter.safetensors")
+# Key prefixes of diffusers-format LoRA files, and the denoiser the first ones belong to.
+LORA_KEY_PREFIXES = {"unet.": "unet", "lora_unet_": "unet", "transformer.": "transformer", "text_encoder.": None,
+                     "text_encoder_2.": None, "lora_te": None}
+DENOISER_WEIGHTS = "diffusion_pytorch_model"
+TRAINING_ARGS = "training_args.json"  # the training scripts' record of their flags: {"args": {...}, "run": {...}}
+CHECKPOINT_NAME = re.compile(r"^checkpoint-\d+$")
 WHAT_WE_LOOK_FOR = (
-    "model_index.json (a full pipeline), pytorch_lora_weights.safetensors or unet_lora_adapter.safetensors "
-    "(LoRA), unet/config.json (a UNet alone), config.json naming UNet2DConditionModel (a UNet folder), "
-    "or the path of a LoRA .safetensors file"
+    "model_index.json (a full pipeline), pytorch_lora_weights.safetensors, unet_lora_adapter.safetensors or "
+    "transformer_lora_adapter.safetensors (LoRA), unet/config.json or transformer/config.json (a denoiser alone), "
+    "config.json naming UNet2DConditionModel or SD3Transformer2DModel (a denoiser folder), or the path of a LoRA "
+    ".safetensors file"
 )
-# UNet config entries that must agree between the base and a DPO UNet for the swap to make sense.
-UNET_FIT_KEYS = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type", "block_out_channels")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -92,17 +135,23 @@ class DpoResultError(ValueError):
 
 @dataclass(frozen=True)
 class DpoResult:
-    """Where a DPO result is and what kind it is: "pipeline" or "unet" (a whole UNet), or "lora"."""
+    """Where a DPO result is and what kind it is: "pipeline", "unet" (a whole UNet) or "transformer" (a whole SD3
+    transformer), or "lora"."""
 
     kind: str
     location: str  # local folder or file, or a hub repo id
     on_hub: bool = False
-    subfolder: str | None = None  # the UNet's folder inside `location` ("unet"), or None for the folder itself
+    # the denoiser's folder inside `location` ("unet", "transformer"), or None for the folder itself
+    subfolder: str | None = None
     weight_name: str | None = None  # LoRA file name inside `location`
-    variant: str | None = None  # UNet weight variant to load ("fp16"), where the result has one
+    variant: str | None = None  # denoiser weight variant to load ("fp16"), where the result has one
     # "scheduler" where the result carries its own sampling scheduler (trained with --prediction_type): it then
     # replaces the base's, so the model samples with the prediction type it was trained for
     scheduler_subfolder: str | None = None
+    # "unet" or "transformer" for a whole denoiser (see DENOISERS); None for LoRA, whose file's keys say it on loading
+    denoiser: str | None = None
+    # the training_args.json of the run that made the result, where it is on this machine (SD3 reads its T5 length)
+    training_args_file: str | None = None
 
     @property
     def is_lora(self):
@@ -119,52 +168,63 @@ def _dtype_kwarg(dtype):
     return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
 
 
-def _unet_weights_variant(files, prefix, variant, where):
-    """The variant to load the UNet under `prefix` with (None: the plain file); raises if it has no safetensors."""
-    plain = {f"{prefix}{UNET_WEIGHTS}.safetensors", f"{prefix}{UNET_WEIGHTS}.safetensors.index.json"}
+def _denoiser_weights_variant(files, prefix, variant, where, denoiser):
+    """The variant to load the denoiser under `prefix` with (None: the plain file); raises if it has no safetensors."""
+    label = DENOISERS[denoiser][1]
+    plain = {f"{prefix}{DENOISER_WEIGHTS}.safetensors", f"{prefix}{DENOISER_WEIGHTS}.safetensors.index.json"}
     if variant is not None:
-        variant_files = {f"{prefix}{UNET_WEIGHTS}.{variant}.safetensors",
-                         f"{prefix}{UNET_WEIGHTS}.safetensors.index.{variant}.json"}
+        variant_files = {f"{prefix}{DENOISER_WEIGHTS}.{variant}.safetensors",
+                         f"{prefix}{DENOISER_WEIGHTS}.safetensors.index.{variant}.json"}
         if files & variant_files:
             return variant
     if files & plain:
         return None
     found = sorted(f for f in files if f.startswith(prefix) and "/" not in f[len(prefix):])
     pickled = [f for f in found if f.endswith((".bin", ".ckpt", ".pt", ".pth"))]
-    variants = [f for f in found if f.startswith(f"{prefix}{UNET_WEIGHTS}.") and f.endswith(".safetensors")]
+    variants = [f for f in found if f.startswith(f"{prefix}{DENOISER_WEIGHTS}.") and f.endswith(".safetensors")]
     if variants:
         hint = f" It has variant weights ({', '.join(variants)}): pass that variant (variant=..., --variant)."
     elif pickled:
-        hint = (" It has only pickled weights; pipeline_dpo loads safetensors only (re-save the UNet with "
+        hint = (f" It has only pickled weights; pipeline_dpo loads safetensors only (re-save the {label} with "
                 "save_pretrained(..., safe_serialization=True)).")
     else:
         hint = ""
-    raise DpoResultError(f"{where}: the UNet config is there but no {prefix}{UNET_WEIGHTS}.safetensors (or sharded "
-                         f"index) next to it. Found: {found}.{hint}")
+    raise DpoResultError(f"{where}: the {label} config is there but no {prefix}{DENOISER_WEIGHTS}.safetensors (or "
+                         f"sharded index) next to it. Found: {found}.{hint}")
 
 
-def _classify(files, read_json, location, on_hub, variant):
+def _denoiser_folder(files):
+    """The denoiser subfolder ("unet" or "transformer") whose config.json is among `files`, or None."""
+    return next((denoiser for denoiser in DENOISERS if f"{denoiser}/config.json" in files), None)
+
+
+def _classify(files, read_json, location, on_hub, variant, training_args_file=None):
     """Decide what kind of DPO result a folder or hub repo holds, from its relative file paths."""
     where = f"{'hub repo' if on_hub else 'folder'} {location!r}"
-    scheduler = "scheduler" if "scheduler/scheduler_config.json" in files else None
+    found = {"on_hub": on_hub, "training_args_file": training_args_file,
+             "scheduler_subfolder": "scheduler" if "scheduler/scheduler_config.json" in files else None}
+    denoiser = _denoiser_folder(files)
     if PIPELINE_INDEX in files:
-        if "unet/config.json" not in files:
-            raise DpoResultError(f"{where} holds a pipeline ({PIPELINE_INDEX}) without unet/config.json; "
-                                 "a DPO result needs its trained UNet.")
-        return DpoResult("pipeline", location, on_hub, subfolder="unet", scheduler_subfolder=scheduler,
-                         variant=_unet_weights_variant(files, "unet/", variant, where))
+        if denoiser is None:
+            raise DpoResultError(f"{where} holds a pipeline ({PIPELINE_INDEX}) without unet/config.json or "
+                                 "transformer/config.json; a DPO result needs its trained UNet (SD, SDXL) or "
+                                 "transformer (SD3).")
+        return DpoResult("pipeline", location, subfolder=denoiser, denoiser=denoiser, **found,
+                         variant=_denoiser_weights_variant(files, f"{denoiser}/", variant, where, denoiser))
     for name in LORA_WEIGHT_NAMES:
         if name in files:
-            return DpoResult("lora", location, on_hub, weight_name=name, scheduler_subfolder=scheduler)
-    if "unet/config.json" in files:
-        return DpoResult("unet", location, on_hub, subfolder="unet", scheduler_subfolder=scheduler,
-                         variant=_unet_weights_variant(files, "unet/", variant, where))
+            return DpoResult("lora", location, weight_name=name, **found)
+    if denoiser is not None:
+        return DpoResult(denoiser, location, subfolder=denoiser, denoiser=denoiser, **found,
+                         variant=_denoiser_weights_variant(files, f"{denoiser}/", variant, where, denoiser))
     if "config.json" in files:
         class_name = read_json("config.json").get("_class_name")
-        if class_name == "UNet2DConditionModel":
-            return DpoResult("unet", location, on_hub, variant=_unet_weights_variant(files, "", variant, where))
-        raise DpoResultError(f"{where} has a config.json for {class_name!r}, not UNet2DConditionModel. "
-                             f"Looked for {WHAT_WE_LOOK_FOR}.")
+        denoiser = DENOISER_CLASS_NAMES.get(class_name)
+        if denoiser is not None:
+            return DpoResult(denoiser, location, denoiser=denoiser, **found,
+                             variant=_denoiser_weights_variant(files, "", variant, where, denoiser))
+        raise DpoResultError(f"{where} has a config.json for {class_name!r}, not "
+                             f"{' or '.join(DENOISER_CLASS_NAMES)}. Looked for {WHAT_WE_LOOK_FOR}.")
     shown = sorted(files)
     listing = ", ".join(shown[:25]) + (f", ... ({len(shown)} files)" if len(shown) > 25 else "")
     hints = []
@@ -208,6 +268,31 @@ def _hub_listing(repo_id):
             ) from hub_error
 
 
+def _find_training_args(folder):
+    """The training_args.json of the run a local result folder comes from, or None: in the folder itself, or above a
+    denoiser folder (result/transformer) and a checkpoint-N folder, where the training scripts write it."""
+    folder = Path(folder).resolve()
+    candidates = [folder]
+    if folder.name in DENOISERS:
+        candidates.append(folder.parent)
+    if CHECKPOINT_NAME.match(candidates[-1].name):
+        candidates.append(candidates[-1].parent)
+    return next((str(c / TRAINING_ARGS) for c in candidates if (c / TRAINING_ARGS).is_file()), None)
+
+
+def result_training_args(result):
+    """The flags the result was trained with (the "args" of its training_args.json), or {} where it has none."""
+    if result is None or result.training_args_file is None:
+        return {}
+    try:
+        record = json.loads(Path(result.training_args_file).read_text())
+    except (OSError, ValueError) as error:
+        raise DpoResultError(f"{result.training_args_file!r} cannot be read as JSON ({error}); restore it from the "
+                             "training run, or move it away to sample with the defaults.") from error
+    args = record.get("args") if isinstance(record, dict) else None
+    return args if isinstance(args, dict) else {}  # another tool's file of that name: not ours to read
+
+
 def resolve_dpo_result(dpo, variant=None):
     """Tell what `dpo` is (local path or hub id) by what is there; returns a DpoResult or raises DpoResultError."""
     dpo = os.fspath(dpo)
@@ -216,14 +301,16 @@ def resolve_dpo_result(dpo, variant=None):
         if path.suffix != ".safetensors":
             raise DpoResultError(f"{dpo!r} is a {path.suffix or 'suffix-less'} file; a LoRA file must be "
                                  ".safetensors (pickled weights are not loaded). For a full result, pass its folder.")
-        return DpoResult("lora", str(path.parent), weight_name=path.name)
+        return DpoResult("lora", str(path.parent), weight_name=path.name,
+                         training_args_file=_find_training_args(path.parent))
     if path.is_dir():
         files = _local_files(path)
 
         def read_json(name):
             return json.loads((path / name).read_text())
 
-        return _classify(files, read_json, str(path), on_hub=False, variant=variant)
+        return _classify(files, read_json, str(path), on_hub=False, variant=variant,
+                         training_args_file=_find_training_args(path))
     if not HUB_ID.match(dpo) or dpo.endswith(".safetensors"):
         raise DpoResultError(f"{dpo!r} does not exist (no such file or folder) and is not a hub repo id.")
 
@@ -243,31 +330,67 @@ def resolve_dpo_result(dpo, variant=None):
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
 def base_pipeline_class_name(base, revision=None):
-    """The base's pipeline class name from its model_index.json; raises unless it is SD 1.x/2.x or SDXL."""
+    """The base's pipeline class name from its model_index.json; raises unless it is SD 1.x/2.x, SDXL or SD3."""
     try:
         config = DiffusionPipeline.load_config(base, revision=revision)
     except Exception as error:
         raise DpoResultError(f"Could not read model_index.json of the base {base!r} ({type(error).__name__}: "
                              f"{error}). --base must be a diffusers pipeline folder or hub id.") from error
     class_name = config.get("_class_name")
-    if class_name not in FAMILY_DEFAULTS:
+    if class_name not in FAMILIES:
         raise DpoResultError(f"The base {base!r} is a {class_name}; pipeline_dpo supports text-to-image "
-                             f"{' and '.join(FAMILY_DEFAULTS)} bases.")
+                             f"{', '.join(FAMILIES)} bases.")
     return class_name
 
 
-def load_dpo_unet(result, base_unet_config, torch_dtype=None, base_name="the base"):
-    """The UNet of a full-pipeline or UNet-only DPO result (safetensors only), checked against the base's config.
+def pipeline_family(pipe):
+    """The Family of a loaded pipeline (one of SUPPORTED_PIPELINES)."""
+    return FAMILIES[type(pipe).__name__]
+
+
+def _check_denoiser_fits(result_denoiser, family, what, base_name):
+    """Refuse a result whose denoiser is not the base family's (an SD3 transformer for an SDXL base, ...)."""
+    if result_denoiser is not None and result_denoiser != family.denoiser:
+        trained_for = " or ".join(f.name for f in FAMILIES.values() if f.denoiser == result_denoiser)
+        raise DpoResultError(
+            f"{what} holds {DENOISERS[result_denoiser][1]} weights ({trained_for}), but {base_name} is a "
+            f"{family.name} pipeline, whose denoiser is a {DENOISERS[family.denoiser][1]}. Pass the {trained_for} "
+            "base the result was trained from.")
+
+
+def check_dpo_result_fits(base, result, *, revision=None, dpo_name=None):
+    """Refuse a result for another family than the base's (an SD3 transformer or LoRA for an SDXL base, an SDXL
+    UNet for SD3, ...) or a denoiser whose config differs from the base's, before any weights load: compare and
+    win-rate sample the base first, which at full size takes minutes."""
+    family = FAMILIES[base_pipeline_class_name(base, revision=revision)]
+    dpo_name = dpo_name or result.location
+    if result.is_lora:
+        _check_denoiser_fits(_lora_file(result)[1], family, f"The LoRA {dpo_name!r}", f"the base {base!r}")
+        return
+    _check_denoiser_fits(result.denoiser, family, f"The DPO result {dpo_name!r}", f"the base {base!r}")
+    base_config = DENOISERS[family.denoiser][0].load_config(base, subfolder=family.denoiser, revision=revision)
+    _check_denoiser_config(result, base_config, f"the base {base!r}")
+
+
+def _check_denoiser_config(result, base_config, base_name):
+    """Refuse a whole DPO denoiser whose architecture (DENOISERS' fit keys) differs from the base's."""
+    model_class, label, fit_keys = DENOISERS[result.denoiser]
+    dpo_config = model_class.load_config(result.location, subfolder=result.subfolder)
+    differences = [f"{key}: base {base_config.get(key)!r}, DPO {dpo_config.get(key)!r}"
+                   for key in fit_keys if base_config.get(key) != dpo_config.get(key)]
+    if differences:
+        raise DpoResultError(f"The DPO {label} in {result.location!r} does not fit {base_name} "
+                             f"({'; '.join(differences)}). Pass the base model the result was trained from.")
+
+
+def load_dpo_denoiser(result, base_config, torch_dtype=None, base_name="the base"):
+    """The UNet or transformer of a full-pipeline or denoiser-only DPO result (safetensors only), checked against
+    the base's denoiser config.
 
     The configs are compared before any weights load, so a mismatched pair fails in a second, not after minutes.
     """
-    dpo_unet_config = UNet2DConditionModel.load_config(result.location, subfolder=result.subfolder)
-    differences = [f"{key}: base {base_unet_config.get(key)!r}, DPO {dpo_unet_config.get(key)!r}"
-                   for key in UNET_FIT_KEYS if base_unet_config.get(key) != dpo_unet_config.get(key)]
-    if differences:
-        raise DpoResultError(f"The DPO UNet in {result.location!r} does not fit {base_name} "
-                             f"({'; '.join(differences)}). Pass the base model the result was trained from.")
-    return UNet2DConditionModel.from_pretrained(
+    _check_denoiser_config(result, base_config, base_name)
+    return DENOISERS[result.denoiser][0].from_pretrained(
         result.location, subfolder=result.subfolder, variant=result.variant, use_safetensors=True,
         **_dtype_kwarg(torch_dtype),
     )
@@ -281,7 +404,8 @@ def load_result_scheduler(result):
 
 def _lora_file(result):
     """The local path of a LoRA result's file (downloaded from the hub if needed), checked to hold LoRA weights
-    in the diffusers format that `load_lora_weights` reads with its adapter config."""
+    in the diffusers format that `load_lora_weights` reads with its adapter config; and the denoiser its keys are
+    for ("unet", "transformer", or None for text-encoder adapters alone)."""
     from safetensors import safe_open
 
     if result.on_hub:
@@ -293,44 +417,53 @@ def _lora_file(result):
     with safe_open(file, framework="pt") as weights:
         keys = list(weights.keys())
     if not any("lora" in key for key in keys):
-        raise DpoResultError(f"{file!r} holds no LoRA weights (keys such as {', '.join(keys[:3])}). A whole UNet must "
-                             "come as a folder with config.json (UNet2DConditionModel.save_pretrained).")
-    prefixes = ("unet.", "text_encoder.", "text_encoder_2.", "lora_unet_", "lora_te")
-    if not any(key.startswith(prefixes) for key in keys):
+        raise DpoResultError(f"{file!r} holds no LoRA weights (keys such as {', '.join(keys[:3])}). A whole "
+                             "denoiser must come as a folder with config.json (UNet2DConditionModel or "
+                             "SD3Transformer2DModel save_pretrained).")
+    prefixes = [next((p for p in LORA_KEY_PREFIXES if key.startswith(p)), None) for key in keys]
+    if not any(prefixes):
         # A training checkpoint's resumable adapter: PEFT keys, without the adapter config (alpha) beside them.
         raise DpoResultError(f"{file!r} is a training checkpoint's resumable LoRA adapter, which does not carry its "
                              "lora_alpha. Load the checkpoint folder instead: its pytorch_lora_weights.safetensors "
                              "holds the same adapter with its config.")
-    return file
+    denoiser = next((LORA_KEY_PREFIXES[p] for p in prefixes if p and LORA_KEY_PREFIXES[p]), None)
+    return file, denoiser
 
 
 def _check_lora_options(result, lora_scale, fuse_lora, dpo_name):
     if (result is None or not result.is_lora) and (lora_scale != 1.0 or fuse_lora):
-        what = "not given" if result is None else f"{dpo_name!r}, a whole UNet"
+        what = "not given" if result is None else f"{dpo_name!r}, a whole {DENOISERS[result.denoiser][1]}"
         raise DpoResultError(f"lora_scale and fuse_lora apply to LoRA results; the DPO result is {what}.")
 
 
 def apply_dpo_result(pipe, result, *, torch_dtype=None, lora_scale=1.0, fuse_lora=False, dpo_name=None):
-    """Put a DPO result into a loaded base pipeline, in place: swap its UNet, or add the LoRA adapter.
+    """Put a DPO result into a loaded base pipeline, in place: swap its denoiser (UNet or transformer), or add the
+    LoRA adapter.
 
-    The base UNet is released before the DPO UNet moves to the pipeline's device, so only one UNet is ever on it.
+    The base denoiser is released before the DPO one moves to the pipeline's device, so only one is ever on it.
     """
     dpo_name = dpo_name or result.location
     _check_lora_options(result, lora_scale, fuse_lora, dpo_name)
+    family = pipeline_family(pipe)
+    if not result.is_lora:
+        _check_denoiser_fits(result.denoiser, family, f"The DPO result {dpo_name!r}", "the loaded base")
     if result.scheduler_subfolder is not None:
         pipe.scheduler = load_result_scheduler(result)
     if not result.is_lora:
-        dpo_unet = load_dpo_unet(result, pipe.unet.config, torch_dtype=torch_dtype or pipe.unet.dtype,
-                                 base_name="the loaded base")
-        device = pipe.unet.device
-        pipe.unet = dpo_unet  # still on the CPU: the base UNet, now unreferenced, leaves the device first
+        base_denoiser = getattr(pipe, family.denoiser)
+        dpo_denoiser = load_dpo_denoiser(result, base_denoiser.config, torch_dtype=torch_dtype or base_denoiser.dtype,
+                                         base_name="the loaded base")
+        device = base_denoiser.device
+        del base_denoiser  # with the pipeline's reference replaced next, nothing holds the base denoiser
+        setattr(pipe, family.denoiser, dpo_denoiser)  # still on the CPU: the base one leaves the device first
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        pipe.unet.to(device)
+        getattr(pipe, family.denoiser).to(device)
         return pipe
 
-    file = _lora_file(result)
+    file, lora_denoiser = _lora_file(result)
+    _check_denoiser_fits(lora_denoiser, family, f"The LoRA {dpo_name!r}", "the loaded base")
     # By path, not as a state dict: diffusers then reads the adapter config (lora_alpha) from the file's header; a
     # dict loses it and the adapter would apply at alpha = rank (a --rank 4 --lora_alpha 8 result at half strength).
     pipe.load_lora_weights(os.path.dirname(file), weight_name=os.path.basename(file), adapter_name=ADAPTER_NAME)
@@ -350,31 +483,35 @@ def apply_dpo_result(pipe, result, *, torch_dtype=None, lora_scale=1.0, fuse_lor
 
 def load_dpo_pipeline(base, dpo=None, *, torch_dtype=None, device=None, variant=None, lora_scale=1.0,
                       fuse_lora=False, revision=None):
-    """A stock StableDiffusionPipeline or StableDiffusionXLPipeline (its class follows `base`) with `dpo` in it.
+    """A stock StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline (its class follows
+    `base`) with `dpo` in it.
 
     base: hub id or folder of the model the result was trained from. dpo: None (the base alone), a full
-    pipeline folder or hub id (its UNet is used), a folder or hub id holding unet/, a UNet folder, or LoRA
-    weights (a folder with pytorch_lora_weights.safetensors, or a .safetensors file); see the module docstring.
-    A DpoResult from resolve_dpo_result is taken as it is.
-    variant and revision apply to the base (variant also to a DPO UNet that has such files).
+    pipeline folder or hub id (its UNet or transformer is used), a folder or hub id holding unet/ or transformer/,
+    a UNet or transformer folder, or LoRA weights (a folder with pytorch_lora_weights.safetensors, or a
+    .safetensors file); see the module docstring. A DpoResult from resolve_dpo_result is taken as it is.
+    variant and revision apply to the base (variant also to a DPO denoiser that has such files).
     lora_scale: strength of a LoRA result (0 gives exactly the base, 1 as trained); fuse_lora merges it into
     the weights at that scale and drops the adapter (slightly faster sampling; cannot be switched off after).
     """
     base = os.fspath(base)
     pipeline_class_name = base_pipeline_class_name(base, revision=revision)
+    family = FAMILIES[pipeline_class_name]
     if dpo is None or isinstance(dpo, DpoResult):
         result = dpo
     else:
         result = resolve_dpo_result(dpo, variant=variant)
     dpo_name = None if result is None else (result.location if isinstance(dpo, DpoResult) else os.fspath(dpo))
     _check_lora_options(result, lora_scale, fuse_lora, dpo_name)
+    if result is not None:  # a result of another family or size fails before any weights load
+        check_dpo_result_fits(base, result, revision=revision, dpo_name=dpo_name)
 
     components = {}
     if result is not None and not result.is_lora:
-        # Load the DPO UNet instead of the base's, never both.
-        base_unet_config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision)
-        components["unet"] = load_dpo_unet(result, base_unet_config, torch_dtype=torch_dtype,
-                                           base_name=f"the base {base!r}")
+        # Load the DPO denoiser instead of the base's, never both.
+        base_config = DENOISERS[family.denoiser][0].load_config(base, subfolder=family.denoiser, revision=revision)
+        components[family.denoiser] = load_dpo_denoiser(result, base_config, torch_dtype=torch_dtype,
+                                                        base_name=f"the base {base!r}")
         if result.scheduler_subfolder is not None:
             components["scheduler"] = load_result_scheduler(result)
     pipe = DiffusionPipeline.from_pretrained(base, revision=revision, variant=variant, use_safetensors=True,
@@ -392,23 +529,35 @@ def load_dpo_pipeline(base, dpo=None, *, torch_dtype=None, device=None, variant=
 # ----------------------------------------------------------------------------------------------------------------
 # Generating and comparing
 # ----------------------------------------------------------------------------------------------------------------
-def sampling_settings(pipe, num_inference_steps=None, guidance_scale=None):
-    """Steps and guidance: what was asked, else the family's default (the authors' values)."""
-    defaults = FAMILY_DEFAULTS[type(pipe).__name__]
-    return {
+def sampling_settings(pipe, num_inference_steps=None, guidance_scale=None, max_sequence_length=None, result=None):
+    """Steps and guidance: what was asked, else the family's default (the authors' values). SD3 also gets its T5
+    length: what was asked, else what `result` was trained with (its training_args.json), else the training
+    script's default; base and DPO images then see the same prompt embedding, the one the result trained on."""
+    family = pipeline_family(pipe)
+    settings = {
         "num_inference_steps": num_inference_steps if num_inference_steps is not None
-        else defaults["num_inference_steps"],
-        "guidance_scale": guidance_scale if guidance_scale is not None else defaults["guidance_scale"],
+        else family.num_inference_steps,
+        "guidance_scale": guidance_scale if guidance_scale is not None else family.guidance_scale,
     }
+    if family.max_sequence_length is not None:
+        trained = result_training_args(result).get("max_sequence_length")
+        settings["max_sequence_length"] = next(
+            length for length in (max_sequence_length, trained, family.max_sequence_length) if length is not None)
+    elif max_sequence_length is not None:
+        raise DpoResultError(f"max_sequence_length is the T5 prompt length of SD3 pipelines; the base is a "
+                             f"{family.name} pipeline, which has no T5 encoder. Drop it.")
+    return settings
 
 
 def generate_images(pipe, prompts, *, seed=0, num_images_per_prompt=1, num_inference_steps=50, guidance_scale=7.5,
-                    height=None, width=None, label="", batch_size=1):
+                    height=None, width=None, label="", batch_size=1, max_sequence_length=None):
     """Images in prompt-major order; image j of each prompt starts from seed + j (a CPU generator).
 
     `batch_size` images go through the pipeline at once, each with its own generator, so the starting noise of
     every image is the same at any batch size (the pictures may differ by float rounding between batch sizes).
+    max_sequence_length: SD3's T5 tokens per prompt (None for SD and SDXL, whose pipelines do not take it).
     """
+    t5_length = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     jobs = [(prompt, seed + j) for prompt in prompts for j in range(num_images_per_prompt)]
     images = []
     for start in range(0, len(jobs), batch_size):
@@ -418,7 +567,7 @@ def generate_images(pipe, prompts, *, seed=0, num_images_per_prompt=1, num_infer
         generators = [torch.Generator("cpu").manual_seed(image_seed) for _, image_seed in chunk]
         images.extend(pipe([prompt for prompt, _ in chunk], num_inference_steps=num_inference_steps,
                            guidance_scale=guidance_scale, height=height, width=width,
-                           generator=generators if len(chunk) > 1 else generators[0]).images)
+                           generator=generators if len(chunk) > 1 else generators[0], **t5_length).images)
     return images
 
 
@@ -519,7 +668,7 @@ def generate(args):
                              variant=args.variant, revision=args.revision, lora_scale=args.lora_scale,
                              fuse_lora=args.fuse_lora)
     pipe.set_progress_bar_config(disable=False)
-    settings = sampling_settings(pipe, args.num_inference_steps, args.guidance_scale)
+    settings = sampling_settings(pipe, args.num_inference_steps, args.guidance_scale, args.max_sequence_length, result)
     images = generate_images(pipe, args.prompt, seed=args.seed, num_images_per_prompt=args.num_images_per_prompt,
                              height=args.height, width=args.width, label="dpo" if args.dpo else "base",
                              batch_size=args.batch_size, **settings)
@@ -540,11 +689,12 @@ def compare(args):
     prompts = read_prompts(args.prompts)
     result = resolve_dpo_result(args.dpo, variant=args.variant)  # fail on a bad --dpo before any sampling
     _check_lora_options(result, args.lora_scale, args.fuse_lora, args.dpo)
-    # One pipeline: the base's images first, then the DPO UNet replaces the base's (or the LoRA is added).
+    check_dpo_result_fits(args.base, result, revision=args.revision, dpo_name=args.dpo)
+    # One pipeline: the base's images first, then the DPO denoiser replaces the base's (or the LoRA is added).
     pipe = load_dpo_pipeline(args.base, None, torch_dtype=DTYPES[args.dtype], device=args.device,
                              variant=args.variant, revision=args.revision)
     pipe.set_progress_bar_config(disable=False)
-    settings = sampling_settings(pipe, args.num_inference_steps, args.guidance_scale)
+    settings = sampling_settings(pipe, args.num_inference_steps, args.guidance_scale, args.max_sequence_length, result)
     common = dict(seed=args.seed, num_images_per_prompt=args.num_images_per_prompt, height=args.height,
                   width=args.width, batch_size=args.batch_size, **settings)
     base_images = generate_images(pipe, prompts, label="base", **common)
@@ -571,15 +721,19 @@ def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--base", required=True,
                         help="Hub id or folder of the base pipeline the result was trained from "
-                             "(Stable Diffusion 1.x/2.x or SDXL).")
+                             "(Stable Diffusion 1.x/2.x, SDXL, or Stable Diffusion 3 / 3.5).")
     common.add_argument("--seed", type=int, default=0,
                         help="Image j of every prompt starts from seed + j (CPU generator: same noise on any device).")
     common.add_argument("--num_images_per_prompt", type=int, default=1, help="Images per prompt (and per model).")
     common.add_argument("--num_inference_steps", type=int, default=None,
-                        help="Sampling steps. Default: 50 (the authors' setting for SD1.5 and SDXL).")
+                        help="Sampling steps. Default per family: 50 for SD 1.x/2.x and SDXL (the authors' "
+                             "setting), 28 for SD3 (diffusers' and Stability's).")
     common.add_argument("--guidance_scale", type=float, default=None,
                         help="Classifier-free guidance scale. Default per family: 7.5 for SD 1.x/2.x, 5.0 for SDXL "
-                             "(the authors' values).")
+                             "(the authors' values), 7.0 for SD3 (diffusers' default).")
+    common.add_argument("--max_sequence_length", type=int, default=None,
+                        help="SD3 only: T5 tokens per prompt. Default: what the result was trained with (its "
+                             "training_args.json), else train_diffusion_dpo_sd3.py's default, 77.")
     common.add_argument("--height", type=int, default=None, help="Image height in pixels. Default: the model's.")
     common.add_argument("--batch_size", type=int, default=1,
                         help="Images per pipeline call; each keeps its own seed, so the noise is the same at any size.")
@@ -588,12 +742,14 @@ def build_parser():
                         help="Weights' dtype. float16/bfloat16 halve memory (use them on a GPU).")
     common.add_argument("--device", default="cpu", help="Device to sample on: cpu, cuda, cuda:1, mps, ...")
     common.add_argument("--variant", default=None,
-                        help="Weight variant of the base (e.g. fp16); also used for a DPO UNet that has it.")
+                        help="Weight variant of the base (e.g. fp16); also used for a DPO UNet or transformer "
+                             "that has it.")
     common.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the base.")
     common.add_argument("--lora_scale", type=float, default=1.0,
                         help="LoRA results only: strength of the adapter (0 = the base exactly, 1 = as trained).")
     common.add_argument("--fuse_lora", action="store_true",
-                        help="LoRA results only: merge the adapter into the UNet at --lora_scale (a little faster).")
+                        help="LoRA results only: merge the adapter into the UNet or transformer at --lora_scale "
+                             "(a little faster).")
 
     parser = argparse.ArgumentParser(description="Load Diffusion-DPO results into stock diffusers pipelines: "
                                                  "generate images, or compare a result with its base.")
@@ -602,8 +758,9 @@ def build_parser():
         "generate", parents=[common], help="Generate images with a DPO result (or the base alone).",
         description="Write one PNG per prompt and seed into --out, plus generate.json recording what was run.")
     generate_parser.add_argument("--dpo", default=None,
-                                 help="The DPO result: full pipeline or unet/ folder or hub id, UNet folder, LoRA "
-                                      "folder or .safetensors file. Omit to generate with the base alone.")
+                                 help="The DPO result: full pipeline, unet/ or transformer/ folder or hub id, UNet "
+                                      "or transformer folder, LoRA folder or .safetensors file. Omit to generate "
+                                      "with the base alone.")
     generate_parser.add_argument("--prompt", action="append", required=True,
                                  help="A prompt; repeat the flag for more prompts.")
     generate_parser.add_argument("--out", required=True, help="Folder to write the images and generate.json to.")
@@ -613,8 +770,8 @@ def build_parser():
         description="One row per prompt: base images on the left, DPO images on the right, the prompt under the "
                     "row. Writes the grid and a JSON of what was run next to it (grid.png -> grid.json).")
     compare_parser.add_argument("--dpo", required=True,
-                                help="The DPO result: full pipeline or unet/ folder or hub id, UNet folder, LoRA "
-                                     "folder or .safetensors file.")
+                                help="The DPO result: full pipeline, unet/ or transformer/ folder or hub id, UNet or "
+                                     "transformer folder, LoRA folder or .safetensors file.")
     compare_parser.add_argument("--prompts", required=True,
                                 help="Text file of prompts, one per line ('#' lines and blank lines are skipped).")
     compare_parser.add_argument("--out", required=True, help="Path of the grid image to write, e.g. grid.png.")
@@ -630,6 +787,9 @@ def parse_args(input_args=None):
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 8):
             parser.error(f"--{name} must be a positive multiple of 8, got {value}.")
+    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= 512:
+        parser.error(f"--max_sequence_length must be between 1 and 512 (T5's limit in SD3), got "
+                     f"{args.max_sequence_length}.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} asked for CUDA, but torch sees no CUDA device here.")
     return args

@@ -1642,8 +1642,9 @@ def write_model_card(args, run, counts, grid_path):
                  'transformer=transformer, torch_dtype=torch.bfloat16).to("cuda")')
     else:
         usage = f'pipe = StableDiffusion3Pipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16).to("cuda")'
-    call = ('pipe("a photo of an astronaut riding a horse on mars", num_inference_steps=28, '
-            'guidance_scale=7.0).images[0]')
+    # The T5 length the model was trained with (the pipeline's default is 256)
+    call = ('pipe("a photo of an astronaut riding a horse on mars", num_inference_steps=28, guidance_scale=7.0,\n'
+            f'             max_sequence_length={args.max_sequence_length}).images[0]')
     dataset = args.dataset_name or "local preference data"
     settings = {
         "mode": f"LoRA (rank {args.rank}, alpha {args.lora_alpha})" if args.use_lora else "full fine-tune",

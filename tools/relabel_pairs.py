@@ -27,7 +27,8 @@ column carried over) with the labels replaced and three columns added:
   reward_0, reward_1   the reward of image 0 and image 1 (float64)
   reward_margin        reward of the winner minus reward of the loser (>= 0); 0 means the reward can't tell,
                        and such a row is written as a tie (0.5, 0.5), which training drops and counts
-`train_diffusion_dpo.py --train_data_dir OUTPUT_DIR` trains on it as it is. relabel.json next to it records
+`train_diffusion_dpo.py --train_data_dir OUTPUT_DIR` trains on it as it is (as do the SDXL and SD3 scripts, whose
+data loading is the same; the relabelling does not depend on the model family). relabel.json next to it records
 the counts: rows read, original ties and unusable rows dropped, near-ties dropped by --min_margin, pairs whose
 label the reward flipped, pairs written.
 
