@@ -37,7 +37,7 @@ Functions marked `# Copied from train_diffusion_dpo.<name>` are kept identical t
 the SD script calls its UNet renamed to the transformer.
 This file is self-contained: it imports only pip packages, so it runs when copied alone.
 """
-# Every "# Copied from" below also renames unet->transformer, UNet->transformer,
+# Every "# Copied from train_diffusion_dpo.<name>" below also renames unet->transformer, UNet->transformer,
 #     UNet2DConditionModel->SD3Transformer2DModel, StableDiffusionPipeline->StableDiffusion3Pipeline.
 
 import argparse

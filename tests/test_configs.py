@@ -27,6 +27,7 @@ EXPECTED_DISTRIBUTED_TYPE = {
     "multi_gpu_ddp.yaml": "MULTI_GPU",
     "fsdp.yaml": "FSDP",
     "fsdp_sd3.yaml": "FSDP",
+    "fsdp_flux.yaml": "FSDP",
     "deepspeed_zero2.yaml": "DEEPSPEED",
     "multi_node_2x8.yaml": "MULTI_GPU",
 }
@@ -234,6 +235,22 @@ def test_fsdp_sd3_config_wraps_each_joint_transformer_block(tmp_path, monkeypatc
     # fsdp.yaml's UNet blocks are not in an SD3 transformer: accelerate would refuse it at prepare
     with pytest.raises(Exception, match="BasicTransformerBlock"):
         fsdp_plugin_of("fsdp.yaml", monkeypatch).set_auto_wrap_policy(transformer)
+
+
+def test_fsdp_flux_config_wraps_each_double_and_single_stream_block(tmp_path, monkeypatch):
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from diffusers import FluxTransformer2DModel
+
+    from fixtures.tiny_models import build_tiny_flux
+
+    plugin = fsdp_plugin_of("fsdp_flux.yaml", monkeypatch)
+    transformer = FluxTransformer2DModel.from_pretrained(build_tiny_flux(str(tmp_path / "flux")),
+                                                         subfolder="transformer")
+    plugin.set_auto_wrap_policy(transformer)  # raises if a class to wrap is missing from the model
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, transformer)
+    units = [type(module).__name__ for module in transformer.modules() if policy(module)]
+    assert units == (["FluxTransformerBlock"] * len(transformer.transformer_blocks)
+                     + ["FluxSingleTransformerBlock"] * len(transformer.single_transformer_blocks))
 
 
 @pytest.mark.slow  # the FSDP path is the SD script's, copied under the drift test; its own run is in the default suite

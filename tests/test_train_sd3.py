@@ -104,7 +104,7 @@ def test_flags_have_the_sd_scripts_names_choices_and_meanings(capsys):
     for action in sd3.build_parser()._actions:
         assert action.help and action.help != argparse.SUPPRESS, action.option_strings
         assert action.option_strings[0] in text
-    for words in ("beta_dpo/2", "velocity", "--max_sequence_length", "--weighting_scheme", "independent of the"):
+    for words in ("beta_dpo/2", "velocity", "--max_sequence_length", "--weighting_scheme", "C*H*W"):
         assert words in text, words
 
 

@@ -35,10 +35,11 @@ CPU = SimpleNamespace(device=torch.device("cpu"))  # build_models asks the accel
 # Drift between the two scripts
 # ---------------------------------------------------------------------------------------------------------------
 # diffusers' convention: "# Copied from module.name", optionally "with old->new, ..." (renames of whole names, where
-# an underscore separates names: unet->transformer also gives ref_transformer and transformer_module). A script may
-# add renames that every copied piece of it applies, in a comment block that starts with SCRIPT_RENAMES.
-COPIED_FROM = re.compile(r"^\s*# Copied from train_diffusion_dpo\.([\w.]+)(?: with (.+))?$")
-SCRIPT_RENAMES = '# Every "# Copied from" below also renames '
+# an underscore separates names: unet->transformer also gives ref_transformer and transformer_module). The source is
+# the SD script, or the SD3 script for the flow scripts' shared pieces. A script may add renames that every piece it
+# copies from one source applies, in a comment block that starts with SCRIPT_RENAMES (with the source's name).
+COPIED_FROM = re.compile(r"^\s*# Copied from (train_diffusion_dpo(?:_sd3)?)\.([\w.]+)(?: with (.+))?$")
+SCRIPT_RENAMES = '# Every "# Copied from {module}.<name>" below also renames '
 
 
 def renamed(lines, renames):
@@ -49,11 +50,13 @@ def renamed(lines, renames):
     return text.splitlines()
 
 
-def script_renames(lines):
-    """The renames a script applies to every copied piece (its SCRIPT_RENAMES block, up to the full stop), or None."""
+def script_renames(lines, module="train_diffusion_dpo"):
+    """The renames a script applies to every piece copied from `module` (its SCRIPT_RENAMES block for that module, up
+    to the full stop), or None."""
+    opening = SCRIPT_RENAMES.format(module=module)
     for i, line in enumerate(lines):
-        if line.startswith(SCRIPT_RENAMES):
-            text = line[len(SCRIPT_RENAMES):]
+        if line.startswith(opening):
+            text = line[len(opening):]
             while not text.endswith("."):
                 i += 1
                 text += " " + lines[i].lstrip("#").strip()
@@ -80,10 +83,8 @@ def definitions(path):
 
 
 def copied_pieces(script):
-    """{name: source name} of the script's marked pieces; asserts each equals the SD script's source, renamed."""
-    sd_defs, _ = definitions(REPO_ROOT / "train_diffusion_dpo.py")
+    """{name: "module.source name"} of the script's marked pieces; asserts each equals its source, renamed."""
     defs, lines = definitions(REPO_ROOT / script)
-    everywhere = script_renames(lines)
     marked = {}
     for name, (start, source) in defs.items():
         match = COPIED_FROM.match(lines[start - 2]) if start >= 2 else None
@@ -93,12 +94,16 @@ def copied_pieces(script):
     marker_lines = [i for i, line in enumerate(lines, 1) if COPIED_FROM.match(line)]
     assert len(marker_lines) == len(marked)
     drifted = []
-    for name, (source_name, renames) in marked.items():
-        assert source_name in sd_defs, f"{name} is marked as copied from {source_name}, which the SD script lacks"
-        if defs[name][1] != renamed(renamed(sd_defs[source_name][1], everywhere), renames):
+    sources = {module: definitions(REPO_ROOT / f"{module}.py")[0] for module in {m for m, _, _ in marked.values()}}
+    for name, (module, source_name, renames) in marked.items():
+        source_defs = sources[module]
+        assert source_name in source_defs, f"{name} is marked as copied from {module}.{source_name}, which is not there"
+        source = renamed(source_defs[source_name][1], script_renames(lines, module))
+        if defs[name][1] != renamed(source, renames):
             drifted.append(name)
-    assert not drifted, f"copied pieces of {script} differ from train_diffusion_dpo.py: {drifted}; copy them again"
-    return {name: source for name, (source, _) in marked.items()}
+    assert not drifted, f"copied pieces of {script} differ from their sources: {drifted}; copy them again"
+    return {name: source if module == "train_diffusion_dpo" else f"{module}.{source}"
+            for name, (module, source, _) in marked.items()}
 
 
 def unmarked_shared_definitions(script):

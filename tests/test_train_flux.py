@@ -1,0 +1,476 @@
+"""train_diffusion_dpo_flux.py: drift from the SD and SD3 scripts, the Flow-DPO step on packed latents, and whole
+runs on a tiny FLUX.1-dev."""
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import test_train_sd
+import train_diffusion_dpo as sd
+import train_diffusion_dpo_flux as flux
+from fixtures.make_preference_data import make_preference_dataset
+from fixtures.tiny_models import build_tiny_flux
+from launch_utils import all_finite, launch, logged_scalars, max_abs_difference, max_movement, summary
+from launch_utils import run_in_process as run_script_in_process
+from test_train_sdxl import Recorder, copied_pieces, unmarked_shared_definitions
+
+SCRIPT = "train_diffusion_dpo_flux.py"
+CPU = SimpleNamespace(device=torch.device("cpu"))  # build_models asks the accelerator for its device only
+RESOLUTION = 64
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_path(tmp_path_factory):
+    """Folder of a tiny FluxPipeline (FLUX.1-dev wiring: distilled guidance, dynamic shift; 64x64 images)."""
+    return build_tiny_flux(str(tmp_path_factory.mktemp("tiny-flux")))
+
+
+@pytest.fixture(scope="module")
+def pairs_path(tmp_path_factory):
+    """Pick-a-Pic-layout parquet: 12 pairs, 2 ties, images of other sizes than the training resolution."""
+    return make_preference_dataset(str(tmp_path_factory.mktemp("flux-pairs")), num_pairs=12, num_ties=2,
+                                   non_square=True)
+
+
+def trained_weights(output_dir):
+    """The trained tensors of a FLUX result: the LoRA file if there is one, else the saved transformer."""
+    from safetensors.torch import load_file
+
+    output_dir = Path(output_dir)
+    lora = output_dir / "pytorch_lora_weights.safetensors"
+    if lora.exists():
+        return load_file(lora)
+    return load_file(output_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Drift from the SD script
+# ---------------------------------------------------------------------------------------------------------------
+# What FLUX defines under an SD-script name without a "Copied from" mark: CLIP-L and T5, packed latents with the
+# distilled guidance and the dynamic shift, FluxPipeline and its card and upload list. The reference copy's casting, the
+# checkpoint hooks, the sampling scheduler and safe validation are the SD3 script's, marked and guarded the same way.
+FAMILY_SPECIFIC = {
+    "PreferencePairDataset", "PreferencePairDataset.__init__", "PreferencePairDataset.model_inputs", "build_cache",
+    "build_models", "build_parser", "build_pipeline", "collate_pairs", "dpo_step_losses", "generate_images",
+    "hub_upload_patterns", "save_results", "validate_args", "write_model_card",
+}
+
+
+def test_copied_pieces_are_identical_to_the_sd_and_sd3_scripts():
+    marked = copied_pieces(SCRIPT)
+    for shared in ("diffusion_dpo_loss", "dpo_implicit_reward", "pair_generator", "preprocess_pair",
+                   "load_pil_image", "save_checkpoint", "log_validation", "build_latent_cache", "StreamingPairDataset",
+                   "main", "micro_batch_step", "optimizer_step", "after_step", "finish_run", "prepare_training",
+                   "train_diffusion_dpo_sd3.cast_keeping_norms_in_float32",
+                   "train_diffusion_dpo_sd3.register_checkpoint_hooks", "train_diffusion_dpo_sd3.sampling_scheduler"):
+        assert shared in marked.values(), shared
+
+
+def test_every_function_both_scripts_define_is_copied_or_known_to_be_flux_specific():
+    unmarked_in_both, _ = unmarked_shared_definitions(SCRIPT)
+    assert unmarked_in_both == FAMILY_SPECIFIC, (
+        f"new unmarked: {sorted(unmarked_in_both - FAMILY_SPECIFIC)}; now marked or gone: "
+        f"{sorted(FAMILY_SPECIFIC - unmarked_in_both)}")
+
+
+# The SD flags FLUX has under another name or not at all (flow matching has no prediction type to choose)
+RENAMED_FLAGS = {"save_unet_only": "save_transformer_only"}
+ABSENT_FLAGS = {"prediction_type"}
+OWN_DEFAULTS = {"resolution": 1024, "validation_guidance_scale": 3.5, "validation_num_inference_steps": 28,
+                "output_dir": "diffusion-dpo-flux", "tracker_project_name": "diffusion-dpo-flux", "beta_dpo": 500.0,
+                "lora_target_modules": flux.DEFAULT_LORA_TARGETS}
+
+
+def test_flags_have_the_sd_scripts_names_choices_and_meanings(capsys):
+    sd_actions = {a.dest: a for a in sd.build_parser()._actions if a.dest not in ABSENT_FLAGS}
+    flux_actions = {a.dest: a for a in flux.build_parser()._actions}
+    for dest, action in sd_actions.items():
+        other = flux_actions[RENAMED_FLAGS.get(dest, dest)]
+        names = [name.replace(dest, RENAMED_FLAGS.get(dest, dest)) for name in action.option_strings]
+        assert other.option_strings[:len(names)] == names, dest
+        assert (other.type, other.choices, other.nargs) == (action.type, action.choices, action.nargs), dest
+        assert other.default == OWN_DEFAULTS.get(dest, action.default), dest
+    assert flux_actions["lora_target_modules"].option_strings == ["--lora_target_modules", "--lora_layers"]
+    assert flux_actions["weighting_scheme"].choices == ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap")
+    # and every SD3 flag, in the same meaning; FLUX adds its distilled guidance and trains with T5's 512 tokens
+    import train_diffusion_dpo_sd3 as sd3
+
+    for action in sd3.build_parser()._actions:
+        other = flux_actions[action.dest]
+        assert (other.option_strings, other.type, other.choices) == (action.option_strings, action.type,
+                                                                      action.choices), action.dest
+    assert set(flux_actions) - {a.dest for a in sd3.build_parser()._actions} == {"guidance_scale"}
+    assert flux_actions["guidance_scale"].default == 3.5 and flux_actions["max_sequence_length"].default == 512
+    with pytest.raises(SystemExit):
+        flux.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for action in flux.build_parser()._actions:
+        assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+        assert action.option_strings[0] in text
+    for words in ("beta_dpo/2", "velocity", "--max_sequence_length", "--weighting_scheme", "C*H*W",
+                  "guidance-distilled"):
+        assert words in text, words
+
+
+def data_args(data_dir, *extra):
+    return flux.parse_args(["--pretrained_model_name_or_path", "unused", "--train_data_dir", str(data_dir), *extra])
+
+
+SD_BAD_ARGUMENTS = [
+    (extra, message)
+    for extra, message in next(mark.args[1] for mark in test_train_sd.test_bad_arguments_get_a_clear_error.pytestmark
+                               if mark.name == "parametrize")
+    if not {flag.lstrip("-") for flag in extra} & ABSENT_FLAGS and "--resolution" not in extra
+    and "--beta_dpo" not in extra
+]
+FLUX_BAD_ARGUMENTS = [
+    (["--resolution", "72"], "--resolution must be a positive multiple of 16"),
+    (["--beta_dpo", "0"], "--beta_dpo must be a finite number > 0"),
+    (["--max_sequence_length", "0"], "--max_sequence_length must be between 1 and 512"),
+    (["--max_sequence_length", "600"], "--max_sequence_length must be between 1 and 512"),
+    (["--logit_std", "0"], "--logit_std must be > 0"),
+    (["--weighting_scheme", "sigmoid"], "invalid choice"),
+    (["--guidance_scale", "-1"], "--guidance_scale must be a finite number >= 0"),
+]
+
+
+@pytest.mark.parametrize("extra, message", SD_BAD_ARGUMENTS + FLUX_BAD_ARGUMENTS)
+def test_bad_arguments_get_a_clear_error(pairs_path, capsys, extra, message):
+    with pytest.raises(SystemExit):
+        data_args(pairs_path, *extra)
+    assert message in capsys.readouterr().err
+
+
+def test_an_sd3_model_is_refused_with_a_pointer_to_its_script(tmp_path, pairs_path):
+    from fixtures.tiny_models import build_tiny_sd3
+
+    base = build_tiny_sd3(str(tmp_path / "sd3"))
+    args = data_args(pairs_path, "--pretrained_model_name_or_path", base)
+    with pytest.raises(ValueError, match="StableDiffusion3Pipeline, not a FLUX.1 pipeline.*train_diffusion_dpo_sd3.py"):
+        flux.build_models(args, CPU, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text: CLIP-L pooled and T5, as the pipeline encodes them
+# ---------------------------------------------------------------------------------------------------------------
+def test_encode_prompt_matches_the_flux_pipeline_and_long_captions_are_counted(tiny_flux_path, pairs_path):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_path)
+    args = data_args(pairs_path, "--pretrained_model_name_or_path", tiny_flux_path, "--max_sequence_length", "24")
+    tokenizers = flux.build_models(args, CPU, torch.float32)[1]
+    captions = ["a red circle on a blue square", "", " ".join(["circle"] * 100)]
+    input_ids = [torch.stack([flux.tokenize_caption(t, c)[0] for c in captions]) for t in tokenizers]
+    prompt_embeds, pooled = flux.encode_prompt((pipe.text_encoder, pipe.text_encoder_2), input_ids)
+    expected, expected_pooled, text_ids = pipe.encode_prompt(captions, None, device="cpu", max_sequence_length=24)
+    assert prompt_embeds.shape == (3, 24, 96) and pooled.shape == (3, 32)
+    assert torch.equal(prompt_embeds, expected) and torch.equal(pooled, expected_pooled)
+    assert not text_ids.any()  # the pipeline's text position ids are zeros, as the step makes them
+    pairs = flux.PreferencePairDataset(None, None, tokenizers, args)
+    assert [pairs.prompt_truncated(c) for c in captions] == [False, False, True]
+    assert pairs.prompt_truncated(" ".join(["circle"] * 30))  # within CLIP's 77 tokens, over T5's 24
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Flow-DPO step
+# ---------------------------------------------------------------------------------------------------------------
+def step_inputs(model_path, data_path, *extra, weight_dtype=torch.float32, pairs=3):
+    args = data_args(data_path, "--pretrained_model_name_or_path", model_path, "--resolution", str(RESOLUTION),
+                     *extra)
+    noise_scheduler, tokenizers, text_encoders, vae, transformer, ref = flux.build_models(args, CPU, weight_dtype)
+    dataset, columns, _ = flux.load_preference_dataset(args)
+    dataset_pairs = flux.PreferencePairDataset(dataset, columns, tokenizers, args)
+    batch = flux.collate_pairs([dataset_pairs[i] for i in range(pairs)])
+    return args, batch, (transformer, ref, vae, text_encoders), noise_scheduler
+
+
+def test_the_step_regresses_the_velocity_of_packed_latents_with_one_sigma_and_noise_per_pair(tiny_flux_path,
+                                                                                             pairs_path):
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    args, batch, models, noise_scheduler = step_inputs(tiny_flux_path, pairs_path)
+    transformer, ref, vae, text_encoders = models
+    recorder = Recorder()
+    recorder.watch("policy", transformer)
+    predictions = []
+    transformer.register_forward_hook(lambda module, inputs, output: predictions.append(output[0].detach()))
+    model_losses, ref_losses = flux.dpo_step_losses(args, batch, models, noise_scheduler, 5, torch.float32)
+
+    # The same draws, by hand: sigma first, then each image's posterior sample, then the pair's noise.
+    generators = [flux.pair_generator(args.seed, 5, int(i)) for i in batch["index"]]
+    timesteps, sigmas = flux.draw_flow_timesteps(generators, noise_scheduler, args, 16)  # 8x8 latents: 16 tokens
+    assert torch.allclose(timesteps, sigmas * 1000) and ((sigmas > 0) & (sigmas <= 1)).all()
+    # FLUX.1-dev's dynamic shift for 16 tokens, by hand: sigma = e^mu / (e^mu + 1/t - 1) of the unshifted draw
+    unshifted = flux.draw_flow_timesteps([flux.pair_generator(args.seed, 5, int(i)) for i in batch["index"]],
+                                         SimpleNamespace(config=SimpleNamespace(**{**noise_scheduler.config,
+                                                                                   "use_dynamic_shifting": False}),
+                                                         sigmas=noise_scheduler.sigmas), args, 16)[1]
+    mu = calculate_shift(16, 256, 4096, 0.5, 1.15)
+    assert torch.allclose(sigmas, math.exp(mu) / (math.exp(mu) + 1 / unshifted - 1), atol=1e-6)
+    generators += [flux.pair_generator(args.seed, 5, f"{int(i)}/l") for i in batch["index"]]
+    with torch.no_grad():
+        params = flux.encode_posteriors(vae, torch.cat([batch["pixels_w"], batch["pixels_l"]]), 8)
+    x0 = (flux.sample_latents(params, generators, 1.0) - vae.config.shift_factor) * vae.config.scaling_factor
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators[:3]]).repeat(2, 1, 1, 1)
+    sigma = sigmas.repeat(2).view(-1, 1, 1, 1)
+
+    (_, kwargs), = recorder.named("policy")  # the policy (the reference is its own frozen copy)
+    assert torch.equal(kwargs["timestep"], timesteps.repeat(2) / 1000)  # FLUX's transformer takes t / 1000
+    assert torch.equal(kwargs["guidance"], torch.full((6,), 3.5))  # the distilled guidance strength
+    packed = FluxPipeline._pack_latents((1 - sigma) * x0 + sigma * noise, 6, 16, 8, 8)
+    assert kwargs["hidden_states"].shape == (6, 16, 64) and torch.allclose(kwargs["hidden_states"], packed, atol=1e-6)
+    assert torch.equal(kwargs["img_ids"], FluxPipeline._prepare_latent_image_ids(6, 4, 4, "cpu", torch.float32))
+    assert not kwargs["txt_ids"].any() and kwargs["txt_ids"].shape == (args.max_sequence_length, 3)
+    # the error is taken on the unpacked prediction, against the unpacked velocity
+    prediction = FluxPipeline._unpack_latents(predictions[0], 64, 64, 8)
+    expected = (prediction - (noise - x0)).pow(2).mean(dim=(1, 2, 3))
+    assert torch.allclose(model_losses, expected, atol=1e-6)
+    # model = reference: equal errors, so the loss is log 2 and there is no preference yet
+    assert torch.equal(model_losses, ref_losses)
+    loss, metrics = flux.diffusion_dpo_loss(model_losses, ref_losses, args.beta_dpo)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and metrics["implicit_acc"].item() == 0.5
+
+
+def test_sigma_weightings_scale_the_errors_of_the_same_draws(tiny_flux_path, pairs_path):
+    losses = {}
+    for scheme in ("uniform", "sigma_sqrt", "cosmap"):  # all three draw u uniformly, so the sigmas are the same
+        args, batch, models, noise_scheduler = step_inputs(tiny_flux_path, pairs_path, "--use_lora",
+                                                           "--weighting_scheme", scheme)
+        losses[scheme] = flux.dpo_step_losses(args, batch, models, noise_scheduler, 0, torch.float32)[0]
+    _, sigmas = flux.draw_flow_timesteps([flux.pair_generator(0, 0, int(i)) for i in batch["index"]],
+                                         noise_scheduler, args, 16)
+    sigmas = sigmas.repeat(2)
+    assert torch.allclose(losses["sigma_sqrt"], losses["uniform"] / sigmas ** 2, rtol=1e-5)
+    cosmap = 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2))
+    assert torch.allclose(losses["cosmap"], losses["uniform"] * cosmap, rtol=1e-5)
+    # logit_normal (the default) concentrates sigma around the middle; mode too, with its own density
+    for scheme in ("logit_normal", "mode"):
+        args.weighting_scheme = scheme
+        drawn = flux.draw_flow_timesteps([flux.pair_generator(0, 0, i) for i in range(400)], noise_scheduler, args,
+                                         16)[1]
+        assert 0 < drawn.min() and drawn.max() <= 1 and 0.3 < drawn.median() < 0.9
+
+
+def test_the_schnell_layout_has_no_guidance_input_and_a_fixed_shift(tmp_path, pairs_path):
+    base = build_tiny_flux(str(tmp_path / "schnell"), guidance_embeds=False)
+    args, batch, models, noise_scheduler = step_inputs(base, pairs_path, "--use_lora")
+    recorder = Recorder()
+    recorder.watch("policy", models[0])
+    model_losses, ref_losses = flux.dpo_step_losses(args, batch, models, noise_scheduler, 0, torch.float32)
+    assert all(kwargs["guidance"] is None for _, kwargs in recorder.named("policy"))
+    assert torch.isfinite(model_losses).all() and torch.equal(model_losses, ref_losses)
+    generators = [flux.pair_generator(0, 0, i) for i in range(50)]
+    _, sigmas = flux.draw_flow_timesteps(generators, noise_scheduler, args, 16)
+    assert set(sigmas.tolist()) <= set(noise_scheduler.sigmas.tolist())  # shift 1.0: the training sigmas as they are
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_step_one_in_bf16_has_no_preference(mode, tiny_flux_path, pairs_path):
+    # The reference copy keeps its RMS norms and buffers in float32 (the SD3 script's cast): equal errors at step 1
+    args, batch, models, noise_scheduler = step_inputs(tiny_flux_path, pairs_path,
+                                                       *(["--use_lora"] if mode == "lora" else []),
+                                                       weight_dtype=torch.bfloat16, pairs=4)
+    transformer, ref, vae, text_encoders = models
+    assert vae.dtype == text_encoders[1].dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in transformer.parameters() if p.requires_grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what accelerate wraps the policy's forward in
+        model_losses, ref_losses = flux.dpo_step_losses(args, batch, models, noise_scheduler, 0, torch.bfloat16)
+    loss, _ = flux.diffusion_dpo_loss(model_losses, ref_losses, args.beta_dpo)
+    assert torch.equal(model_losses, ref_losses) and loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    upcast = data_args(pairs_path, "--pretrained_model_name_or_path", tiny_flux_path, "--use_lora", "--upcast_vae")
+    assert flux.build_models(upcast, CPU, torch.bfloat16)[3].dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole runs: LoRA through accelerate launch, as users run it; the rest in process
+# ---------------------------------------------------------------------------------------------------------------
+def run_args(model, data, output_dir, *extra):
+    return ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", output_dir,
+            "--resolution", str(RESOLUTION), "--train_batch_size", "2", "--learning_rate", "1e-3", "--seed", "0",
+            "--num_validation_images", "0", "--checkpointing_steps", "2", "--lr_warmup_steps", "0",
+            "--max_sequence_length", "32", *extra]
+
+
+def run_in_process(*flags):
+    run_script_in_process(flux, flags)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_flux_path, pairs_path, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("flux-lora-run")
+    launch(SCRIPT, run_args(tiny_flux_path, pairs_path, output_dir, "--use_lora", "--max_train_steps", "4",
+                            "--random_crop", "--num_validation_images", "1", "--validation_steps", "2",
+                            "--validation_num_inference_steps", "2", "--validation_prompts", "a red circle",
+                            "a blue square", "--hub_token", "hf_SECRETtoken123"))
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_flux_path, pairs_path, tmp_path_factory):
+    # In process (main() as a one-process launch runs it); the LoRA run above goes through accelerate launch
+    output_dir = tmp_path_factory.mktemp("flux-full-run")
+    run_in_process(*run_args(tiny_flux_path, pairs_path, output_dir, "--max_train_steps", "4", "--learning_rate",
+                             "1e-4", "--num_validation_images", "1", "--validation_steps", "4",
+                             "--validation_num_inference_steps", "2", "--validation_prompts", "a green triangle",
+                             "--mixed_precision", "bf16"))
+    return output_dir
+
+
+def generate(pipe, prompt="a red circle"):
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
+                height=RESOLUTION, width=RESOLUTION, max_sequence_length=32).images[0]
+
+
+def lora_modules(transformer):
+    return {name for name, module in transformer.named_modules() if isinstance(getattr(module, "scaling", None), dict)}
+
+
+def test_lora_result_and_its_checkpoints_load_in_stock_diffusers_with_every_adapter(lora_run, tiny_flux_path):
+    from diffusers import DiffusionPipeline, FluxPipeline
+
+    weights = trained_weights(lora_run)
+    assert weights and all_finite(weights) and all(k.startswith("transformer.") for k in weights)
+    lora_up = [t for k, t in weights.items() if "lora_B" in k]
+    assert lora_up and all(t.abs().max() > 0 for t in lora_up)  # every up-projection left its zero init
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_flux_path)
+    assert isinstance(pipe, FluxPipeline)
+    base = generate(pipe)
+    targets = {name for name, _ in pipe.transformer.named_modules()
+               if any(name.endswith("." + t) for t in flux.DEFAULT_LORA_TARGETS.split(","))}
+    for source in (lora_run, lora_run / "checkpoint-4"):
+        pipe.load_lora_weights(str(source))
+        # Every targeted projection, image and text stream alike, got its adapter: a file in the SD scripts'
+        # converted key format loses the image stream's (to_q/k/v/out) here without an error.
+        assert lora_modules(pipe.transformer) == targets
+        tuned = generate(pipe)
+        assert tuned.shape == (64, 64, 3) and np.isfinite(tuned).all() and np.abs(tuned - base).max() > 0
+        pipe.unload_lora_weights()
+    assert max_abs_difference(trained_weights(lora_run / "checkpoint-4"), weights) == 0
+
+
+def test_lora_run_writes_card_grid_checkpoints_and_no_token(lora_run):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(lora_run / "README.md")
+    assert {"diffusion-dpo", "flow-dpo", "flux", "lora"} <= set(card.data.tags)
+    assert card.data.base_model and card.data.license == "other"
+    assert card.data.license_name == "flux-1-dev-non-commercial-license"  # a FLUX.1-dev derivative keeps its license
+    assert "FluxPipeline" in card.text and "load_lora_weights" in card.text
+    assert "guidance_scale=3.5" in card.text and "max_sequence_length=32" in card.text  # as trained and validated
+    assert Image.open(lora_run / "validation_grid.png").size == (2 * 64, 2 * 64)  # 2 prompts x (ref, DPO)
+    assert sorted(p.name for p in lora_run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert summary(lora_run)["ties"] == 2
+    saved_args = json.loads((lora_run / "training_args.json").read_text())["args"]
+    assert "hub_token" not in saved_args and saved_args["beta_dpo"] == 500.0
+    for path in lora_run.rglob("*"):
+        if path.is_file():
+            assert b"hf_SECRETtoken123" not in path.read_bytes(), path
+
+
+def test_full_bf16_run_saves_a_flux_pipeline_with_the_base_frozen_parts(full_run, tiny_flux_path):
+    from diffusers import DiffusionPipeline, FluxPipeline
+    from huggingface_hub.utils import filter_repo_objects
+    from safetensors.torch import load_file
+
+    base = load_file(f"{tiny_flux_path}/transformer/diffusion_pytorch_model.safetensors")
+    tuned = trained_weights(full_run)
+    assert all_finite(tuned) and sum(not torch.equal(base[k], tuned[k]) for k in base) > 0.9 * len(base)
+    assert logged_scalars(full_run, "train/loss")[0] == pytest.approx(math.log(2), abs=1e-6)  # bf16 step 1
+    pipe = DiffusionPipeline.from_pretrained(str(full_run))
+    assert isinstance(pipe, FluxPipeline)
+    assert np.isfinite(generate(pipe, "a green triangle")).all()
+    # The frozen parts are the base's as stored, not the bf16 copies training used
+    for part in ("text_encoder", "text_encoder_2", "vae"):
+        saved = dict(getattr(pipe, part).state_dict())
+        stored = dict(getattr(FluxPipeline.from_pretrained(tiny_flux_path), part).state_dict())
+        assert all(torch.equal(saved[k], stored[k]) and saved[k].dtype == stored[k].dtype for k in stored), part
+    assert Image.open(full_run / "validation_grid.png").size == (128, 64)
+
+    allow, ignore = flux.hub_upload_patterns(argparse.Namespace(use_lora=False, save_transformer_only=False))
+    files = [str(p.relative_to(full_run)) for p in full_run.rglob("*") if p.is_file()]
+    uploaded = set(filter_repo_objects(files, allow_patterns=allow, ignore_patterns=ignore))
+    assert {"model_index.json", "README.md", "text_encoder_2/model.safetensors", "tokenizer_2/tokenizer.json",
+            "transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"} <= uploaded
+    assert not [f for f in uploaded if f.startswith(("checkpoint-", "logs", "validation/")) or "args" in f]
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_equals_an_uninterrupted_run(mode, lora_run, full_run, tiny_flux_path, pairs_path, tmp_path):
+    """Steps 3-4 again from the launched run's own step-2 checkpoint, in process, in a new folder."""
+    run, extra = {"lora": (lora_run, ["--use_lora", "--random_crop"]),
+                  "full": (full_run, ["--learning_rate", "1e-4", "--mixed_precision", "bf16"])}[mode]
+    shutil.copytree(run / "checkpoint-2", tmp_path / "checkpoint-2")
+    run_in_process(*run_args(tiny_flux_path, pairs_path, tmp_path, *extra, "--max_train_steps", "4",
+                             "--resume_from_checkpoint", "latest"))
+    assert (tmp_path / "checkpoint-4").is_dir()
+    assert max_abs_difference(trained_weights(tmp_path), trained_weights(run)) < 1e-6
+
+
+# Slow: the SD3 test runs the same copied DDP path and per-pair draws in the default suite
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(tiny_flux_path, pairs_path, tmp_path):
+    # As in the SD test: a large Adam epsilon keeps Adam from magnifying float-summation noise in near-zero
+    # gradients into lr-sized weight differences.
+    common = ["--use_lora", "--max_train_steps", "2", "--checkpointing_steps", "100", "--adam_epsilon", "1e-4"]
+    run_in_process(*run_args(tiny_flux_path, pairs_path, tmp_path / "one", *common))  # 1 process x 2 pairs
+    launch(SCRIPT, run_args(tiny_flux_path, pairs_path, tmp_path / "two", *common, "--train_batch_size", "1"),
+           num_processes=2)  # 2 processes x 1 pair
+    assert logged_scalars(tmp_path / "one") == pytest.approx(logged_scalars(tmp_path / "two"), rel=1e-3)
+    one, two = trained_weights(tmp_path / "one"), trained_weights(tmp_path / "two")
+    assert max_abs_difference(one, two) < 1e-3 * max_movement(one)
+
+
+def test_cached_run_trains_like_the_uncached_run_and_reuses_its_cache(tiny_flux_path, pairs_path, tmp_path):
+    common = ["--use_lora", "--max_train_steps", "2", "--checkpointing_steps", "100", "--adam_epsilon", "1e-4",
+              "--latent_cache_dir", tmp_path / "cache", "--proportion_empty_prompts", "0.3"]
+    for name, extra in (("uncached", []), ("cached", ["--cache_latents"]), ("reused", ["--cache_latents"])):
+        run_in_process(*run_args(tiny_flux_path, pairs_path, tmp_path / name, *common, *extra))
+    assert logged_scalars(tmp_path / "cached") == pytest.approx(logged_scalars(tmp_path / "uncached"), rel=1e-4)
+    cached, uncached = trained_weights(tmp_path / "cached"), trained_weights(tmp_path / "uncached")
+    assert max_abs_difference(cached, uncached) < 1e-2 * max_movement(uncached)
+    stats = json.loads((tmp_path / "cached" / "latent_cache_stats.json").read_text())
+    # every prompt once through both encoders: T5's 32 token states and CLIP-L's pooled output
+    cache_dir = Path(stats["cache_dir"])
+    assert np.load(cache_dir / "text_prompt_embeds.npy", mmap_mode="r").shape[1:] == (32, 96)
+    assert np.load(cache_dir / "text_pooled_prompt_embeds.npy", mmap_mode="r").shape[1:] == (32,)
+    reused = json.loads((tmp_path / "reused" / "latent_cache_stats.json").read_text())
+    assert reused["reused"] and reused["images_encoded"] == 0 and reused["prompts_encoded"] == 0
+    assert max_abs_difference(trained_weights(tmp_path / "reused"), cached) == 0
+
+
+def test_streaming_sft_adafactor_checkpointing_run(tiny_flux_path, pairs_path, tmp_path):
+    """The other paths in one run: a stream, the sft loss with a full fine-tune (validation then reloads the base
+    transformer), Adafactor, gradient checkpointing, the mode density, and a NaN injected at step 2."""
+    import os
+
+    os.environ["DIFFUSION_DPO_TEST_NAN_STEPS"] = "2"
+    try:
+        run_in_process(*run_args(tiny_flux_path, pairs_path, tmp_path, "--streaming", "--max_train_steps", "3",
+                                 "--loss_type", "sft", "--use_adafactor", "--gradient_checkpointing",
+                                 "--learning_rate", "1e-4", "--weighting_scheme", "mode", "--save_transformer_only",
+                                 "--num_validation_images", "1", "--validation_num_inference_steps", "2",
+                                 "--validation_prompts", "a red circle"))
+    finally:
+        del os.environ["DIFFUSION_DPO_TEST_NAN_STEPS"]
+    assert (tmp_path / "checkpoint-2" / "stream_state_0.json").exists()
+    assert summary(tmp_path)["nonfinite_steps"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(("checkpoint", "logs",
+                                                                                               "validation"))) == [
+        "transformer"]
+    from safetensors.torch import load_file
+
+    base = load_file(f"{tiny_flux_path}/transformer/diffusion_pytorch_model.safetensors")
+    tuned = trained_weights(tmp_path)
+    assert all_finite(tuned) and sum(not torch.equal(base[k], tuned[k]) for k in base) > 0.9 * len(base)
+    assert Image.open(tmp_path / "validation_grid.png").size == (128, 64)
+    assert "FluxTransformer2DModel.from_pretrained" in (tmp_path / "README.md").read_text()

@@ -1,0 +1,2222 @@
+#!/usr/bin/env python
+# Copyright 2026 The Diffusion-DPO open implementation authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Flow-DPO fine-tuning of FLUX.1 (dev, schnell) on preference pairs (Diffusion-DPO, Wallace et al., 2311.12908,
+carried over to flow matching as in VideoAlign's Flow-DPO).
+
+Launch (one GPU, LoRA, FLUX.1-dev; text embeddings and latents cached first, so neither T5 nor the VAE stays on the
+GPU; the reference is the same transformer with its adapters off, so there is no second 12B copy):
+    accelerate launch train_diffusion_dpo_flux.py \
+        --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
+        --dataset_name yuvalkirstain/pickapic_v2 --cache_latents --use_lora --rank 16 \
+        --train_batch_size 1 --gradient_accumulation_steps 64 --learning_rate 1e-5 --gradient_checkpointing \
+        --beta_dpo 500 --max_train_steps 2000 --mixed_precision bf16 --output_dir flux-dev-dpo-lora
+
+The full fine-tune shards the transformer with FSDP (configs/fsdp_flux.yaml; docs/multi_gpu.md sizes it).
+
+Same flags and meanings as train_diffusion_dpo.py (SD 1.x/2.x) and train_diffusion_dpo_sd3.py, plus what FLUX needs:
+latents packed into 2x2 patches with their position ids (FluxPipeline's own helpers), the distilled guidance input
+of FLUX.1-dev (--guidance_scale), the resolution-dependent timestep shift its scheduler asks for, and two text
+encoders (CLIP-L pooled, T5 states). The DPO math lives in `diffusion_dpo_loss`, unchanged: it takes the per-sample
+velocity errors, computed on the unpacked latents.
+Functions marked `# Copied from train_diffusion_dpo.<name>` are kept identical to the SD script by a test, with what
+the SD script calls its UNet renamed to the transformer; those marked `# Copied from train_diffusion_dpo_sd3.<name>`
+are the SD3 script's flow-matching pieces, kept identical to it.
+This file is self-contained: it imports only pip packages, so it runs when copied alone.
+"""
+# Every "# Copied from train_diffusion_dpo.<name>" below also renames unet->transformer, UNet->transformer,
+#     UNet2DConditionModel->FluxTransformer2DModel, StableDiffusionPipeline->FluxPipeline.
+# Every "# Copied from train_diffusion_dpo_sd3.<name>" below also renames StableDiffusion3Pipeline->FluxPipeline,
+#     SD3Transformer2DModel->FluxTransformer2DModel.
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from PIL import Image, ImageOps
+
+import diffusers
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.training_utils import (cast_training_params, compute_density_for_timestep_sampling,
+                                      compute_loss_weighting_for_sd3)
+from diffusers.utils import check_min_version, make_image_grid
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+
+check_min_version("0.30.0")
+
+logger = get_logger(__name__, log_level="INFO")
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "sft")
+# Timestep densities and loss weightings, as diffusers.training_utils names them (diffusers' FLUX examples call
+# "uniform" "none")
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+DEFAULT_VALIDATION_PROMPTS = [
+    "a photo of an astronaut riding a horse on mars",
+    "a cute corgi wearing a red scarf, studio portrait",
+    "a bowl of ramen on a wooden table, cinematic lighting",
+    "a watercolor painting of a lighthouse at sunset",
+]
+# The attention projections of the double-stream blocks (image: to_*, text: add_*_proj, to_add_out) and of the
+# single-stream blocks (to_q/k/v), as diffusers' FLUX LoRA example targets them. MLPs: add "ff.net.0.proj,ff.net.2,
+# ff_context.net.0.proj,ff_context.net.2,proj_mlp,proj_out".
+DEFAULT_LORA_TARGETS = ("attn.to_k,attn.to_q,attn.to_v,attn.to_out.0,attn.add_k_proj,attn.add_q_proj,"
+                        "attn.add_v_proj,attn.to_add_out")
+# Names of the files the final results are made of; the hub push uploads these and nothing else.
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+CHECKPOINT_LORA_NAME = "transformer_lora_adapter.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DPO objective
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from train_diffusion_dpo.diffusion_dpo_loss
+def diffusion_dpo_loss(model_losses, ref_losses, beta_dpo, loss_type="sigmoid"):
+    """Diffusion-DPO loss from per-sample denoising errors (Wallace et al. 2023, eq. 14).
+
+    L = -log sigmoid( -(beta_dpo / 2) * [ (m_w - m_l) - (r_w - r_l) ] )
+
+    with m_* = ||target - eps_theta(x_t, t, c)||^2 and r_* the same under the frozen reference, each a mean over
+    C, H, W. The -beta/2 convention is the authors' (their T * omega(lambda_t) weighting folded into beta).
+
+    Args:
+        model_losses: float tensor [2B], the policy's errors ordered [winners; losers]. For "sft" only the
+            winners' errors, shape [B] (the SFT step never runs the losers).
+        ref_losses: float tensor [2B], the reference's errors in the same order; None for "sft".
+        beta_dpo: the KL-regularisation strength beta (> 0).
+        loss_type: "sigmoid" (the paper's DPO), "hinge" (SLiC, Zhao et al. 2023: relu(1 - inside)),
+            "ipo" (Azar et al. 2023, eq. 17: (logits - 1/(2 beta))^2 with logits = inside / beta),
+            or "sft" (plain denoising loss on the winners, paper section 5.5).
+
+    Returns:
+        (loss, metrics): a scalar loss and a dict of detached scalars: implicit_acc (fraction of pairs whose
+        winner the model prefers more than the reference does, a tie counting half: pair_implicit_accuracy),
+        reward_margin (mean of inside), and the mean errors model_mse_w, model_mse_l, ref_mse_w, ref_mse_l.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"Unknown loss_type {loss_type!r}; valid types are {', '.join(LOSS_TYPES)}.")
+    model_losses = model_losses.float()
+    if loss_type == "sft":
+        loss = model_losses.mean()
+        return loss, {"model_mse_w": model_losses.detach().mean()}
+
+    if ref_losses is None:
+        raise ValueError(f"loss_type {loss_type!r} needs the reference model's errors (ref_losses).")
+    # 1. How much more the policy prefers the winner than the reference does, per pair (>0 = better than reference).
+    inside = dpo_implicit_reward(model_losses, ref_losses.float(), beta_dpo)
+    # 2. The loss on that margin.
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(inside)
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - inside)
+    elif loss_type == "ipo":
+        logits = inside / beta_dpo
+        losses = (logits - 1.0 / (2.0 * beta_dpo)) ** 2
+    else:
+        raise AssertionError(f"loss_type {loss_type!r} is in LOSS_TYPES but has no branch here; add one.")
+    model_mse_w, model_mse_l = model_losses.detach().chunk(2)
+    ref_mse_w, ref_mse_l = ref_losses.detach().float().chunk(2)
+    metrics = {
+        "implicit_acc": pair_implicit_accuracy(inside.detach()).mean(),
+        "reward_margin": inside.mean().detach(),
+        "model_mse_w": model_mse_w.mean(),
+        "model_mse_l": model_mse_l.mean(),
+        "ref_mse_w": ref_mse_w.mean(),
+        "ref_mse_l": ref_mse_l.mean(),
+    }
+    return losses.mean(), metrics
+
+
+# Copied from train_diffusion_dpo.dpo_implicit_reward
+def dpo_implicit_reward(model_losses, ref_losses, beta_dpo):
+    """Per pair, the argument of the DPO log-sigmoid (Wallace et al. 2023, eq. 14): [2B] errors in, [B] out.
+
+    inside = -(beta_dpo / 2) * ((m_w - m_l) - (r_w - r_l)), errors ordered [winners; losers]. Computed in the
+    inputs' dtype (float32 in training; evaluate.py passes float64).
+    """
+    model_mse_w, model_mse_l = model_losses.chunk(2)
+    ref_mse_w, ref_mse_l = ref_losses.chunk(2)
+    return -(beta_dpo / 2) * ((model_mse_w - model_mse_l) - (ref_mse_w - ref_mse_l))
+
+
+# Copied from train_diffusion_dpo.pair_implicit_accuracy
+def pair_implicit_accuracy(inside):
+    """Per pair: 1 where the model prefers the winner more than the reference does (inside > 0), 0 where less, and
+    0.5 on a tie, so a model equal to its reference scores 0.5 (no preference), as the diffusers example counts it."""
+    return (inside > 0).to(inside.dtype) + 0.5 * (inside == 0).to(inside.dtype)
+
+
+# Copied from train_diffusion_dpo.lora_adapters_disabled
+@contextlib.contextmanager
+def lora_adapters_disabled(transformer):
+    """Run the transformer as the frozen reference: its LoRA adapters off, switched back on even if the body raises."""
+    transformer.disable_adapters()
+    try:
+        yield transformer
+    finally:
+        transformer.enable_adapters()
+
+
+# Copied from train_diffusion_dpo.pair_generator
+def pair_generator(seed, step, pair_index):
+    """A torch.Generator for one pair at one optimizer step.
+
+    Noise, timestep and VAE sample of a pair depend on (seed, step, pair) only, never on which process or
+    micro-batch draws them: 2 processes equal 1 process, batch 8 equals batch 1 x 8 accumulation, and a resumed
+    run draws what an uninterrupted one would.
+    """
+    digest = hashlib.sha256(f"{seed}/{step}/{pair_index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def draw_flow_timesteps(generators, noise_scheduler, args, image_seq_len):
+    """One timestep and its sigma per pair, from the pair's own generator, with the density --weighting_scheme names.
+
+    diffusers' compute_density_for_timestep_sampling gives u in [0, 1), which indexes the scheduler's training
+    sigmas, as in diffusers' FLUX examples. Where the scheduler config asks for the resolution-dependent shift
+    (FLUX.1-dev: use_dynamic_shifting), those sigmas are unshifted and get the shift FluxPipeline samples an image of
+    `image_seq_len` packed tokens with (calculate_shift, then the scheduler's own time_shift); otherwise they carry
+    the config's fixed shift already (schnell: 1.0). Returns (timesteps [B] in 0..1000, sigmas [B]).
+    """
+    u = torch.cat([compute_density_for_timestep_sampling(
+        args.weighting_scheme, 1, logit_mean=args.logit_mean, logit_std=args.logit_std, mode_scale=args.mode_scale,
+        generator=generator) for generator in generators])
+    config = noise_scheduler.config
+    indices = (u * config.num_train_timesteps).long().clamp(0, config.num_train_timesteps - 1)
+    sigmas = noise_scheduler.sigmas[indices]
+    if config.use_dynamic_shifting:
+        mu = calculate_shift(image_seq_len, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
+                             config.max_shift)
+        sigmas = noise_scheduler.time_shift(mu, 1.0, sigmas)
+    return sigmas * config.num_train_timesteps, sigmas
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: Pick-a-Pic-format preference pairs
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from train_diffusion_dpo.UnusableImage
+class UnusableImage(ValueError):
+    """An image cell that cannot be used; `reason` is the count it goes to (missing_image, undecodable_image)."""
+
+    def __init__(self, reason, message):
+        super().__init__(message)
+        self.reason = reason
+
+
+# Copied from train_diffusion_dpo.load_pil_image
+def load_pil_image(value):
+    """Decode one image cell as stored by parquet/datasets (bytes, {"bytes", "path"}, PIL, or a path) to RGB.
+
+    Usable odd images are made right: EXIF rotation applied; grayscale, palette, CMYK and 16-bit images converted;
+    transparency composited on white. Missing or undecodable images raise UnusableImage with the reason.
+    """
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if value is None or (isinstance(value, (bytes, bytearray, str)) and len(value) == 0):
+        raise UnusableImage("missing_image", "the image cell is empty")
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, str):
+            image = Image.open(value)
+        else:
+            raise ValueError(f"cannot read an image from a {type(value).__name__}")
+        image.load()  # decode now, so truncated bytes fail here and not inside the model step
+        # Phone photos carry their rotation in EXIF; apply it so the pixels match what the user saw.
+        image = ImageOps.exif_transpose(image)
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for bad bytes
+        raise UnusableImage("undecodable_image", f"cannot decode the image: {error}") from error
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit (or 32-bit integer) grayscale: scale to 8 bits instead of clipping everything above 255 to white
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels / peak * 255.0, 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+    if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+# Copied from train_diffusion_dpo.preprocess_pair
+def preprocess_pair(winner, loser, resolution, random_crop, hflip, rng):
+    """Resize, crop and flip a winner/loser pair *jointly*, and return normalized tensors.
+
+    The loser is first brought to the winner's size, then both get the same resize (short side = resolution),
+    the same crop and the same flip, so that neither image of a pair is favoured by augmentation.
+
+    Returns (winner [3,R,R] in [-1,1], loser likewise, original_size (h, w), crop_top_left (top, left)).
+    """
+    original_size = (winner.height, winner.width)
+    if loser.size != winner.size:
+        loser = loser.resize(winner.size, resample=Image.BICUBIC)
+    scale = resolution / min(winner.width, winner.height)
+    resized = (max(resolution, round(winner.width * scale)), max(resolution, round(winner.height * scale)))
+    winner = winner.resize(resized, resample=Image.BILINEAR)
+    loser = loser.resize(resized, resample=Image.BILINEAR)
+    if random_crop:
+        top = rng.randint(0, resized[1] - resolution)
+        left = rng.randint(0, resized[0] - resolution)
+    else:
+        top = (resized[1] - resolution) // 2
+        left = (resized[0] - resolution) // 2
+    box = (left, top, left + resolution, top + resolution)
+    winner, loser = winner.crop(box), loser.crop(box)
+    if hflip and rng.random() < 0.5:
+        winner = winner.transpose(Image.FLIP_LEFT_RIGHT)
+        loser = loser.transpose(Image.FLIP_LEFT_RIGHT)
+
+    def to_tensor(image):
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return pixels.float().div(127.5).sub(1.0)
+
+    return to_tensor(winner), to_tensor(loser), original_size, (top, left)
+
+
+# Copied from train_diffusion_dpo.load_preference_dataset
+def load_preference_dataset(args):
+    """Load the dataset, check its columns, and return (dataset, column names, counts of dropped rows).
+
+    Rows are kept when they hold a usable preference: a string caption and Pick-a-Pic labels (1, 0) or (0, 1);
+    ties (0.5, 0.5), other labels and missing captions are dropped and counted by reason, reading only the
+    caption and label columns. A chosen/rejected layout has no labels. Image problems are found (and counted)
+    when the images are decoded during training.
+    """
+    from datasets import load_dataset
+
+    source = args.train_data_dir if args.train_data_dir is not None else args.dataset_name
+    dataset = load_dataset(source, args.dataset_config_name, split=args.dataset_split_name, cache_dir=args.cache_dir,
+                           streaming=args.streaming)
+
+    if args.chosen_column is not None:
+        columns = {"caption": args.caption_column, "winner": args.chosen_column, "loser": args.rejected_column}
+    else:
+        columns = {
+            "caption": args.caption_column,
+            "image_0": args.image_0_column,
+            "image_1": args.image_1_column,
+            "label_0": args.label_0_column,
+            "label_1": args.label_1_column,
+        }
+    column_names = dataset.column_names or list(next(iter(dataset)).keys())
+    missing = [name for name in columns.values() if name not in column_names]
+    if missing:
+        raise ValueError(
+            f"Dataset {source!r} has no column(s) {missing}. Its columns are {column_names}. Map yours with "
+            "--caption_column, --image_0_column/--image_1_column/--label_0_column/--label_1_column (Pick-a-Pic "
+            "layout) or --chosen_column/--rejected_column (chosen/rejected layout)."
+        )
+
+    if args.streaming:  # rows are checked (and counted) as they stream past
+        return dataset, columns, {}
+    counts = {"rows": len(dataset), "ties": 0, "invalid_labels": 0, "bad_caption": 0}
+    keep = np.ones(len(dataset), dtype=bool)
+    # A caption must be a string (empty is allowed: it is what prompt dropout trains on anyway).
+    captions = dataset.select_columns([columns["caption"]])[columns["caption"]]
+    has_caption = np.fromiter((isinstance(c, str) for c in captions), dtype=bool, count=len(dataset))
+    counts["bad_caption"] = int((~has_caption).sum())
+    keep &= has_caption
+    if args.chosen_column is None:
+        # Read only the two label columns (no image decoding) to choose the rows to keep.
+        labels = dataset.select_columns([columns["label_0"], columns["label_1"]]).with_format("numpy")
+        label_0 = np.asarray(labels[columns["label_0"]], dtype=np.float64)
+        label_1 = np.asarray(labels[columns["label_1"]], dtype=np.float64)
+        is_tie = (label_0 == 0.5) & (label_1 == 0.5)
+        is_decided = ((label_0 == 1) & (label_1 == 0)) | ((label_0 == 0) & (label_1 == 1))
+        # Each dropped row is counted once, under its first reason in the order caption, tie, labels.
+        counts["ties"] = int((is_tie & keep).sum())
+        counts["invalid_labels"] = int((~is_tie & ~is_decided & keep).sum())
+        keep &= is_decided
+    if not keep.all():
+        dataset = dataset.select(np.flatnonzero(keep))
+    if args.max_train_samples is not None:
+        dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError(
+            f"Dataset {source!r} has no usable preference pairs after filtering ({counts['rows']} rows: "
+            f"{counts['ties']} ties, {counts['invalid_labels']} with invalid labels, {counts['bad_caption']} without "
+            "a string caption). Check the columns (--caption_column, --label_0_column/--label_1_column) or use "
+            "--chosen_column/--rejected_column."
+        )
+    counts["pairs"] = len(dataset)
+    return dataset, columns, counts
+
+
+class PreferencePairDataset(torch.utils.data.Dataset):
+    """Pairs as model inputs: the caption tokenized by both tokenizers (CLIP-L, T5) and winner and loser pixels with
+    a joint crop and flip.
+
+    Augmentation randomness depends on (seed, epoch, index) only, so it is the same on every process count and
+    after a resume. A row whose images are missing or cannot be decoded is replaced by the next usable row and
+    reported in the example (`skipped`: (row, reason) pairs), so batches keep their size and no process waits
+    on another. Captions longer than a tokenizer's limit (77 CLIP tokens; --max_sequence_length T5 tokens) are
+    truncated and reported (`truncated`). Prompt dropout empties the caption, so both encoders see ''.
+    """
+
+    def __init__(self, dataset, columns, tokenizers, args):
+        self.dataset = dataset
+        self.columns = columns
+        self.tokenizers = tokenizers
+        self.resolution = args.resolution
+        self.random_crop = args.random_crop
+        self.hflip = not args.no_hflip
+        self.proportion_empty_prompts = args.proportion_empty_prompts
+        self.seed = args.seed
+        self.epoch = 0  # set by the training loop before each epoch's iterator is built
+
+    # Copied from train_diffusion_dpo.PreferencePairDataset.__len__
+    def __len__(self):
+        return len(self.dataset)
+
+    # Copied from train_diffusion_dpo.PreferencePairDataset.decode_pair
+    def decode_pair(self, row):
+        if "winner" in self.columns:
+            return load_pil_image(row[self.columns["winner"]]), load_pil_image(row[self.columns["loser"]])
+        image_0 = load_pil_image(row[self.columns["image_0"]])
+        image_1 = load_pil_image(row[self.columns["image_1"]])
+        # Rows were filtered to labels (1, 0) or (0, 1): the winner is the image labelled 1.
+        return (image_0, image_1) if float(row[self.columns["label_0"]]) == 1.0 else (image_1, image_0)
+
+    # Copied from train_diffusion_dpo.PreferencePairDataset.__getitem__
+    def __getitem__(self, index):
+        skipped = []
+        for offset in range(len(self.dataset)):
+            row_index = (index + offset) % len(self.dataset)
+            row = self.dataset[row_index]
+            try:
+                winner, loser = self.decode_pair(row)
+                break
+            except UnusableImage as error:
+                skipped.append((row_index, error.reason))
+        else:
+            raise ValueError("No row of the dataset has usable images: every image is missing or undecodable.")
+        example = self.make_example(row, None, decoded=(winner, loser), index=index)
+        example.update(skipped=skipped, truncated=[row_index] if example["truncated"] else [])
+        return example
+
+    # Copied from train_diffusion_dpo.PreferencePairDataset.make_example
+    def make_example(self, row, stream_key, decoded=None, index=None):
+        """Model inputs for one row; `index` (map-style) or `stream_key` (streaming) seeds its augmentation."""
+        winner, loser = decoded if decoded is not None else self.decode_pair(row)
+        if stream_key is not None:
+            index = stream_pair_index(*stream_key)
+            rng = random.Random(f"{self.seed}/stream/{index}")
+        else:
+            rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+        caption = row[self.columns["caption"]]
+        if rng.random() < self.proportion_empty_prompts:
+            caption = ""
+        example = self.model_inputs(winner, loser, caption, rng)
+        example["index"] = index
+        return example
+
+    def model_inputs(self, winner, loser, caption, rng):
+        pixels_w, pixels_l, _, _ = preprocess_pair(winner, loser, self.resolution, self.random_crop, self.hflip, rng)
+        # CLIP-L and T5, each padded and cut as FluxPipeline.encode_prompt does
+        (input_ids, truncated), (input_ids_2, truncated_2) = (tokenize_caption(t, caption) for t in self.tokenizers)
+        return {"pixels_w": pixels_w, "pixels_l": pixels_l, "input_ids": input_ids, "input_ids_2": input_ids_2,
+                "truncated": truncated or truncated_2}
+
+    # Copied from train_diffusion_dpo_sd3.PreferencePairDataset.cache_views with SD3->FLUX
+    def cache_views(self, winner, loser):
+        """What --cache_latents stores for a pair: pixels [flips, (w, l), 3, R, R] of the centre crop, unflipped
+        then flipped (the flip is the last draw of preprocess_pair, so the cache can pick it later), and per-flip
+        extras (none for FLUX)."""
+        pixels_w, pixels_l, _, _ = preprocess_pair(winner, loser, self.resolution, False, False, None)
+        pixels = torch.stack([pixels_w, pixels_l])
+        views = [pixels, pixels.flip(-1)] if self.hflip else [pixels]
+        return torch.stack(views), {}
+
+    # Copied from train_diffusion_dpo_sd3.PreferencePairDataset.prompt_truncated
+    def prompt_truncated(self, caption):
+        return any(tokenize_caption(tokenizer, caption)[1] for tokenizer in self.tokenizers)
+
+
+# Copied from train_diffusion_dpo.tokenize_caption
+def tokenize_caption(tokenizer, caption):
+    """Token ids padded to the tokenizer's limit, and whether the caption had to be cut to fit (end token kept)."""
+    limit = tokenizer.model_max_length
+    token_ids = tokenizer(caption).input_ids
+    truncated = len(token_ids) > limit
+    if truncated:
+        token_ids = token_ids[: limit - 1] + token_ids[-1:]
+    token_ids = token_ids + [tokenizer.pad_token_id] * (limit - len(token_ids))
+    return torch.tensor(token_ids, dtype=torch.long), truncated
+
+
+def collate_pairs(examples):
+    return {
+        "pixels_w": torch.stack([e["pixels_w"] for e in examples]),
+        "pixels_l": torch.stack([e["pixels_l"] for e in examples]),
+        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        "input_ids_2": torch.stack([e["input_ids_2"] for e in examples]),
+        "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
+        "skipped": [item for e in examples for item in e["skipped"]],
+        "truncated": [row for e in examples for row in e["truncated"]],
+        "stream_state": examples[-1].get("stream_state"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent and text-embedding cache (--cache_latents)
+# ----------------------------------------------------------------------------------------------------------------
+ROW_USABLE, ROW_MISSING_IMAGE, ROW_UNDECODABLE_IMAGE = 1, 2, 3
+ROW_STATUS_REASONS = {ROW_MISSING_IMAGE: "missing_image", ROW_UNDECODABLE_IMAGE: "undecodable_image"}
+
+
+# Copied from train_diffusion_dpo.weights_fingerprint
+def weights_fingerprint(model):
+    """A cheap digest of a model's weights (names, shapes and first values of every tensor)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().flatten()[:8].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# Copied from train_diffusion_dpo.latent_cache_path
+def latent_cache_path(args, dataset, columns, vae, text_encoders, cache_dtype):
+    """Cache folder for these inputs: any change of model weights, resolution, flip, data or dtype gives a new key."""
+    key = {
+        "format": 1, "model": args.pretrained_model_name_or_path, "revision": args.revision,
+        "variant": args.variant, "vae": weights_fingerprint(vae), "vae_config": dict(vae.config),
+        "text_encoders": [weights_fingerprint(encoder) for encoder in text_encoders],
+        "resolution": args.resolution, "hflip": not args.no_hflip, "dataset": dataset._fingerprint,
+        "columns": columns, "dtype": str(cache_dtype),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return Path(args.latent_cache_dir) / digest
+
+
+# Copied from train_diffusion_dpo.build_latent_cache
+def build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_text, text_encoders, weight_dtype):
+    """Encode every image (both orientations when flipping) and every unique prompt once, on disk.
+
+    `pairs` (the dataset class) decodes rows and says what to store (`cache_views`); `encode_text(prompts)`
+    returns the named text tensors of a batch of prompts. Each process encodes its share of rows and prompts
+    into shared memory-mapped .npy files; the folder is complete once meta.json exists, and a later run with
+    the same key reuses it without loading a pixel. Returns (LatentCache, stats of what this run encoded).
+    """
+    cache_dtype = np.float16 if weight_dtype == torch.float16 else np.float32  # bf16 is stored exactly as fp32
+    cache_dir = latent_cache_path(args, dataset, columns, vae, text_encoders, cache_dtype)
+    stats = {"cache_dir": str(cache_dir), "reused": (cache_dir / "meta.json").exists(),
+             "images_encoded": 0, "prompts_encoded": 0}
+    if stats["reused"]:
+        logger.info(f"Reusing the latent cache {cache_dir}")
+        return LatentCache(cache_dir), stats
+
+    num_rows = len(dataset)
+    flips = 2 if not args.no_hflip else 1
+    latent_size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+    posterior_shape = (2 * vae.config.latent_channels, latent_size, latent_size)
+    captions = dataset[columns["caption"]]
+    prompts = [""] + sorted(set(captions) - {""})  # id 0 is the empty prompt that prompt dropout uses
+    prompt_ids = {prompt: i for i, prompt in enumerate(prompts)}
+    with torch.no_grad():
+        text_shapes = {name: tuple(t.shape[1:]) for name, t in encode_text([""]).items()}
+    probe_row = next(r for r in range(num_rows) if _decodable(pairs, dataset[r]))
+    _, extras = pairs.cache_views(*pairs.decode_pair(dataset[probe_row]))
+    if accelerator.is_main_process:
+        logger.info(f"Building the latent cache {cache_dir}: {num_rows} pairs, {len(prompts)} unique prompts")
+        arrays = {"posteriors": ((num_rows, 2, flips) + posterior_shape, cache_dtype)}
+        arrays.update({f"text_{name}": ((len(prompts),) + shape, cache_dtype) for name, shape in text_shapes.items()})
+        arrays.update({f"row_{name}": ((num_rows,) + tuple(value.shape), value.numpy().dtype)
+                       for name, value in extras.items()})
+        _allocate_cache_files(cache_dir, arrays, np.array([prompt_ids[c] for c in captions], dtype=np.int64))
+    accelerator.wait_for_everyone()
+
+    posteriors = np.load(cache_dir / "posteriors.npy", mmap_mode="r+")
+    text_arrays = {name: np.load(cache_dir / f"text_{name}.npy", mmap_mode="r+") for name in text_shapes}
+    extra_arrays = {name: np.load(cache_dir / f"row_{name}.npy", mmap_mode="r+") for name in extras}
+    rank, world = accelerator.process_index, accelerator.num_processes
+    status = np.zeros(num_rows, dtype=np.int8)
+    truncated = np.zeros(len(prompts), dtype=bool)
+    my_rows = list(range(rank, num_rows, world))
+    chunk = args.vae_encode_batch_size
+    rows_per_chunk = max(1, chunk // (2 * flips))  # each row is 2 images per orientation
+    with torch.no_grad():
+        for start in tqdm(range(0, len(my_rows), rows_per_chunk), desc="Caching latents",
+                          disable=not accelerator.is_local_main_process):
+            rows, views = [], []
+            for row in my_rows[start:start + rows_per_chunk]:
+                try:
+                    winner, loser = pairs.decode_pair(dataset[row])
+                except UnusableImage as error:
+                    status[row] = ROW_MISSING_IMAGE if error.reason == "missing_image" else ROW_UNDECODABLE_IMAGE
+                    continue
+                status[row] = ROW_USABLE
+                row_views, row_extras = pairs.cache_views(winner, loser)
+                for name, value in row_extras.items():
+                    extra_arrays[name][row] = value.numpy()
+                rows.append(row)
+                views.append(row_views)
+            if not rows:
+                continue
+            views = torch.stack(views)  # [rows, flips, (w, l), 3, R, R]
+            params = vae.encode(views.flatten(0, 2).to(vae.device, dtype=vae.dtype)).latent_dist.parameters
+            params = params.float().cpu().numpy().astype(cache_dtype).reshape((len(rows), flips, 2) + posterior_shape)
+            posteriors[rows] = params.swapaxes(1, 2)
+            stats["images_encoded"] += params.shape[0] * flips * 2
+        stats["prompts_encoded"] += _encode_prompts(pairs, encode_text, prompts, range(rank, len(prompts), world),
+                                                    chunk, text_arrays, truncated)
+    for array in [posteriors, *text_arrays.values(), *extra_arrays.values()]:
+        array.flush()
+    _publish_cache(accelerator, cache_dir, status, truncated, {
+        "rows": num_rows, "prompts": len(prompts), "flips": flips, "text": sorted(text_shapes),
+        "row_extras": sorted(extras)})
+    return LatentCache(cache_dir), stats
+
+
+# Copied from train_diffusion_dpo._encode_prompts
+def _encode_prompts(pairs, encode_text, prompts, my_prompt_ids, chunk, text_arrays, truncated):
+    """Encode this process's share of the unique prompts into the cache's text arrays; returns how many."""
+    my_prompt_ids = list(my_prompt_ids)
+    for start in range(0, len(my_prompt_ids), chunk):
+        ids = my_prompt_ids[start:start + chunk]
+        batch_prompts = [prompts[i] for i in ids]
+        for name, tensor in encode_text(batch_prompts).items():
+            text_arrays[name][ids] = tensor.float().cpu().numpy().astype(text_arrays[name].dtype)
+        truncated[ids] = [pairs.prompt_truncated(prompt) for prompt in batch_prompts]
+    return len(my_prompt_ids)
+
+
+# Copied from train_diffusion_dpo._allocate_cache_files
+def _allocate_cache_files(cache_dir, arrays, row_prompt):
+    """The cache's memory-mapped .npy files at their full size ({name: (shape, dtype)}), and each row's prompt id."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for name, (shape, dtype) in arrays.items():
+        np.lib.format.open_memmap(cache_dir / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+    np.save(cache_dir / "row_prompt.npy", row_prompt)
+
+
+# Copied from train_diffusion_dpo._publish_cache
+def _publish_cache(accelerator, cache_dir, status, truncated, meta):
+    """Unite every process's row status and truncated prompts, then write meta.json: the cache is complete."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    np.save(cache_dir / f"status-{rank}.npy", status)
+    np.save(cache_dir / f"truncated-{rank}.npy", truncated)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        status = np.max([np.load(cache_dir / f"status-{r}.npy") for r in range(world)], axis=0)
+        truncated = np.any([np.load(cache_dir / f"truncated-{r}.npy") for r in range(world)], axis=0)
+        np.save(cache_dir / "row_status.npy", status)
+        np.save(cache_dir / "prompt_truncated.npy", truncated)
+        for r in range(world):
+            os.remove(cache_dir / f"status-{r}.npy")
+            os.remove(cache_dir / f"truncated-{r}.npy")
+        # meta.json last, through a rename: its presence means the cache is complete
+        with open(cache_dir / "meta.tmp", "w") as f:
+            json.dump(meta, f)
+        os.replace(cache_dir / "meta.tmp", cache_dir / "meta.json")
+    accelerator.wait_for_everyone()
+
+
+# Copied from train_diffusion_dpo._decodable
+def _decodable(pairs, row):
+    try:
+        pairs.decode_pair(row)
+        return True
+    except UnusableImage:
+        return False
+
+
+# Copied from train_diffusion_dpo.LatentCache
+class LatentCache:
+    """Read side of the cache: memory-mapped posteriors [rows, (w, l), flips, 2C, h, w], text tensors per
+    unique prompt, per-row-and-flip extras (SDXL's time ids), and which rows and prompts had problems."""
+
+    def __init__(self, cache_dir):
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        self.posteriors = np.load(cache_dir / "posteriors.npy", mmap_mode="r")
+        self.text = {name: np.load(cache_dir / f"text_{name}.npy", mmap_mode="r") for name in meta["text"]}
+        self.row_extras = {name: np.load(cache_dir / f"row_{name}.npy", mmap_mode="r") for name in meta["row_extras"]}
+        self.row_prompt = np.load(cache_dir / "row_prompt.npy")
+        self.row_status = np.load(cache_dir / "row_status.npy")
+        self.prompt_truncated = np.load(cache_dir / "prompt_truncated.npy")
+
+    def problem_counts(self):
+        counts = {reason: int((self.row_status == status).sum()) for status, reason in ROW_STATUS_REASONS.items()}
+        usable = self.row_status == ROW_USABLE
+        counts["truncated_caption"] = int(self.prompt_truncated[self.row_prompt[usable]].sum())
+        return counts
+
+
+# Copied from train_diffusion_dpo.CachedPairDataset
+class CachedPairDataset(torch.utils.data.Dataset):
+    """PreferencePairDataset's pairs from the cache: the same rows, flips and prompt dropout, no decoding."""
+
+    def __init__(self, cache, args):
+        self.cache = cache
+        self.hflip = not args.no_hflip
+        self.proportion_empty_prompts = args.proportion_empty_prompts
+        self.seed = args.seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.cache.row_status)
+
+    def __getitem__(self, index):
+        skipped = []
+        for offset in range(len(self)):  # an unusable row is replaced by the next usable one, as when decoding
+            row = (index + offset) % len(self)
+            if self.cache.row_status[row] == ROW_USABLE:
+                break
+            skipped.append((row, ROW_STATUS_REASONS[int(self.cache.row_status[row])]))
+        else:
+            raise ValueError("No row of the dataset has usable images: every image is missing or undecodable.")
+        # the same draws, in the same order, as PreferencePairDataset.make_example with a centre crop
+        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+        prompt = 0 if rng.random() < self.proportion_empty_prompts else int(self.cache.row_prompt[row])
+        flip = int(self.hflip and rng.random() < 0.5)
+        posteriors = torch.from_numpy(np.array(self.cache.posteriors[row, :, flip]))
+        example = {"posterior_w": posteriors[0], "posterior_l": posteriors[1], "index": index, "skipped": skipped,
+                   "truncated": [row] if prompt and self.cache.prompt_truncated[prompt] else []}
+        example.update({name: torch.from_numpy(np.array(array[prompt])) for name, array in self.cache.text.items()})
+        example.update({name: torch.from_numpy(np.array(array[row, flip]))
+                        for name, array in self.cache.row_extras.items()})
+        return example
+
+
+# Copied from train_diffusion_dpo.collate_cached_pairs
+def collate_cached_pairs(examples):
+    batch = {key: torch.stack([e[key] for e in examples]) for key, value in examples[0].items()
+             if isinstance(value, torch.Tensor)}
+    batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+    batch["skipped"] = [item for e in examples for item in e["skipped"]]
+    batch["truncated"] = [row for e in examples for row in e["truncated"]]
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming (--streaming): datasets too large to download
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from train_diffusion_dpo.row_label_problem
+def row_label_problem(row, columns):
+    """Why a streamed row holds no usable preference (the map-style checks, one row at a time), or None."""
+    if not isinstance(row[columns["caption"]], str):
+        return "bad_caption"
+    if "winner" in columns:
+        return None
+    labels = (row[columns["label_0"]], row[columns["label_1"]])
+    if labels == (0.5, 0.5):
+        return "ties"
+    if labels not in ((1, 0), (0, 1)):
+        return "invalid_labels"
+    return None
+
+
+# Copied from train_diffusion_dpo.StreamingPairDataset
+class StreamingPairDataset(torch.utils.data.IterableDataset):
+    """This process's shard of a streamed dataset as model inputs, endlessly, epoch after epoch.
+
+    The stream is split by process (disjoint shards) and shuffled with a seeded buffer re-seeded every epoch, so
+    its order is a function of (seed, epoch, process). Each example carries `stream_state` = (epoch, rows read):
+    a checkpoint stores it, and a resumed run skips exactly that many rows of the same order. Rows without a
+    usable preference or image are skipped and reported (`skipped`) like in the map-style dataset.
+    """
+
+    def __init__(self, stream, columns, tokenizer, args, rank):
+        self.stream = stream
+        self.rank = rank
+        self.pairs = PreferencePairDataset(None, columns, tokenizer, args)  # decoding, augmentation, tokens
+        self.start_state = (0, 0)
+
+    def __iter__(self):
+        epoch, rows_read = self.start_state
+        while True:
+            self.stream.set_epoch(epoch)
+            skipped, yielded = [], False
+            for position, row in enumerate(self.stream):
+                if position < rows_read:
+                    continue  # resume: these rows were trained on before the checkpoint
+                row_key = f"{epoch}/{self.rank}/{position}"
+                reason = row_label_problem(row, self.pairs.columns)
+                if reason is None:
+                    try:
+                        example = self.pairs.make_example(row, (epoch, self.rank, position))
+                    except UnusableImage as error:
+                        reason = error.reason
+                if reason is not None:
+                    skipped.append((row_key, reason))
+                    continue
+                example.update(skipped=skipped, truncated=[row_key] if example["truncated"] else [],
+                               stream_state=(epoch, position + 1))
+                skipped, yielded = [], True
+                yield example
+            if not yielded:
+                raise ValueError(f"Process {self.rank}'s shard of the stream has no usable preference pairs.")
+            epoch, rows_read = epoch + 1, 0
+
+
+# Copied from train_diffusion_dpo.stream_pair_index
+def stream_pair_index(epoch, rank, position):
+    """A unique integer per streamed row and epoch: the key of its noise, timestep and augmentation."""
+    return (epoch * 4096 + rank) * (1 << 40) + position
+
+
+# Copied from train_diffusion_dpo.EpochPermutationSampler
+class EpochPermutationSampler(torch.utils.data.Sampler):
+    """Shuffles with a permutation that depends on (seed, epoch) only, so a resume can find its position."""
+
+    def __init__(self, num_items, seed):
+        self.num_items = num_items
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_items
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Flow-DPO (Diffusion-DPO for flow matching) fine-tuning of FLUX.1 (dev, schnell) on preference "
+                    "pairs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                       help="Hub id or local folder of a diffusers FLUX.1 pipeline (dev, schnell).")
+    model.add_argument("--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the model.")
+    model.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. 'fp16'.")
+    model.add_argument("--upcast_vae", action="store_true",
+                       help="Run the VAE in float32 whatever the mixed precision (default: the mixed-precision "
+                            "dtype, like the other frozen parts). It only encodes the training images (once, with "
+                            "--cache_latents) and decodes validation images; use it with fp16 if they come out "
+                            "black or NaN.")
+    model.add_argument("--max_sequence_length", type=int, default=512,
+                       help="T5 tokens per prompt (longer captions are cut and counted): FluxPipeline's default and "
+                            "FLUX.1-dev's (schnell: 256); validation samples with the same length. Lower it to shrink "
+                            "the cache and the text attention.")
+
+    flow = parser.add_argument_group("flow matching (FLUX)")
+    flow.add_argument("--weighting_scheme", type=str, default="logit_normal", choices=WEIGHTING_SCHEMES,
+                      help="How each pair's sigma is drawn and its error weighted (diffusers.training_utils): "
+                           "logit_normal, mode or uniform draw sigma from that density with unit weight "
+                           "(logit_normal: SD3's recipe, concentrated on mid noise; diffusers' FLUX examples use "
+                           "uniform, which they call 'none'); sigma_sqrt and cosmap draw it uniformly and weight the "
+                           "error. Where the scheduler asks for it (FLUX.1-dev), the draw then gets the "
+                           "resolution-dependent shift FluxPipeline samples with.")
+    flow.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal density.")
+    flow.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit_normal density.")
+    flow.add_argument("--mode_scale", type=float, default=1.29,
+                      help="Scale of the mode density (--weighting_scheme mode), as in the SD3 paper.")
+    flow.add_argument("--guidance_scale", type=float, default=3.5,
+                      help="FLUX.1-dev is guidance-distilled: the transformer takes the guidance strength as an input "
+                           "instead of running classifier-free guidance. This is the strength policy and reference "
+                           "are conditioned on in training (diffusers' FLUX.1-dev recipe: 3.5, its sampling "
+                           "default). Ignored by models without that input (schnell).")
+
+    dpo = parser.add_argument_group("DPO objective")
+    dpo.add_argument("--loss_type", type=str, default="sigmoid", choices=LOSS_TYPES,
+                     help="sigmoid: the paper's Diffusion-DPO; hinge: SLiC hinge; ipo: IPO squared loss; sft: "
+                          "denoising loss on winners only (paper 5.5 baseline, no reference pass).")
+    dpo.add_argument("--beta_dpo", type=float, default=500.0,
+                     help="KL strength beta, in the authors' convention: inside = -(beta_dpo/2) * ((m_w - m_l) - "
+                          "(r_w - r_l)), here on velocity errors (mean over C, H, W of the unpacked latents). Larger "
+                          "keeps the model closer to the reference. Default 500, as in the SD3 script: the SD "
+                          "family's 5000 on noise errors carried over, since a noise error is (1 - sigma) times the "
+                          "velocity error and (1 - sigma)^2 averages about 0.1 under FLUX.1-dev's shifted sigmas at "
+                          "1024 px (flow_grpo's SD3 DPO uses 100). The mean makes "
+                          "beta independent of the resolution (keep it when you change --resolution); a recipe that "
+                          "sums the error over C*H*W has a beta C*H*W times smaller.")
+
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--use_lora", action="store_true",
+                      help="Train LoRA adapters instead of the whole transformer; the reference is the same "
+                           "transformer with its adapters disabled (no second copy in memory).")
+    lora.add_argument("--rank", type=int, default=8, help="LoRA rank.")
+    lora.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (scale = alpha / rank). Default: rank.")
+    lora.add_argument("--lora_target_modules", "--lora_layers", type=str, default=DEFAULT_LORA_TARGETS,
+                      help="Comma-separated transformer module names that get adapters (--lora_layers: diffusers' "
+                           "FLUX name). Default: the attention projections of the double- and single-stream blocks; "
+                           "add 'ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2,proj_mlp,proj_out' for "
+                           "the MLPs.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", type=str, default=None,
+                      help="Hub dataset id, or a local folder of parquet files, in Pick-a-Pic format.")
+    data.add_argument("--dataset_config_name", type=str, default=None, help="Config name of the dataset, if any.")
+    data.add_argument("--train_data_dir", type=str, default=None,
+                      help="Local folder of parquet (or json/csv) files in Pick-a-Pic format; instead of "
+                           "--dataset_name.")
+    data.add_argument("--dataset_split_name", type=str, default="train", help="Split to train on.")
+    data.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+    data.add_argument("--caption_column", type=str, default="caption", help="Column with the prompt.")
+    data.add_argument("--image_0_column", type=str, default="jpg_0", help="Column with the first image (bytes).")
+    data.add_argument("--image_1_column", type=str, default="jpg_1", help="Column with the second image (bytes).")
+    data.add_argument("--label_0_column", type=str, default="label_0",
+                      help="Column with the first image's label: 1 preferred, 0 rejected, 0.5 tie (dropped).")
+    data.add_argument("--label_1_column", type=str, default="label_1", help="Column with the second image's label.")
+    data.add_argument("--chosen_column", type=str, default=None,
+                      help="For datasets that store a chosen and a rejected image with no labels: the chosen "
+                           "image's column (give --rejected_column too; label columns are then ignored).")
+    data.add_argument("--rejected_column", type=str, default=None, help="The rejected image's column.")
+    data.add_argument("--max_train_samples", type=int, default=None,
+                      help="Train on a seeded random subset of this many pairs (after dropping ties).")
+    data.add_argument("--resolution", type=int, default=1024,
+                      help="Training resolution; a multiple of 16 (VAE factor 8 x the 2x2 latent packing). FLUX.1: 1024.")
+    data.add_argument("--random_crop", action="store_true",
+                      help="Random crop instead of center crop (same crop for winner and loser).")
+    data.add_argument("--no_hflip", action="store_true",
+                      help="Disable the random horizontal flip (applied to winner and loser together).")
+    data.add_argument("--proportion_empty_prompts", type=float, default=0.2,
+                      help="Fraction of captions replaced by '' (the authors' 0.2), for classifier-free guidance. "
+                           "The same '' goes to both text encoders.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0,
+                      help="Worker processes that decode images; 0 decodes in the main process.")
+    data.add_argument("--streaming", action="store_true",
+                      help="Stream the dataset instead of downloading it (Pick-a-Pic v2 is ~335 GB): each process "
+                           "reads its own shard through a seeded shuffle buffer; rows are checked and counted as "
+                           "they pass. Needs --max_train_steps; decodes in the main process; resumes at the exact "
+                           "row by re-reading the shard up to it.")
+    data.add_argument("--shuffle_buffer_size", type=int, default=1000,
+                      help="Rows in the streaming shuffle buffer (more = better mixed, more memory).")
+    data.add_argument("--cache_latents", action="store_true",
+                      help="Encode every image (both orientations, for the flip) and every unique prompt once, "
+                           "before training, into --latent_cache_dir; training then never runs the VAE or the two "
+                           "text encoders (T5-XXL alone is 4.7B parameters), which leave the accelerator. Reused by "
+                           "later runs with the same model, data, resolution and dtype. Needs the centre crop (not "
+                           "--random_crop). Disk: each prompt's T5 states are --max_sequence_length x 4096 values.")
+    data.add_argument("--latent_cache_dir", type=str,
+                      default=os.path.join(os.path.expanduser("~"), ".cache", "diffusion-dpo", "latents"),
+                      help="Where --cache_latents keeps its caches; one subfolder per model/data/resolution key.")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", type=str, default="diffusion-dpo-flux",
+                       help="Where results and checkpoints go.")
+    train.add_argument("--seed", type=int, default=0,
+                       help="Seed for reproducible training; noise, timesteps and crops depend on it.")
+    train.add_argument("--train_batch_size", type=int, default=1, help="Pairs per process per micro-batch.")
+    train.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, unless --max_train_steps is set.")
+    train.add_argument("--max_train_steps", type=int, default=None,
+                       help="Optimizer steps to train; overrides --num_train_epochs.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="Micro-batches per optimizer step. Effective batch = processes x batch x this.")
+    train.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute activations in backward: less memory, about 20-30%% slower.")
+    train.add_argument("--learning_rate", type=float, default=1e-8,
+                       help="Learning rate (per pair of the effective batch when --scale_lr is given). The "
+                            "authors (SD/SDXL): 1e-8 with --scale_lr, i.e. 2.048e-5 at 2048 pairs. LoRA wants "
+                            "~1e-5..1e-4.")
+    train.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate by processes x batch size x accumulation steps.")
+    train.add_argument("--lr_scheduler", type=str, default="constant_with_warmup", choices=LR_SCHEDULERS,
+                       help="Learning-rate schedule (diffusers.optimization.get_scheduler).")
+    train.add_argument("--lr_warmup_steps", type=int, default=0, help="Warmup optimizer steps.")
+    train.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit: optimizer state in 8 bit.")
+    train.add_argument("--use_adafactor", action="store_true",
+                       help="transformers Adafactor (the authors' SDXL optimizer): factored second moments.")
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Weight decay.")
+    train.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    train.add_argument("--max_nonfinite_steps", type=int, default=20,
+                       help="Stop after this many optimizer steps in a row with a NaN/Inf loss or gradient "
+                            "(each such step is skipped and counted).")
+    train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Mixed precision; default: accelerate config. Frozen models run in this dtype (the VAE "
+                            "too unless --upcast_vae), trained parameters stay float32. FLUX.1 runs in bf16.")
+    train.add_argument("--vae_encode_batch_size", type=int, default=8,
+                       help="Images the VAE encodes (and prompts the text encoders encode, with --cache_latents) "
+                            "at once; lower it if encoding at 1024 px runs out of memory.")
+    train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Use xformers attention (needs CUDA and the xformers package); default is PyTorch SDPA.")
+
+    checkpoints = parser.add_argument_group("checkpoints")
+    checkpoints.add_argument("--checkpointing_steps", type=int, default=500,
+                             help="Save a resumable checkpoint every this many optimizer steps.")
+    checkpoints.add_argument("--checkpoints_total_limit", type=int, default=None,
+                             help="Keep at most this many checkpoints (the oldest are removed).")
+    checkpoints.add_argument("--resume_from_checkpoint", type=str, default=None,
+                             help="A checkpoint folder, or 'latest' for the newest complete one in --output_dir.")
+
+    validation = parser.add_argument_group("validation")
+    validation.add_argument("--validation_prompts", type=str, nargs="+", default=DEFAULT_VALIDATION_PROMPTS,
+                            help="Prompts for the paired reference-vs-trained validation grid.")
+    validation.add_argument("--validation_steps", type=int, default=200,
+                            help="Run validation every this many optimizer steps (and always at the end).")
+    validation.add_argument("--num_validation_images", type=int, default=2,
+                            help="Images per prompt and model; 0 disables validation.")
+    validation.add_argument("--validation_num_inference_steps", type=int, default=28,
+                            help="Sampling steps (FLUX.1-dev: 28; schnell: 4).")
+    validation.add_argument("--validation_guidance_scale", type=float, default=3.5,
+                            help="FluxPipeline's guidance_scale for validation: the distilled guidance input of "
+                                 "FLUX.1-dev (3.5; schnell ignores it).")
+
+    output = parser.add_argument_group("results, logging and hub")
+    output.add_argument("--save_transformer_only", action="store_true",
+                        help="Full fine-tune: save only transformer/ instead of the complete pipeline folder.")
+    output.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, relative to --output_dir.")
+    output.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "all"],
+                        help="Tracker for metrics and validation grids (wandb is imported only when asked).")
+    output.add_argument("--tracker_project_name", type=str, default="diffusion-dpo-flux", help="Tracker project name.")
+    output.add_argument("--push_to_hub", action="store_true",
+                        help="Upload the final weights, model card and grid (never checkpoints or logs).")
+    output.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id; default: the output folder name.")
+    output.add_argument("--hub_token", type=str, default=None,
+                        help="Hub token; prefer `huggingface-cli login`. Never written to logs or files.")
+    return parser
+
+
+# Copied from train_diffusion_dpo.parse_args
+def parse_args(input_args=None):
+    parser = build_parser()
+    args = parser.parse_args(input_args)
+    validate_args(parser, args)
+    return args
+
+
+def validate_args(parser, args):
+    """Refuse bad settings before anything is loaded, each with what to do instead (the SD script's checks, and
+    those of the flags only this script has)."""
+    if args.dataset_name is None and args.train_data_dir is None:
+        parser.error("No dataset given: pass --dataset_name (hub id or parquet folder) or --train_data_dir.")
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        parser.error("Pass either --dataset_name or --train_data_dir, not both.")
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        parser.error(f"--train_data_dir {args.train_data_dir!r} is not a folder.")
+    if (args.chosen_column is None) != (args.rejected_column is None):
+        parser.error("--chosen_column and --rejected_column go together; give both or neither.")
+    if not args.beta_dpo > 0 or not math.isfinite(args.beta_dpo):
+        parser.error(f"--beta_dpo must be a finite number > 0 (got {args.beta_dpo}); 500 is this script's default "
+                     "for FLUX's velocity errors.")
+    if args.resolution <= 0 or args.resolution % 16 != 0:
+        parser.error(f"--resolution must be a positive multiple of 16 (the VAE downsamples by 8 and the transformer "
+                     f"takes 2x2 latent patches); got {args.resolution}.")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        parser.error("--proportion_empty_prompts must be between 0 and 1.")
+    if args.streaming:
+        if args.max_train_steps is None:
+            parser.error("--streaming has no epoch length: give --max_train_steps.")
+        for flag in ("cache_latents", "max_train_samples"):
+            if getattr(args, flag):
+                parser.error(f"--{flag} needs the whole dataset on disk; it does not combine with --streaming.")
+        if args.dataloader_num_workers:
+            parser.error("--streaming decodes in the main process (its exact resume counts rows there); "
+                         "drop --dataloader_num_workers.")
+    if args.cache_latents and args.random_crop:
+        parser.error("--cache_latents stores one centre crop per image (both orientations for the flip); drop "
+                     "--random_crop, or train without the cache.")
+    if args.use_8bit_adam and args.use_adafactor:
+        parser.error("Choose one optimizer: --use_8bit_adam or --use_adafactor.")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "rank",
+                 "checkpointing_steps", "validation_steps", "max_nonfinite_steps", "vae_encode_batch_size",
+                 "shuffle_buffer_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1.")
+    if not 1 <= args.max_sequence_length <= 512:
+        parser.error(f"--max_sequence_length must be between 1 and 512 (T5's limit in FLUX); got "
+                     f"{args.max_sequence_length}.")
+    if not args.logit_std > 0 or not args.mode_scale >= 0:
+        parser.error("--logit_std must be > 0 and --mode_scale >= 0.")
+    if not args.guidance_scale >= 0 or not math.isfinite(args.guidance_scale):
+        parser.error(f"--guidance_scale must be a finite number >= 0 (FLUX.1-dev's recipe: 3.5); got "
+                     f"{args.guidance_scale}.")
+    for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1 when given.")
+    if args.num_validation_images < 0 or args.dataloader_num_workers < 0 or args.lr_warmup_steps < 0:
+        parser.error("--num_validation_images, --dataloader_num_workers and --lr_warmup_steps must be >= 0.")
+    if not args.learning_rate > 0:
+        parser.error("--learning_rate must be > 0.")
+    if not args.max_grad_norm > 0:
+        parser.error("--max_grad_norm must be > 0 (use a large value such as 1e9 to disable clipping).")
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist; pass a checkpoint "
+                     "folder or 'latest'.")
+    output_parent = Path(args.output_dir).resolve()
+    while not output_parent.exists():
+        output_parent = output_parent.parent
+    if not os.access(output_parent, os.W_OK):
+        parser.error(f"--output_dir {args.output_dir!r} is not writable ({output_parent} is read-only).")
+    if args.lora_alpha is None:
+        args.lora_alpha = args.rank
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages of main
+# ----------------------------------------------------------------------------------------------------------------
+def build_models(args, accelerator, weight_dtype):
+    """Load the flow-matching scheduler, both tokenizers, the frozen text encoders and VAE, the trained transformer
+    and (full fine-tune) the frozen reference."""
+    load = {"revision": args.revision, "cache_dir": args.cache_dir}
+    pipeline_class = FluxPipeline.load_config(args.pretrained_model_name_or_path, **load)["_class_name"]
+    if pipeline_class != "FluxPipeline":
+        raise ValueError(f"{args.pretrained_model_name_or_path!r} is a {pipeline_class}, not a FLUX.1 pipeline; "
+                         "train SD 1.x/2.x with train_diffusion_dpo.py, SDXL with train_diffusion_dpo_sdxl.py and "
+                         "SD3 with train_diffusion_dpo_sd3.py.")
+    noise_scheduler = load_noise_scheduler(args)
+    tokenizers = (
+        CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **load),
+        # T5 prompts are padded and cut to --max_sequence_length, as the pipeline's max_sequence_length does
+        T5TokenizerFast.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer_2",
+                                        model_max_length=args.max_sequence_length, **load),
+    )
+    text_encoders = (
+        CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
+                                      variant=args.variant, **load),
+        T5EncoderModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder_2",
+                                       variant=args.variant, **load),
+    )
+    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant,
+                                        **load)
+    if vae.config.shift_factor is None:
+        raise ValueError("This VAE has no shift_factor; FLUX's latents are (sample - shift_factor) * scaling_factor.")
+    transformer = FluxTransformer2DModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="transformer", variant=args.variant, **load)
+
+    vae_dtype = torch.float32 if args.upcast_vae else weight_dtype
+    for frozen, dtype in ((vae, vae_dtype), *((encoder, weight_dtype) for encoder in text_encoders)):
+        frozen.requires_grad_(False)
+        frozen.eval()
+        frozen.to(accelerator.device, dtype=dtype)
+
+    if args.enable_xformers_memory_efficient_attention:
+        enable_xformers(transformer)
+
+    ref_transformer = None
+    if args.use_lora:
+        from peft import LoraConfig
+
+        # The base weights are frozen and can live in the weight dtype; only the adapters train (in float32).
+        transformer.requires_grad_(False)
+        transformer.to(accelerator.device, dtype=weight_dtype)
+        transformer.add_adapter(LoraConfig(
+            r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+            target_modules=[name.strip() for name in args.lora_target_modules.split(",") if name.strip()],
+        ))
+        cast_training_params(transformer, dtype=torch.float32)
+    elif args.loss_type != "sft":
+        # A frozen copy of the starting transformer is the reference (FLUX.1: 12B parameters, 24 GB in bf16: the full
+        # fine-tune needs FSDP): weight dtype (norms float32), no grads, and the policy's train mode.
+        ref_transformer = copy.deepcopy(transformer)
+        ref_transformer.requires_grad_(False)
+        ref_transformer.train()
+        cast_keeping_norms_in_float32(ref_transformer, weight_dtype).to(accelerator.device)
+        transformer.to(accelerator.device)
+    else:
+        transformer.to(accelerator.device)
+    transformer.train()
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return noise_scheduler, tokenizers, text_encoders, vae, transformer, ref_transformer
+
+
+def load_noise_scheduler(args):
+    """The base's flow-matching schedule: its 1000 training sigmas are what each pair's sigma is drawn from, shifted
+    by the config's fixed shift, or (FLUX.1-dev: use_dynamic_shifting) by draw_flow_timesteps for the resolution."""
+    config = FlowMatchEulerDiscreteScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                                         revision=args.revision, cache_dir=args.cache_dir)
+    if config["_class_name"] != "FlowMatchEulerDiscreteScheduler":
+        raise ValueError(f"The model's scheduler is {config['_class_name']}; this script trains flow-matching FLUX "
+                         "models (FlowMatchEulerDiscreteScheduler).")
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+
+# Copied from train_diffusion_dpo_sd3.cast_keeping_norms_in_float32
+def cast_keeping_norms_in_float32(model, dtype):
+    """Cast a frozen copy's weights to `dtype`, except those of its normalization layers, which stay float32:
+    autocast runs them in float32 with the policy's float32 weights, so rounded weights there would make the
+    reference differ from the policy before the first step. They are a few thousand parameters.
+
+    Two more than in the SD script, each of which alone moves the reference's bf16 step-1 loss off log 2 (by ~0.01
+    on the tiny SD3.5): diffusers' RMSNorm (SD3.5's query/key norm, whose scale autocast leaves to the weight's
+    dtype) keeps its float32 weight, and the buffers stay float32 (the patch embedding adds its positional
+    embeddings, a float32 buffer, outside any autocast op).
+    """
+    from diffusers.models.normalization import RMSNorm
+
+    for module in model.modules():
+        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.RMSNorm, RMSNorm)):
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(dtype)
+    return model
+
+
+# Copied from train_diffusion_dpo.enable_xformers
+def enable_xformers(transformer):
+    if not torch.cuda.is_available():
+        raise ValueError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag (PyTorch SDPA "
+                         "attention, the default, is as fast on recent PyTorch).")
+    try:
+        import xformers  # noqa: F401
+    except ImportError as error:
+        raise ImportError("--enable_xformers_memory_efficient_attention needs `pip install xformers`.") from error
+    transformer.enable_xformers_memory_efficient_attention()
+
+
+# Copied from train_diffusion_dpo.build_optimizer
+def build_optimizer(args, params, learning_rate=None):
+    """The optimizer the flags choose, at `learning_rate` (the run's, after --scale_lr; default --learning_rate)."""
+    learning_rate = args.learning_rate if learning_rate is None else learning_rate
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("--use_8bit_adam needs `pip install bitsandbytes`.") from error
+        return bnb.optim.AdamW8bit(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.use_adafactor:
+        from transformers.optimization import Adafactor
+
+        # A fixed learning rate, like the authors: Adafactor's own relative-step schedule is switched off.
+        return Adafactor(params, lr=learning_rate, scale_parameter=False, relative_step=False,
+                         warmup_init=False, weight_decay=args.adam_weight_decay)
+    # Fused AdamW: one kernel per step on CUDA and on the CPU, where the default for-loop path is ~8x slower (SD1.5's
+    # 860M parameters on 2 cores: 2.4 s per step instead of 0.31 s; benchmarks/README.md).
+    return torch.optim.AdamW(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=True)
+
+
+# Copied from train_diffusion_dpo.sample_latents
+def sample_latents(posterior_params, generators, scaling_factor):
+    """One latent sample per image from its VAE posterior (mean and log-variance, as the VAE outputs them).
+
+    The same function serves freshly encoded and cached posteriors, so both give the same latents.
+    """
+    posterior = DiagonalGaussianDistribution(posterior_params)
+    sample_noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in generators])
+    latents = posterior.mean + posterior.std * sample_noise.to(posterior.mean.device, posterior.mean.dtype)
+    return latents * scaling_factor
+
+
+# Copied from train_diffusion_dpo_sd3.encode_posteriors
+def encode_posteriors(vae, pixels, chunk_size):
+    """The VAE posterior parameters (mean and log-variance) of pixels [N,3,H,W], chunk_size images per call
+    (VAE activations at 1024 px are large), in the VAE's dtype (float32 with --upcast_vae)."""
+    chunks = [pixels[start:start + chunk_size] for start in range(0, pixels.shape[0], chunk_size)]
+    return torch.cat([vae.encode(chunk.to(vae.device, dtype=vae.dtype)).latent_dist.parameters for chunk in chunks])
+
+
+def encode_prompt(text_encoders, input_ids_list):
+    """FLUX's text condition, as FluxPipeline.encode_prompt computes it (a test holds the two equal).
+
+    Returns (prompt_embeds [B, T5 length, T5 width]: T5's last hidden states; pooled_prompt_embeds [B, CLIP width]:
+    CLIP-L's pooled output, not projected). The text position ids are zeros, made where they are used.
+    """
+    clip, t5 = text_encoders
+    pooled_prompt_embeds = clip(input_ids_list[0].to(clip.device), output_hidden_states=False).pooler_output
+    prompt_embeds = t5(input_ids_list[1].to(t5.device), output_hidden_states=False)[0]
+    return prompt_embeds, pooled_prompt_embeds.to(clip.dtype)
+
+
+def dpo_step_losses(args, batch, models, noise_scheduler, global_step, weight_dtype):
+    """Per-sample velocity errors of the policy and the reference for one micro-batch of pairs (Flow-DPO).
+
+    Rectified flow noises a latent x_0 to x_t = (1 - sigma) x_0 + sigma eps and the transformer predicts the
+    velocity v = eps - x_0. Each pair draws one sigma (the --weighting_scheme density, with the scheduler's
+    resolution-dependent shift) and one eps, shared by winner and loser. The transformer sees x_t packed into 2x2
+    patches (FluxPipeline._pack_latents, with _prepare_latent_image_ids' positions) and the distilled guidance
+    strength; its prediction is unpacked, and each image's error is the mean over C, H, W of w(sigma) (v_hat - v)^2
+    (diffusers' loss weighting, 1 for the density schemes): the errors diffusion_dpo_loss takes.
+
+    Returns (model_losses, ref_losses): [2B] ordered [winners; losers], or winners only [B] for sft (ref None).
+    """
+    transformer, ref_transformer, vae, text_encoders = models
+    device = transformer.device
+    num_pairs = batch["index"].shape[0]
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_size = args.resolution // vae_scale_factor
+    generators = [pair_generator(args.seed, global_step, int(i)) for i in batch["index"]]
+
+    # 1. One sigma and one noise per pair, shared by winner and loser (the same generator, drawn in order).
+    timesteps, sigmas = draw_flow_timesteps(generators, noise_scheduler, args, (latent_size // 2) ** 2)
+    with torch.no_grad():
+        # 2. Latents sampled from each image's VAE posterior, then shifted and scaled as FLUX's VAE prescribes; the
+        #    losers' sample noise has its own generator. Text encoded once per pair, repeated for the loser.
+        sft = args.loss_type == "sft"  # winners only
+        if "posterior_w" in batch:  # --cache_latents: posteriors and text embeddings computed once, before training
+            posterior_params = batch["posterior_w"] if sft else torch.cat([batch["posterior_w"], batch["posterior_l"]])
+            prompt_embeds = batch["prompt_embeds"].to(device, dtype=weight_dtype)
+            pooled_prompt_embeds = batch["pooled_prompt_embeds"].to(device, dtype=weight_dtype)
+        else:
+            pixels = batch["pixels_w"] if sft else torch.cat([batch["pixels_w"], batch["pixels_l"]])
+            posterior_params = encode_posteriors(vae, pixels, args.vae_encode_batch_size)
+            prompt_embeds, pooled_prompt_embeds = encode_prompt(text_encoders, [batch["input_ids"],
+                                                                                batch["input_ids_2"]])
+        if not sft:
+            generators = generators + [pair_generator(args.seed, global_step, f"{int(i)}/l") for i in batch["index"]]
+        latents = sample_latents(posterior_params.to(device, dtype=weight_dtype), generators, 1.0)
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        generators = generators[:num_pairs]
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+    noise = noise.to(device, dtype=latents.dtype)
+    images, channels, height, width = latents.shape
+    repeats = images // num_pairs
+    noise, timesteps = noise.repeat(repeats, 1, 1, 1), timesteps.to(device).repeat(repeats)
+    sigmas = sigmas.to(device, dtype=latents.dtype).repeat(repeats).view(-1, 1, 1, 1)
+    prompt_embeds = prompt_embeds.to(device).repeat(repeats, 1, 1)
+    pooled_prompt_embeds = pooled_prompt_embeds.to(device).repeat(repeats, 1)
+    text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=prompt_embeds.dtype)
+    image_ids = FluxPipeline._prepare_latent_image_ids(images, height // 2, width // 2, device, prompt_embeds.dtype)
+    # FLUX.1-dev conditions on the guidance strength; schnell has no such input
+    guidance = (torch.full((images,), args.guidance_scale, device=device, dtype=torch.float32)
+                if transformer_module(transformer).config.guidance_embeds else None)
+
+    # 3. Noise both images along the straight path; the target is the velocity from data to noise.
+    noisy_latents = (1.0 - sigmas) * latents + sigmas * noise
+    packed = FluxPipeline._pack_latents(noisy_latents, images, channels, height, width)
+    target = noise - latents
+    weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas).float()
+
+    def per_sample_mse(model):
+        # The run's autocast around every model, policy (accelerate wraps it in the same) and frozen reference alike:
+        # a reference equal to the policy then gives equal errors (step 1: loss log 2, no preference).
+        with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+            prediction = model(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                               pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds,
+                               txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+        prediction = FluxPipeline._unpack_latents(prediction, height * vae_scale_factor, width * vae_scale_factor,
+                                                  vae_scale_factor)
+        return (weighting * (prediction.float() - target.float()).pow(2)).mean(dim=(1, 2, 3))
+
+    # 4. Reference first, under no_grad: its activations are freed before the policy's are kept.
+    ref_losses = None
+    if args.loss_type != "sft":
+        with torch.no_grad():
+            if args.use_lora:
+                with lora_adapters_disabled(transformer_module(transformer)) as reference:
+                    ref_losses = per_sample_mse(reference)
+            else:
+                ref_losses = per_sample_mse(ref_transformer)
+    model_losses = per_sample_mse(transformer)
+    return model_losses, ref_losses
+
+
+# Copied from train_diffusion_dpo.unet_module
+def transformer_module(transformer):
+    """The bare transformer under any DDP/compile wrapper (the reference pass must not go through DDP's hooks)."""
+    while hasattr(transformer, "module") or hasattr(transformer, "_orig_mod"):
+        transformer = getattr(transformer, "module", None) or transformer._orig_mod
+    return transformer
+
+
+# Copied from train_diffusion_dpo.weights_are_sharded
+def weights_are_sharded(accelerator):
+    """True under FSDP and DeepSpeed ZeRO-3: no process holds the whole trained transformer, so every process must run its
+    forward passes (validation) and take part in gathering its weights (checkpoints, results)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    return (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
+# Copied from train_diffusion_dpo.unet_from_state_dict
+def transformer_from_state_dict(transformer, state_dict):
+    """A plain transformer with the trained transformer's config holding state_dict (gathered from FSDP/ZeRO-3 shards), to save."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        plain = FluxTransformer2DModel.from_config(transformer_module(transformer).config)
+    plain.load_state_dict(state_dict, assign=True)
+    return plain
+
+
+# Copied from train_diffusion_dpo.exchange_through_files
+def exchange_through_files(output_dir, accelerator, report):
+    """Every process's small JSON report, read by all (output_dir is shared, as checkpoints already need): the
+    end-of-run summary without a tensor collective, whose gloo teardown at exit can deadlock."""
+    path = os.path.join(output_dir, f".report-{accelerator.process_index}.json")
+    with open(path, "w") as f:
+        json.dump(report, f)
+    accelerator.wait_for_everyone()
+    reports = []
+    for rank in range(accelerator.num_processes):
+        with open(os.path.join(output_dir, f".report-{rank}.json")) as f:
+            reports.append(json.load(f))
+    accelerator.wait_for_everyone()
+    os.remove(path)
+    return reports
+
+
+# Copied from train_diffusion_dpo.checkpoint_dirs
+def checkpoint_dirs(output_dir):
+    """Complete checkpoints in output_dir, oldest first (temporary folders of interrupted saves are ignored)."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[-1].isdigit()]
+    return sorted(names, key=lambda name: int(name.split("-")[-1]))
+
+
+# Copied from train_diffusion_dpo.save_checkpoint
+def save_checkpoint(args, accelerator, global_step, stream_state=None, faults=None):
+    """Save a resumable state atomically: written to a temporary folder, renamed when complete.
+
+    With --streaming each process also records how far into its shard it has read (`stream_state`).
+    """
+    final_dir = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    temp_dir = os.path.join(args.output_dir, f".tmp-checkpoint-{global_step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if args.checkpoints_total_limit is not None:
+            existing = checkpoint_dirs(args.output_dir)
+            for name in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+                shutil.rmtree(os.path.join(args.output_dir, name))
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temp_dir)
+    if stream_state is not None:
+        with open(os.path.join(temp_dir, f"stream_state_{accelerator.process_index}.json"), "w") as f:
+            json.dump(list(stream_state), f)
+    accelerator.wait_for_everyone()
+    if faults is not None:  # a test's crash here: the checkpoint is written but not yet renamed
+        faults.crash_if_saving(global_step)
+    if accelerator.is_main_process:
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(temp_dir, final_dir)
+        logger.info(f"Saved checkpoint {final_dir}")
+    accelerator.wait_for_everyone()
+
+
+# Copied from train_diffusion_dpo_sd3.register_checkpoint_hooks
+def register_checkpoint_hooks(args, accelerator):
+    """Checkpoints hold the LoRA adapter alone (not the frozen base) or the full transformer, and restore in place.
+
+    Restoring in place matters for LoRA: loading saved LoRA weights as a new adapter would put a fresh adapter
+    beside the trained one, which is the resume bug of the reference implementation.
+    """
+    from safetensors.torch import load_file, save_file
+
+    def save_model_hook(models, weights, output_dir):
+        # Under FSDP and DeepSpeed, accelerate has already saved the engine's own state (which load_state restores
+        # without the load hook); what this writes is the loadable copy, for pipeline_dpo.py.
+        for model in models:
+            transformer = transformer_module(model)
+            # FSDP / ZeRO-3: the full weights, gathered from every process's shard (all processes take part)
+            full_state = accelerator.get_state_dict(model) if weights_are_sharded(accelerator) else None
+            if accelerator.is_main_process:
+                if args.use_lora:
+                    from peft import get_peft_model_state_dict
+
+                    state = get_peft_model_state_dict(transformer, state_dict=full_state)
+                    state = {k: v.contiguous() for k, v in state.items()}
+                    save_file(state, os.path.join(output_dir, CHECKPOINT_LORA_NAME))
+                    # Beside the resumable adapter, the file stock diffusers samples a checkpoint from
+                    # (`pipe.load_lora_weights("checkpoint-N")`), written as the final result is, alpha included.
+                    # In PEFT's key format, as save_results writes it (see there).
+                    FluxPipeline.save_lora_weights(
+                        output_dir, transformer_lora_layers=state, safe_serialization=True,
+                        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+                else:
+                    plain = transformer if full_state is None else transformer_from_state_dict(transformer, full_state)
+                    plain.save_pretrained(os.path.join(output_dir, "transformer"))
+            if weights:
+                weights.pop()
+
+    def load_model_hook(models, input_dir):
+        while models:
+            transformer = transformer_module(models.pop())
+            if args.use_lora:
+                from peft import set_peft_model_state_dict
+
+                adapter = load_file(os.path.join(input_dir, CHECKPOINT_LORA_NAME))
+                result = set_peft_model_state_dict(transformer, adapter)
+                if getattr(result, "unexpected_keys", None):
+                    raise ValueError(f"Checkpoint has LoRA keys this transformer lacks: {result.unexpected_keys[:5]}")
+            else:
+                loaded = FluxTransformer2DModel.from_pretrained(input_dir, subfolder="transformer")
+                transformer.load_state_dict(loaded.state_dict())
+                del loaded
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+# Copied from train_diffusion_dpo.resolve_resume_dir
+def resolve_resume_dir(args):
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint != "latest":
+        return args.resume_from_checkpoint
+    existing = checkpoint_dirs(args.output_dir)
+    return os.path.join(args.output_dir, existing[-1]) if existing else None
+
+
+# Copied from train_diffusion_dpo_sd3.sampling_scheduler with SD3->FLUX
+def sampling_scheduler(args):
+    """The base pipeline's own sampling scheduler (FLUX: FlowMatchEulerDiscreteScheduler with its shift), for
+    validation and the saved pipeline; flow matching has no prediction type to override."""
+    config = FlowMatchEulerDiscreteScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                                         revision=args.revision, cache_dir=args.cache_dir)
+    return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def build_pipeline(args, accelerator, transformer, text_encoders, vae, tokenizers, weight_dtype):
+    """A FluxPipeline around the given modules (text_encoders and tokenizers are FLUX's CLIP-L and T5)."""
+    return FluxPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, transformer=transformer, text_encoder=text_encoders[0],
+        text_encoder_2=text_encoders[1], vae=vae, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
+        scheduler=sampling_scheduler(args), revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+        dtype=weight_dtype,
+    )
+
+
+def generate_images(pipeline, args, device, weight_dtype):
+    """num_validation_images per prompt, image j of every prompt from seed (seed + j): paired across models.
+
+    The denoising loop runs under autocast (float32 trained weights beside half-precision frozen ones); the VAE
+    decodes outside it, in its own dtype (float32 with --upcast_vae), after unpacking the latents and undoing FLUX's
+    shift and scale. Prompts get the T5 length the model was trained with.
+    """
+    images = []
+    autocast = (torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32
+                else contextlib.nullcontext())
+    vae = pipeline.vae
+    for prompt in args.validation_prompts:
+        for j in range(args.num_validation_images):
+            generator = torch.Generator(device=device).manual_seed(args.seed + j)
+            with autocast:
+                packed = pipeline(
+                    prompt, num_inference_steps=args.validation_num_inference_steps,
+                    guidance_scale=args.validation_guidance_scale, generator=generator,
+                    height=args.resolution, width=args.resolution, output_type="latent",
+                    max_sequence_length=args.max_sequence_length,
+                ).images
+            latents = FluxPipeline._unpack_latents(packed, args.resolution, args.resolution, pipeline.vae_scale_factor)
+            latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+            images += pipeline.image_processor.postprocess(vae.decode(latents).sample, output_type="pil")
+    return images
+
+
+# Copied from train_diffusion_dpo.log_validation with tokenizer->tokenizers, text_encoder->text_encoders
+def log_validation(args, accelerator, models, tokenizers, weight_dtype, global_step, reference_images):
+    """Reference and trained model from the same seeds, side by side: a row per prompt, reference on the left.
+
+    Returns (grid path, reference images); the reference never changes, so its images are made once.
+    """
+    transformer, ref_transformer, vae, text_encoders = models
+    policy = transformer_module(transformer)
+    logger.info(f"Validation at step {global_step}: {len(args.validation_prompts)} prompts")
+    policy.eval()
+    with torch.no_grad():
+        pipeline = build_pipeline(args, accelerator, policy, text_encoders, vae, tokenizers, weight_dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        if reference_images is None:
+            if args.use_lora:
+                with lora_adapters_disabled(policy):
+                    reference_images = generate_images(pipeline, args, accelerator.device, weight_dtype)
+            elif ref_transformer is not None:
+                pipeline.transformer = ref_transformer
+                reference_images = generate_images(pipeline, args, accelerator.device, weight_dtype)
+                pipeline.transformer = policy
+            else:  # sft full fine-tune keeps no reference copy: the base is what we started from, on disk
+                base_transformer = FluxTransformer2DModel.from_pretrained(
+                    args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision,
+                    variant=args.variant, cache_dir=args.cache_dir).to(accelerator.device, dtype=weight_dtype)
+                pipeline.transformer = base_transformer
+                reference_images = generate_images(pipeline, args, accelerator.device, weight_dtype)
+                pipeline.transformer = policy
+                del base_transformer
+        trained_images = generate_images(pipeline, args, accelerator.device, weight_dtype)
+    policy.train()
+    del pipeline
+
+    if not accelerator.is_main_process:  # sharded weights: this process only took part in the forward passes
+        return None, reference_images
+    n = args.num_validation_images
+    rows = []
+    for p in range(len(args.validation_prompts)):
+        rows += reference_images[p * n:(p + 1) * n] + trained_images[p * n:(p + 1) * n]
+    grid = make_image_grid(rows, rows=len(args.validation_prompts), cols=2 * n)
+    grid_dir = os.path.join(args.output_dir, "validation")
+    os.makedirs(grid_dir, exist_ok=True)
+    grid_path = os.path.join(grid_dir, f"step-{global_step:06d}.png")
+    grid.save(grid_path)
+
+    for tracker in accelerator.trackers:  # the grid is also logged, so a dashboard shows it beside the curves
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation/reference_vs_dpo", np.asarray(grid), global_step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation/reference_vs_dpo": wandb.Image(grid, caption="left: reference, right: DPO")},
+                        step=global_step)
+    return grid_path, reference_images
+
+
+# Copied from train_diffusion_dpo_sd3.safe_validation with three->two
+def safe_validation(args, accelerator, models, tokenizers, weight_dtype, global_step, reference_images, grid_path):
+    """Validation that cannot end a run: a failure (e.g. out of memory while sampling) is logged, training goes on."""
+    frozen_encoders = [models[2], *models[3]]  # the VAE and the two text encoders
+    try:
+        if args.cache_latents:  # the encoders wait on the CPU while training from the cache
+            for encoder in frozen_encoders:
+                encoder.to(accelerator.device)
+        return log_validation(args, accelerator, models, tokenizers, weight_dtype, global_step, reference_images)
+    except Exception as error:  # noqa: BLE001 - any sampling failure must not cost the training run
+        logger.warning(f"Validation at step {global_step} failed and was skipped: {type(error).__name__}: {error}")
+        transformer_module(models[0]).train()
+        return grid_path, reference_images
+    finally:
+        if args.cache_latents:
+            for encoder in frozen_encoders:
+                encoder.to("cpu")
+        free_accelerator_memory()
+
+
+# Copied from train_diffusion_dpo.free_accelerator_memory
+def free_accelerator_memory():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def save_results(args, transformer, full_state=None):
+    """Full fine-tune: a complete FLUX pipeline folder (or transformer/ alone). LoRA: pytorch_lora_weights.safetensors,
+    which FluxPipeline.load_lora_weights reads."""
+    policy = transformer_module(transformer)
+    if full_state is not None and not args.use_lora:  # FSDP / ZeRO-3: the weights gathered from all processes
+        policy = transformer_from_state_dict(policy, full_state)
+    if args.use_lora:
+        from peft import get_peft_model_state_dict
+
+        # PEFT's key format, as diffusers' FLUX example saves it (see the SD3 script: the SD scripts' conversion
+        # would lose adapters on load).
+        lora_state = get_peft_model_state_dict(policy, state_dict=full_state)
+        # The adapter's config travels with the weights: without it a loader assumes alpha == rank.
+        FluxPipeline.save_lora_weights(args.output_dir, transformer_lora_layers=lora_state, safe_serialization=True,
+                                       transformer_lora_adapter_metadata=policy.peft_config["default"].to_dict())
+    elif args.save_transformer_only:
+        policy.save_pretrained(os.path.join(args.output_dir, "transformer"), safe_serialization=True)
+    else:
+        # The frozen parts come from the base as it is stored (the copies on the accelerator were cast for training);
+        # only the transformer is the trained one.
+        pipeline = FluxPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, transformer=policy.to(torch.float32),
+            scheduler=sampling_scheduler(args), revision=args.revision, variant=args.variant,
+            cache_dir=args.cache_dir)
+        pipeline.save_pretrained(args.output_dir, safe_serialization=True)
+
+
+def hub_upload_patterns(args):
+    """What --push_to_hub uploads: final artifacts, card and grid; never checkpoints, logs or saved arguments."""
+    if args.use_lora:
+        allow = [LORA_WEIGHTS_NAME]
+    elif args.save_transformer_only:
+        allow = ["transformer/*"]
+    else:
+        allow = ["model_index.json", "transformer/*", "vae/*", "scheduler/*"]
+        allow += [f"{part}{suffix}/*" for part in ("text_encoder", "tokenizer") for suffix in ("", "_2")]
+    allow += ["README.md", "validation_grid.png"]
+    ignore = ["checkpoint-*", ".tmp-checkpoint-*", "logs/*", "validation/*", "*.bin", "*.pkl"]
+    return allow, ignore
+
+
+def write_model_card(args, run, counts, grid_path):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    repo_id = args.hub_model_id or Path(args.output_dir).name
+    if grid_path is not None:
+        shutil.copyfile(grid_path, os.path.join(args.output_dir, "validation_grid.png"))
+    if args.use_lora:
+        usage = (f'pipe = FluxPipeline.from_pretrained("{args.pretrained_model_name_or_path}", '
+                 'torch_dtype=torch.bfloat16).to("cuda")\n'
+                 f'pipe.load_lora_weights("{repo_id}")')
+    elif args.save_transformer_only:
+        usage = (f'transformer = FluxTransformer2DModel.from_pretrained("{repo_id}", subfolder="transformer", '
+                 'torch_dtype=torch.bfloat16)\n'
+                 f'pipe = FluxPipeline.from_pretrained("{args.pretrained_model_name_or_path}", '
+                 'transformer=transformer, torch_dtype=torch.bfloat16).to("cuda")')
+    else:
+        usage = f'pipe = FluxPipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16).to("cuda")'
+    # The validation settings and the T5 length the model was trained with
+    call = (f'pipe("a photo of an astronaut riding a horse on mars", '
+            f'num_inference_steps={args.validation_num_inference_steps},\n'
+            f'             guidance_scale={args.validation_guidance_scale}, '
+            f'max_sequence_length={args.max_sequence_length}).images[0]')
+    dataset = args.dataset_name or "local preference data"
+    settings = {
+        "mode": f"LoRA (rank {args.rank}, alpha {args.lora_alpha})" if args.use_lora else "full fine-tune",
+        "objective": "Flow-DPO (velocity errors, constant beta)", "loss_type": args.loss_type,
+        "beta_dpo": args.beta_dpo, "learning_rate": run.learning_rate, "scale_lr": args.scale_lr,
+        "lr_scheduler": args.lr_scheduler,
+        "optimizer": "Adafactor" if args.use_adafactor else ("AdamW8bit" if args.use_8bit_adam else "AdamW"),
+        "effective batch (pairs)": args.train_batch_size * args.gradient_accumulation_steps * run.num_processes,
+        "optimizer steps": run.global_step, "resolution": args.resolution, "mixed_precision": run.mixed_precision,
+        "sigma density / weighting": args.weighting_scheme, "distilled guidance in training": args.guidance_scale,
+        "T5 tokens": args.max_sequence_length,
+        "pairs used": counts.get("pairs", "streamed"), "ties dropped": counts.get("ties"), "seed": args.seed,
+    }
+    grid_md = ("![reference (left) vs DPO (right), same seeds](./validation_grid.png)\n\nEach row is a prompt; the "
+               "left half is the base model, the right half the DPO model, from the same seeds.\n"
+               if grid_path is not None else "")
+    body = f"""# Flow-DPO (FLUX.1): {repo_id}
+
+{"LoRA adapters" if args.use_lora else "A transformer"} for `{args.pretrained_model_name_or_path}` aligned to \
+human preference pairs from `{dataset}` with Diffusion-DPO ([Wallace et al., 2023](https://arxiv.org/abs/2311.12908)) \
+carried over to flow matching (Flow-DPO: the DPO loss on velocity errors with a constant beta).
+
+## Use
+
+```python
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
+
+{usage}
+image = {call}
+```
+
+With `pipeline_dpo.py` from the Diffusion-DPO training repository, one call loads any DPO result (full
+pipeline, transformer alone, or LoRA) into a stock diffusers pipeline:
+
+```python
+from pipeline_dpo import load_dpo_pipeline
+
+pipe = load_dpo_pipeline("{args.pretrained_model_name_or_path}", "{repo_id}")
+```
+
+## Validation
+
+{grid_md}
+## Training settings
+
+| setting | value |
+|---|---|
+""" + "".join(f"| {key} | {value} |\n" for key, value in settings.items())
+    # A derivative keeps its base's license: FLUX.1 [schnell] is Apache-2.0, FLUX.1 [dev] its non-commercial license.
+    if "schnell" in args.pretrained_model_name_or_path.lower():
+        license_fields = {"license": "apache-2.0"}
+    else:
+        license_fields = {"license": "other", "license_name": "flux-1-dev-non-commercial-license",
+                          "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"}
+    card_data = ModelCardData(
+        base_model=args.pretrained_model_name_or_path, library_name="diffusers", **license_fields,
+        datasets=[args.dataset_name] if args.dataset_name and not os.path.isdir(args.dataset_name) else None,
+        tags=["diffusion-dpo", "dpo", "flow-dpo", "flux", "flux-diffusers", "text-to-image", "diffusers"]
+        + (["lora", "diffusers-training"] if args.use_lora else ["diffusers-training"]),
+    )
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
+# Copied from train_diffusion_dpo.push_to_hub
+def push_to_hub(args):
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
+                          token=args.hub_token).repo_id
+    allow, ignore = hub_upload_patterns(args)
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="Diffusion-DPO final weights",
+                  allow_patterns=allow, ignore_patterns=ignore, token=args.hub_token)
+    logger.info(f"Pushed the final artifacts to https://huggingface.co/{repo_id}")
+
+
+# Copied from train_diffusion_dpo.public_config
+def public_config(args):
+    """The run's arguments without secrets, for trackers and the saved args file."""
+    config = {k: v for k, v in vars(args).items() if k != "hub_token"}
+    config["validation_prompts"] = " | ".join(args.validation_prompts)
+    return config
+
+
+# Copied from train_diffusion_dpo.write_run_info
+def write_run_info(args, run):
+    """Save the flags (without secrets), what the run derived from them and the library versions, so a run can be
+    reproduced or reported."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": sys.version.split()[0]}
+    for package in ("torch", "diffusers", "transformers", "accelerate", "peft", "datasets", "bitsandbytes"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
+        json.dump({"args": public_config(args), "run": run.record(), "versions": versions}, f, indent=2, default=str)
+
+
+# Copied from train_diffusion_dpo.StopRequest
+class StopRequest:
+    """Turns SIGTERM (a preempted cloud job) into a checkpoint at the next optimizer step, then a clean exit."""
+
+    def __init__(self):
+        self.requested = False
+        import signal
+
+        signal.signal(signal.SIGTERM, self.request)
+
+    def request(self, signum, frame):
+        self.requested = True
+
+
+# Copied from train_diffusion_dpo.InjectedFaults
+@dataclass(frozen=True)
+class InjectedFaults:
+    """Faults the reliability tests and the device check inject through DIFFUSION_DPO_TEST_* variables, read here
+    and nowhere else; all off in normal use. NAN_STEPS: optimizer steps whose loss is NaN ("2,3"); OVERFLOW_STEPS:
+    steps whose loss is multiplied by 1e35, finite in float32 but with fp16-scaled gradients that overflow (what a
+    GradScaler must survive); STEP_DELAY: seconds added to every micro-batch; CRASH_IN_SAVE: the step whose
+    checkpoint is written but never renamed (the process dies)."""
+
+    nan_steps: frozenset = frozenset()
+    overflow_steps: frozenset = frozenset()
+    step_delay: float = 0.0
+    crash_in_save: int | None = None
+
+    @classmethod
+    def from_environment(cls):
+        def read(name):
+            return os.environ.get(f"DIFFUSION_DPO_TEST_{name}", "")
+
+        def steps(name):
+            return frozenset(int(step) for step in read(name).split(",") if step)
+
+        return cls(nan_steps=steps("NAN_STEPS"), overflow_steps=steps("OVERFLOW_STEPS"),
+                   step_delay=float(read("STEP_DELAY") or 0), crash_in_save=int(read("CRASH_IN_SAVE") or 0) or None)
+
+    def crash_if_saving(self, global_step):
+        if self.crash_in_save == global_step:
+            os._exit(17)
+
+
+# Copied from train_diffusion_dpo.TrainingRun
+@dataclass
+class TrainingRun:
+    """The state of a run: what it prepared, what it derived at run time and where the loop stands.
+
+    `args` stays the parsed flags; what the run derives from them and from the launch (the learning rate after
+    --scale_lr, the process count, the precision, the step and epoch counts) lives here, and training_args.json
+    records both, so the saved flags and the tracker config cannot disagree.
+    """
+
+    transformer: torch.nn.Module
+    optimizer: object
+    lr_scheduler: object
+    train_dataset: object
+    train_dataloader: object
+    params: list  # the prepared trainable parameters (FSDP2 replaces the transformer's: clip these)
+    learning_rate: float
+    num_processes: int
+    mixed_precision: str
+    max_train_steps: int
+    num_train_epochs: int
+    steps_per_epoch: int
+    global_step: int = 0
+    first_epoch: int = 0
+    resume_batches: int = 0  # micro-batches of first_epoch already trained before a resume
+    nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    step_metrics: dict = field(default_factory=dict)  # summed over the micro-batches of the current step
+    micro_steps: int = 0
+    stream_state: tuple | None = None
+    # rows skipped (or captions cut) by reason; streaming also finds ties, labels and captions here
+    row_problems: dict = field(default_factory=dict)
+    grid_path: str | None = None
+    reference_images: list | None = None
+
+    def record(self):
+        return {"learning_rate": self.learning_rate, "num_processes": self.num_processes,
+                "mixed_precision": self.mixed_precision, "max_train_steps": self.max_train_steps,
+                "num_train_epochs": self.num_train_epochs}
+
+
+# Copied from train_diffusion_dpo.setup_accelerator
+def setup_accelerator(args):
+    """The Accelerator, logging on the main process, seeds, and the output folder."""
+    logging_dir = Path(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+    )
+    if args.report_to in ("wandb", "all"):
+        try:
+            import wandb  # noqa: F401
+        except ImportError as error:
+            raise ImportError("--report_to wandb needs `pip install wandb`.") from error
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+# Copied from train_diffusion_dpo.load_data
+def load_data(args, accelerator):
+    """The preference pairs and their counts, first of all: a wrong column or an empty dataset fails before any
+    model is loaded. data_summary.json is rewritten at the end with the image problems found while training."""
+    with accelerator.main_process_first():
+        dataset, columns, counts = load_preference_dataset(args)
+    if not args.streaming:
+        logger.info(f"Preference pairs: {counts['pairs']} of {counts['rows']} rows (dropped: {counts['ties']} ties, "
+                    f"{counts['invalid_labels']} invalid labels, {counts['bad_caption']} missing captions)")
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "data_summary.json"), "w") as f:
+            json.dump(counts, f, indent=2)
+    return dataset, columns, counts
+
+
+def build_cache(args, accelerator, dataset, columns, tokenizers, text_encoders, vae, weight_dtype, counts):
+    """--cache_latents: every image encoded once, every prompt once through both text encoders; the VAE and the
+    encoders (T5-XXL alone is 4.7B parameters) then leave the accelerator. Returns (cache, stats), or (None, None)
+    without the flag.
+    """
+    if not args.cache_latents:
+        return None, None
+
+    def encode_text(prompts):
+        input_ids = [torch.stack([tokenize_caption(tokenizer, prompt)[0] for prompt in prompts])
+                     for tokenizer in tokenizers]
+        prompt_embeds, pooled_prompt_embeds = encode_prompt(text_encoders, input_ids)
+        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+
+    pairs = PreferencePairDataset(dataset, columns, tokenizers, args)
+    cache, cache_stats = build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_text,
+                                            text_encoders, weight_dtype)
+    counts.update(cache.problem_counts())
+    for frozen in (vae, *text_encoders):
+        frozen.to("cpu")
+    free_accelerator_memory()
+    return cache, cache_stats
+
+
+# Copied from train_diffusion_dpo.build_dataloader with tokenizer->tokenizers, text_encoder->text_encoders
+def build_dataloader(args, accelerator, dataset, columns, tokenizers, cache):
+    """(dataset, dataloader), chosen once: plain, cached or streamed.
+
+    Map-style data goes through a (seed, epoch)-seeded permutation that accelerate shards across processes. A stream
+    is split here, each process reading its own shard (given to accelerate, every process would read every shard).
+    """
+    if args.streaming:
+        from datasets.distributed import split_dataset_by_node
+
+        stream = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        stream = stream.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
+        train_dataset = StreamingPairDataset(stream, columns, tokenizers, args, accelerator.process_index)
+        return train_dataset, torch.utils.data.DataLoader(train_dataset, batch_size=args.train_batch_size,
+                                                          collate_fn=collate_pairs)
+    if cache is not None:
+        train_dataset, collate_fn = CachedPairDataset(cache, args), collate_cached_pairs
+    else:
+        train_dataset, collate_fn = PreferencePairDataset(dataset, columns, tokenizers, args), collate_pairs
+    sampler = EpochPermutationSampler(len(train_dataset), args.seed)
+    return train_dataset, torch.utils.data.DataLoader(
+        train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers)
+
+
+# Copied from train_diffusion_dpo.prepare_training
+def prepare_training(args, accelerator, transformer, train_dataset, train_dataloader):
+    """Optimizer, learning-rate schedule and step counts, prepared by accelerate; returns the TrainingRun."""
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = build_optimizer(args, [p for p in transformer.parameters() if p.requires_grad], learning_rate)
+    max_train_steps = args.max_train_steps
+    if max_train_steps is None:
+        max_train_steps = args.num_train_epochs * math.ceil(
+            len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    if args.streaming:  # one endless pass: the stream itself moves from epoch to epoch
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:  # it reads the micro-batch off a DataLoader
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+        transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+        steps_per_epoch, num_train_epochs = max_train_steps, 1
+    else:
+        transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, train_dataloader,
+                                                                              lr_scheduler)
+        steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+        num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    row_problems = {reason: set() for reason in ("missing_image", "undecodable_image", "truncated_caption")}
+    if args.streaming:
+        row_problems.update({reason: set() for reason in ("ties", "invalid_labels", "bad_caption")})
+    return TrainingRun(
+        transformer=transformer, optimizer=optimizer, lr_scheduler=lr_scheduler, train_dataset=train_dataset,
+        train_dataloader=train_dataloader, params=[p for p in transformer.parameters() if p.requires_grad],
+        learning_rate=learning_rate, num_processes=accelerator.num_processes,
+        mixed_precision=accelerator.mixed_precision, max_train_steps=max_train_steps,
+        num_train_epochs=num_train_epochs, steps_per_epoch=steps_per_epoch, row_problems=row_problems)
+
+
+# Copied from train_diffusion_dpo.start_run
+def start_run(args, accelerator, run, counts, noise_scheduler):
+    """Trackers and the run's record, then the resume position: --resume_from_checkpoint restores the state and
+    the step; the data continues where that step left it (the stream's own position when streaming)."""
+    if accelerator.is_main_process:
+        write_run_info(args, run)
+        accelerator.init_trackers(args.tracker_project_name, config={**public_config(args), **run.record()})
+        accelerator.log({f"data/{name}": value for name, value in counts.items()}, step=0)
+    resume_dir = resolve_resume_dir(args)
+    if args.resume_from_checkpoint is not None and resume_dir is None:
+        logger.info("No checkpoint found in --output_dir; starting a new run.")
+    if resume_dir is not None:
+        logger.info(f"Resuming from {resume_dir}")
+        accelerator.load_state(resume_dir)
+        run.global_step = int(os.path.basename(os.path.normpath(resume_dir)).split("-")[-1])
+        if args.streaming:
+            with open(os.path.join(resume_dir, f"stream_state_{accelerator.process_index}.json")) as f:
+                run.train_dataset.start_state = tuple(json.load(f))
+        else:
+            run.first_epoch = run.global_step // run.steps_per_epoch
+            run.resume_batches = (run.global_step % run.steps_per_epoch) * args.gradient_accumulation_steps
+    total_batch_size = args.train_batch_size * run.num_processes * args.gradient_accumulation_steps
+    logger.info(f"***** Diffusion-DPO ({args.loss_type}, beta_dpo={args.beta_dpo}, "
+                f"{'LoRA' if args.use_lora else 'full'}) *****")
+    logger.info(f"  Pairs = {'streamed' if args.streaming else len(run.train_dataset)}, epochs = "
+                f"{'endless' if args.streaming else run.num_train_epochs}, effective batch = "
+                f"{total_batch_size} pairs, optimizer steps = {run.max_train_steps}")
+    few_steps = getattr(noise_scheduler, "training_timesteps", None)  # SDXL's --is_turbo sets it
+    logger.info(f"  Timesteps = {'0..T-1' if few_steps is None else f'the few-step schedule {few_steps.tolist()}'}")
+
+
+# Copied from train_diffusion_dpo.training_batches
+def training_batches(args, accelerator, run):
+    """Micro-batches from the resume position on, epoch after epoch, until the last optimizer step: none is read
+    after it (its bad rows would be counted, a stream's position moved), and a resume at the end reads none."""
+    for epoch in range(run.first_epoch, run.num_train_epochs):
+        if run.global_step >= run.max_train_steps:
+            return
+        dataloader = run.train_dataloader
+        if not args.streaming:
+            # accelerate re-sets the sampler's epoch from its own counter when iteration starts: set it there
+            dataloader.set_epoch(epoch)
+            run.train_dataset.epoch = epoch
+        if epoch == run.first_epoch and run.resume_batches:
+            dataloader = accelerator.skip_first_batches(dataloader, run.resume_batches)
+        batches = iter(dataloader)
+        while run.global_step < run.max_train_steps:
+            batch = next(batches, None)
+            if batch is None:
+                break
+            for row, reason in batch["skipped"]:
+                run.row_problems[reason].add(row)
+            run.row_problems["truncated_caption"].update(batch["truncated"])
+            run.stream_state = batch.get("stream_state")
+            yield batch
+
+
+# Copied from train_diffusion_dpo.micro_batch_step
+def micro_batch_step(args, accelerator, run, batch, models, noise_scheduler, weight_dtype, faults=InjectedFaults()):
+    """Per-sample errors, the DPO loss and its backward for one micro-batch; returns the loss.
+
+    The metrics are summed as tensors, not read with .item(): no device sync per micro-batch (optimizer_step reads
+    them once per step).
+    """
+    model_losses, ref_losses = dpo_step_losses(args, batch, models, noise_scheduler, run.global_step, weight_dtype)
+    loss, metrics = diffusion_dpo_loss(model_losses, ref_losses, args.beta_dpo, args.loss_type)
+    if run.global_step + 1 in faults.nan_steps:
+        loss = loss * float("nan")
+    if run.global_step + 1 in faults.overflow_steps:
+        loss = loss * 1e35
+    if faults.step_delay:
+        time.sleep(faults.step_delay)
+    accelerator.backward(loss)
+    metrics["loss"] = loss.detach()
+    metrics["nonfinite"] = (~torch.isfinite(loss.detach())).float()
+    for name, value in metrics.items():
+        run.step_metrics[name] = run.step_metrics.get(name, 0.0) + value.float()
+    run.micro_steps += 1
+    return loss
+
+
+# Copied from train_diffusion_dpo.optimizer_step
+def optimizer_step(args, accelerator, run, stop_requested=False):
+    """Clip, average the step's metrics across processes, then step (or skip a non-finite step); returns the logs.
+
+    The SIGTERM flag is averaged with the metrics, so every process takes the same skip and stop decisions in the
+    same collective. logs["stop"] says whether any process was asked to stop.
+    """
+    grad_norm = accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
+    run.step_metrics["stop_requested"] = torch.tensor(float(stop_requested) * run.micro_steps,
+                                                      device=accelerator.device)
+    names = sorted(run.step_metrics)
+    averaged = accelerator.reduce(torch.stack([run.step_metrics[n] for n in names]) / run.micro_steps,
+                                  reduction="mean")
+    logs = dict(zip(names, averaged.tolist()))
+    # None: DeepSpeed, which clips and steps inside accelerator.backward (older accelerate reports no norm). A
+    # non-finite loss still counts, but DeepSpeed has already applied that step.
+    norm_finite = grad_norm is None or math.isfinite(float(grad_norm))
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    loss_finite = logs.pop("nonfinite") == 0
+    finite = loss_finite and norm_finite
+    stop = logs.pop("stop_requested") > 0
+    if finite or accelerator.scaler is not None:
+        # fp16's GradScaler must see every step: it skips a non-finite one itself and lowers its scale. Left out,
+        # it stays "unscaled" and the next clip_grad_norm_ raises.
+        run.optimizer.step()
+    if finite:
+        run.nonfinite_in_a_row = 0
+    elif loss_finite and accelerator.scaler is not None:
+        # A finite loss whose fp16 gradients overflowed: the scaler finding its scale, not divergence (counted, but
+        # no streak: a lowered scale cannot overflow forever).
+        run.nonfinite_steps += 1
+        logger.info(f"Step {run.global_step + 1}: fp16 gradient overflow, step skipped; gradient scale now "
+                    f"{accelerator.scaler.get_scale():g}")
+    else:
+        run.nonfinite_steps += 1
+        run.nonfinite_in_a_row += 1
+        logger.warning(f"Step {run.global_step + 1}: non-finite loss or gradient; optimizer step skipped")
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step_metrics, run.micro_steps = {}, 0
+    run.global_step += 1
+    logs.update({"lr": run.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                 "nonfinite_steps": run.nonfinite_steps})
+    logs.update({f"rows_{reason}": len(rows) for reason, rows in run.row_problems.items()})
+    return logs, stop
+
+
+# Copied from train_diffusion_dpo.after_step with tokenizer->tokenizers, text_encoder->text_encoders
+def after_step(args, accelerator, run, logs, stop, models, tokenizers, weight_dtype, faults=InjectedFaults()):
+    """Log the step, stop a diverged run, checkpoint, stop on SIGTERM, validate; True when the run ends here."""
+    accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=run.global_step)
+    if run.nonfinite_in_a_row > args.max_nonfinite_steps:
+        accelerator.end_training()
+        raise RuntimeError(
+            f"{run.nonfinite_in_a_row} optimizer steps in a row had a NaN/Inf loss or gradient; stopping. The last "
+            "checkpoint is intact. Likely causes: an fp16 VAE overflowing (use fp32 or a fixed VAE), a learning rate "
+            "too high, or a beta_dpo so large that the sigmoid saturates.")
+    if run.global_step % args.checkpointing_steps == 0 or stop:
+        save_checkpoint(args, accelerator, run.global_step, run.stream_state, faults)
+    if stop:
+        logger.warning(f"SIGTERM: saved checkpoint-{run.global_step}; resume with --resume_from_checkpoint latest")
+        accelerator.end_training()
+        return True
+    # Under FSDP / ZeRO-3 every process holds a shard of the transformer, so every process takes part in sampling
+    if ((accelerator.is_main_process or weights_are_sharded(accelerator)) and args.num_validation_images > 0
+            and run.global_step % args.validation_steps == 0 and run.global_step < run.max_train_steps):
+        run.grid_path, run.reference_images = safe_validation(args, accelerator, models, tokenizers, weight_dtype,
+                                                              run.global_step, run.reference_images, run.grid_path)
+    return False
+
+
+# Copied from train_diffusion_dpo.finish_run with tokenizer->tokenizers, text_encoder->text_encoders
+def finish_run(args, accelerator, run, models, tokenizers, weight_dtype, counts, cache, cache_stats):
+    """Final validation, the results, the data summary, the model card and the hub push; then an orderly exit."""
+    accelerator.wait_for_everyone()
+    if args.num_validation_images > 0 and (accelerator.is_main_process or weights_are_sharded(accelerator)):
+        run.grid_path, run.reference_images = safe_validation(args, accelerator, models, tokenizers, weight_dtype,
+                                                              run.global_step, run.reference_images, run.grid_path)
+    full_state = accelerator.get_state_dict(run.transformer) if weights_are_sharded(accelerator) else None  # all processes
+    if accelerator.is_main_process:
+        save_results(args, run.transformer, full_state)
+    # Rows with problems, united over processes (a row may have gone to another process in another epoch)
+    reports = exchange_through_files(args.output_dir, accelerator, {
+        "problems": {reason: sorted(rows) for reason, rows in run.row_problems.items()}, "cache_stats": cache_stats})
+    if accelerator.is_main_process:
+        if cache is None:  # with the cache, every row was checked (and counted) when the cache was built
+            for reason in run.row_problems:
+                counts[reason] = len(set().union(*(set(report["problems"][reason]) for report in reports)))
+        counts["nonfinite_steps"] = run.nonfinite_steps
+        if cache_stats is not None:
+            for name in ("images_encoded", "prompts_encoded"):
+                cache_stats[name] = sum(report["cache_stats"][name] for report in reports)
+            with open(os.path.join(args.output_dir, "latent_cache_stats.json"), "w") as f:
+                json.dump(cache_stats, f, indent=2)
+        with open(os.path.join(args.output_dir, "data_summary.json"), "w") as f:
+            json.dump(counts, f, indent=2)
+        write_model_card(args, run, counts, run.grid_path)
+        if args.push_to_hub:
+            push_to_hub(args)
+        logger.info(f"Done: {run.global_step} steps; results in {args.output_dir}")
+    # Last collective: a barrier, then an orderly process-group teardown. Left to interpreter exit, the DDP
+    # reducer's teardown (holding the GIL) can wait forever on a gloo thread that needs the GIL.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main: a table of contents of the stages above
+# ----------------------------------------------------------------------------------------------------------------
+# Copied from train_diffusion_dpo.main with tokenizer->tokenizers, text_encoder->text_encoders
+def main(args):
+    accelerator = setup_accelerator(args)
+    dataset, columns, counts = load_data(args, accelerator)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    noise_scheduler, tokenizers, text_encoders, vae, transformer, ref_transformer = build_models(args, accelerator, weight_dtype)
+    register_checkpoint_hooks(args, accelerator)
+    cache, cache_stats = build_cache(args, accelerator, dataset, columns, tokenizers, text_encoders, vae, weight_dtype,
+                                     counts)
+    train_dataset, train_dataloader = build_dataloader(args, accelerator, dataset, columns, tokenizers, cache)
+    run = prepare_training(args, accelerator, transformer, train_dataset, train_dataloader)
+    start_run(args, accelerator, run, counts, noise_scheduler)
+    models = (run.transformer, ref_transformer, vae, text_encoders)
+    faults, stop_request = InjectedFaults.from_environment(), StopRequest()
+    progress_bar = tqdm(range(run.max_train_steps), initial=run.global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+
+    for batch in training_batches(args, accelerator, run):
+        with accelerator.accumulate(run.transformer):
+            micro_batch_step(args, accelerator, run, batch, models, noise_scheduler, weight_dtype, faults)
+            stepped = accelerator.sync_gradients
+            if stepped:
+                logs, stop = optimizer_step(args, accelerator, run, stop_request.requested)
+        if not stepped:
+            continue
+        progress_bar.update(1)
+        progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}",
+                                 lr=f"{logs['lr']:.2e}")
+        if after_step(args, accelerator, run, logs, stop, models, tokenizers, weight_dtype, faults):
+            return  # stopped on SIGTERM with a checkpoint written
+
+    finish_run(args, accelerator, run, models, tokenizers, weight_dtype, counts, cache, cache_stats)
+
+
+if __name__ == "__main__":
+    main(parse_args())
