@@ -17,6 +17,7 @@
     python benchmarks/bench_dpo_step.py --preset tiny --preset sd15 --json bench-output/bench.json   # CPU (make bench)
     python benchmarks/bench_dpo_step.py --preset sd15-512 --preset sdxl-1024 --device cuda --json bench-output/gpu.json
     python benchmarks/bench_dpo_step.py --preset sd35-medium-1024 --modes lora --device cuda   # SD3.5 medium, a GPU
+    python benchmarks/bench_dpo_step.py --preset flux-dev-1024 --modes lora --device cuda      # FLUX.1-dev, a GPU
 
 Every model is built from its real config with random weights (no download). For each preset and mode (full
 fine-tune with a frozen reference copy; LoRA with the adapters disabled as reference) three things are timed in
@@ -30,9 +31,10 @@ three alike):
 
 and printed as one table (pairs/s, ms/step, peak memory, step/floor, cache speedup, TFLOP/s and MFU from
 torch.utils.flop_counter), followed by where the step's time goes beyond the floor and estimates (labelled as
-such) of SDXL's and SD3.5's peak GPU memory at 1024 px. --json writes every figure, per-step times included. The SD3
-presets (tiny-sd3 on a CPU, sd35-medium-1024 on a GPU) time train_diffusion_dpo_sd3.py's step: the same stages on
-velocity errors; there the floor is the transformer's forward + backward and the reference forward.
+such) of SDXL's, SD3.5's and FLUX.1-dev's peak GPU memory at 1024 px. --json writes every figure, per-step times
+included. The flow presets (tiny-sd3 and tiny-flux on a CPU; sd35-medium-1024 and flux-dev-1024 on a GPU) time
+train_diffusion_dpo_sd3.py's and train_diffusion_dpo_flux.py's steps: the same stages on velocity errors; there the
+floor is the transformer's forward + backward and the reference forward.
 """
 
 import argparse
@@ -58,8 +60,8 @@ sys.path.insert(0, str(REPO_ROOT))  # the training scripts and tools/ are import
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler,  # noqa: E402
-                       SD3Transformer2DModel, UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,  # noqa: E402
+                       FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel)
 from diffusers.training_utils import cast_training_params  # noqa: E402
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,  # noqa: E402
                           T5EncoderModel)
@@ -151,6 +153,25 @@ def t5_xxl_config():
                     feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=1)
 
 
+def flux_dev_transformer_config():
+    """FLUX.1-dev's transformer as released: 19 double-stream and 38 single-stream blocks, 3072 wide, 11.9B."""
+    return dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+
+
+def flux_vae_config():
+    """FLUX.1's VAE: SD3's 16-channel layout with its own shift and scale."""
+    return dict(sd3_vae_config(), scaling_factor=0.3611, shift_factor=0.1159)
+
+
+def flux_scheduler():
+    """FLUX.1-dev's scheduler config: flow matching with the resolution-dependent (dynamic) shift."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                           max_image_seq_len=4096)
+
+
 def sd3_text_configs():
     clip_l = clip_vit_l_text_config()
     clip_l.eos_token_id = 49407  # SD3's CLIP-L pools at <|endoftext|> like SD's; its projection is used here
@@ -189,6 +210,17 @@ def tiny_configs(family):
                       num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
                       pad_token_id=0, eos_token_id=1)
         return transformer, vae, [text_config, tiny_models.tiny_clip_text_config(tokenizer), t5]
+    if family == "flux":
+        transformer = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                           num_attention_heads=2, joint_attention_dim=tiny_models.T5_HIDDEN_SIZE,
+                           pooled_projection_dim=tiny_models.TEXT_HIDDEN_SIZE, guidance_embeds=True,
+                           axes_dims_rope=(4, 6, 6))
+        vae.update(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                   use_post_quant_conv=False)
+        t5 = T5Config(vocab_size=203, d_model=tiny_models.T5_HIDDEN_SIZE, d_kv=16, d_ff=64, num_layers=2,
+                      num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                      pad_token_id=0, eos_token_id=1)
+        return transformer, vae, [text_config, t5]
     unet.update(cross_attention_dim=2 * tiny_models.TEXT_HIDDEN_SIZE, transformer_layers_per_block=1,
                 use_linear_projection=True, addition_embed_type="text_time",
                 addition_time_embed_dim=tiny_models.ADDITION_TIME_EMBED_DIM,
@@ -223,6 +255,9 @@ PRESETS = {
     "tiny-sd3": Preset("tiny-sd3", "sd3", lambda: tiny_configs("sd3"), 64, 1, 5, 1, "adamw", False,
                        "tiny SD3.5 wiring (MMDiT-X transformer, CLIP-L, CLIP-G, T5, flow matching) on a CPU",
                        threads=1),
+    "tiny-flux": Preset("tiny-flux", "flux", lambda: tiny_configs("flux"), 64, 1, 5, 1, "adamw", False,
+                        "tiny FLUX.1-dev wiring (packed latents, distilled guidance, CLIP-L pooled + T5) on a CPU",
+                        threads=1),
     "sd15": Preset("sd15", "sd", lambda: (sd15_unet_config(), sd_vae_config(0.18215, 512),
                                           [clip_vit_l_text_config()]), 128, 1, 2, 1, "adafactor", False,
                    "real SD 1.5 configs on a CPU at 128 px (16x16 latents: 256 px takes ~1 min a step on 2 cores); "
@@ -240,8 +275,13 @@ PRESETS = {
                                1024, 1, 10, 3, "adamw8bit", True,
                                "real SD3.5 medium configs at 1024 px, gradient checkpointing (the uncached step "
                                "runs T5-XXL: ~12 GB of frozen encoders in bf16); meant for a GPU"),
+    "flux-dev-1024": Preset("flux-dev-1024", "flux", lambda: (flux_dev_transformer_config(), flux_vae_config(),
+                                                              [clip_vit_l_text_config(), t5_xxl_config()]),
+                            1024, 1, 10, 3, "adafactor", True,
+                            "real FLUX.1-dev configs at 1024 px, gradient checkpointing (LoRA is the main path; the "
+                            "full mode needs ~250 GB: FSDP); meant for a GPU"),
 }
-DENOISER = {"sd": "unet", "sdxl": "unet", "sd3": "transformer"}  # what each script calls the trained model
+DENOISER = {"sd": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}  # the scripts' name for it
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -352,6 +392,10 @@ def script_for(family):
         import train_diffusion_dpo_sd3
 
         return train_diffusion_dpo_sd3
+    if family == "flux":
+        import train_diffusion_dpo_flux
+
+        return train_diffusion_dpo_flux
     import train_diffusion_dpo_sdxl
 
     return train_diffusion_dpo_sdxl
@@ -384,6 +428,9 @@ def build_frozen_models(preset, device, weight_dtype):
         with torch.device(device):
             text_encoders = [CLIPTextModelWithProjection(text_configs[0]),
                              CLIPTextModelWithProjection(text_configs[1]), T5EncoderModel(text_configs[2])]
+    elif preset.family == "flux":  # CLIP-L (its pooled output), then T5
+        with torch.device(device):
+            text_encoders = [CLIPTextModel(text_configs[0]), T5EncoderModel(text_configs[1])]
     else:
         text_encoders = [CLIPTextModel(text_configs[0])]
     if preset.family == "sdxl":
@@ -405,7 +452,9 @@ def build_trained_unet(preset, mode, args, device, weight_dtype):
     unet_config, _, _ = preset.configs()
     torch.manual_seed(0)
     with torch.device(device):  # initialise in place: a real-size UNet is built fastest where it will run
-        unet = (SD3Transformer2DModel if preset.family == "sd3" else UNet2DConditionModel)(**unet_config)
+        model_class = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}.get(preset.family,
+                                                                                          UNet2DConditionModel)
+        unet = model_class(**unet_config)
     ref_unet = None
     if mode == "lora":
         from peft import LoraConfig
@@ -432,6 +481,8 @@ def noise_scheduler_for(family):
     """SD 1.5's and SDXL's training schedule (scaled_linear, 1000 steps, epsilon); SD3's flow matching (shift 3)."""
     if family == "sd3":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    if family == "flux":
+        return flux_scheduler()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", clip_sample=False, steps_offset=1,
                               prediction_type="epsilon")
@@ -481,6 +532,15 @@ def make_batches(preset, args, vae, text_encoders, weight_dtype):
             uncached["input_ids_3"] = t5_ids
             prompt_embeds, pooled = script_for("sd3").encode_prompt(
                 text_encoders, [uncached["input_ids"], uncached["input_ids_2"], uncached["input_ids_3"]])
+            cached.update(prompt_embeds=prompt_embeds.to("cpu", cache_dtype),
+                          pooled_prompt_embeds=pooled.to("cpu", cache_dtype))
+        elif preset.family == "flux":
+            t5_ids = torch.zeros((pairs, args.max_sequence_length), dtype=torch.long)
+            t5_ids[:, :12] = torch.randint(2, text_encoders[1].config.vocab_size, (pairs, 12), generator=generator)
+            t5_ids[:, 12] = 1
+            uncached["input_ids_2"] = t5_ids
+            prompt_embeds, pooled = script_for("flux").encode_prompt(
+                text_encoders, [uncached["input_ids"], uncached["input_ids_2"]])
             cached.update(prompt_embeds=prompt_embeds.to("cpu", cache_dtype),
                           pooled_prompt_embeds=pooled.to("cpu", cache_dtype))
         else:
@@ -557,6 +617,22 @@ class StepRunner:
                     "encoder_hidden_states": to_device(self.cached_batch["prompt_embeds"].repeat(2, 1, 1)),
                     "pooled_projections": to_device(self.cached_batch["pooled_prompt_embeds"].repeat(2, 1)),
                     "target": to_device(noise - latents)}
+        if self.preset.family == "flux":  # the same, packed in 2x2 patches with position ids and guidance
+            latents = torch.randn(2 * pairs, 16, latent_size, latent_size, generator=generator)
+            noise = torch.randn(latents.shape, generator=generator)
+            indices = torch.randint(0, 1000, (pairs,), generator=generator).repeat(2)
+            sigmas = self.noise_scheduler.sigmas[indices].view(-1, 1, 1, 1)
+            to_device = lambda tensor: tensor.to(self.device, self.weight_dtype)  # noqa: E731
+            pack = lambda x: FluxPipeline._pack_latents(x, 2 * pairs, 16, latent_size, latent_size)  # noqa: E731
+            prompt_embeds = to_device(self.cached_batch["prompt_embeds"].repeat(2, 1, 1))
+            return {"hidden_states": to_device(pack((1 - sigmas) * latents + sigmas * noise)),
+                    "timestep": sigmas.flatten().to(self.device), "encoder_hidden_states": prompt_embeds,
+                    "pooled_projections": to_device(self.cached_batch["pooled_prompt_embeds"].repeat(2, 1)),
+                    "guidance": torch.full((2 * pairs,), 3.5, device=self.device),
+                    "txt_ids": torch.zeros(prompt_embeds.shape[1], 3, device=self.device),
+                    "img_ids": FluxPipeline._prepare_latent_image_ids(2 * pairs, latent_size // 2, latent_size // 2,
+                                                                      self.device, torch.float32),
+                    "target": to_device(pack(noise - latents))}
         latents = torch.randn(2 * pairs, 4, latent_size, latent_size, generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, 1000, (pairs,), generator=generator).repeat(2)
@@ -791,6 +867,8 @@ def flash_attention_on_meta():
     original = F.scaled_dot_product_attention
 
     def flash(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if not kwargs.get("enable_gqa", True):  # diffusers' attention dispatch (FLUX) passes the default explicitly
+            kwargs.pop("enable_gqa")
         if query.device.type != "meta" or kwargs:
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, **kwargs)
@@ -975,13 +1053,13 @@ def sd35_memory_estimate(size, resolution=1024, pairs=1, max_sequence_length=77)
         "label": "ESTIMATE from parameter counts and a meta-device pass, not a measurement",
         "model": f"SD3.5 {size}", "resolution": resolution, "pairs": pairs, "transformer_params": params,
         "lora_params_rank8": lora_params, "activations_lora_no_ckpt_gb": round(gb(no_ckpt_peak), 2),
-        "encoders_on_gpu_without_cache_gb": round(gb(encoder_bytes), 2),
+        "encoders_on_gpu_without_cache_gb": round(gb(encoder_bytes), 2), "encoders": "VAE, CLIP-L, CLIP-G, T5-XXL",
         "lora_adamw": {**{k: round(v, 2) for k, v in parts.items()}, "total": round(sum(parts.values()), 2)},
         "target_gb": {"medium": 16, "large": 40}[size],
     }
 
 
-def print_sd35_estimate(estimate):
+def print_flow_estimate(estimate):
     parts, limit = estimate["lora_adamw"], estimate["target_gb"]
     detail = ", ".join(f"{name} {value:.1f}" for name, value in parts.items() if name != "total")
     print(f"\n{estimate['model']} LoRA at {estimate['resolution']} px, {estimate['pairs']} pair, bf16, gradient "
@@ -991,8 +1069,74 @@ def print_sd35_estimate(estimate):
           f"  lora_adamw       {parts['total']:5.1f} GB  {'within' if parts['total'] <= limit else 'OVER'} the "
           f"{limit} GB target  ({detail}); without checkpointing the activations are "
           f"{estimate['activations_lora_no_ckpt_gb']:.1f} GB\n  Without the cache add "
-          f"{estimate['encoders_on_gpu_without_cache_gb']:.1f} GB of bf16 weights (VAE, CLIP-L, CLIP-G, T5-XXL) and "
+          f"{estimate['encoders_on_gpu_without_cache_gb']:.1f} GB of bf16 weights ({estimate['encoders']}) and "
           "their activations; the CUDA context and fragmentation come on top.")
+
+
+def flux_dev_memory_estimate(resolution=1024, pairs=1, max_sequence_length=512):
+    """ESTIMATE of peak GPU memory (allocated) of FLUX.1-dev LoRA DPO with --cache_latents (VAE, CLIP-L and T5 off the
+    GPU): 1 pair, bf16, gradient checkpointing, the script's default LoRA targets at rank 8. Parameter-sized terms
+    from the real config on the meta device; activations from a forward+backward on the meta device."""
+    from accelerate import init_empty_weights
+    from peft import LoraConfig
+
+    import train_diffusion_dpo_flux as flux_script
+
+    config = flux_dev_transformer_config()
+    targets = flux_script.DEFAULT_LORA_TARGETS.split(",")
+    with init_empty_weights():
+        encoders = [CLIPTextModel(clip_vit_l_text_config()), T5EncoderModel(t5_xxl_config())]
+        vae = AutoencoderKL(**flux_vae_config())
+    latent_size = resolution // 8
+    tokens = (latent_size // 2) ** 2
+
+    def activations(gradient_checkpointing):
+        with torch.device("meta"):
+            transformer = FluxTransformer2DModel(**config).to(torch.bfloat16)
+            transformer.requires_grad_(False)
+            transformer.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
+                                               target_modules=targets))
+            images = 2 * pairs
+            inputs = {"hidden_states": torch.randn(images, tokens, 64, dtype=torch.bfloat16),
+                      "encoder_hidden_states": torch.randn(images, max_sequence_length, 4096, dtype=torch.bfloat16),
+                      "pooled_projections": torch.randn(images, 768, dtype=torch.bfloat16),
+                      "timestep": torch.full((images,), 0.5), "guidance": torch.full((images,), 3.5),
+                      "txt_ids": torch.zeros(max_sequence_length, 3),
+                      "img_ids": torch.zeros(tokens, 3)}
+        transformer.train()
+        if gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        params = sum(p.numel() for p in transformer.parameters() if not p.requires_grad)
+        lora = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+        known = [t.untyped_storage()._cdata for t in [*transformer.parameters(), *transformer.buffers(),
+                                                       *inputs.values()]]
+        tracker = LiveMemory(known, grad_scale=1)
+        hooks = [p.register_post_accumulate_grad_hook(tracker.mark_grad) for p in transformer.parameters()
+                 if p.requires_grad]
+        with flash_attention_on_meta(), tracker:
+            loss = transformer(**inputs).sample.float().pow(2).mean()
+            tracker.sweep()
+            loss.backward()
+            tracker.sweep()
+        for hook in hooks:
+            hook.remove()
+        return tracker.peak, params, lora
+
+    peak, params, lora_params = activations(True)
+    no_ckpt_peak, _, _ = activations(False)
+    encoder_bytes = 2 * sum(p.numel() for module in (*encoders, vae) for p in module.parameters())
+    gb = lambda n: n / 1e9  # noqa: E731
+    parts = {"base_bf16": gb(2 * params), "lora_weights_grads_adam_fp32": gb(16 * lora_params),
+             "activations": gb(peak)}
+    return {
+        "label": "ESTIMATE from parameter counts and a meta-device pass, not a measurement",
+        "model": "FLUX.1-dev", "resolution": resolution, "pairs": pairs, "max_sequence_length": max_sequence_length,
+        "transformer_params": params, "lora_params_rank8": lora_params,
+        "activations_lora_no_ckpt_gb": round(gb(no_ckpt_peak), 2),
+        "encoders_on_gpu_without_cache_gb": round(gb(encoder_bytes), 2), "encoders": "VAE, CLIP-L, T5-XXL",
+        "lora_adamw": {**{k: round(v, 2) for k, v in parts.items()}, "total": round(sum(parts.values()), 2)},
+        "target_gb": 40,
+    }
 
 
 def print_sdxl_estimate(estimate):
@@ -1057,9 +1201,10 @@ def parse_args(input_args=None):
         description="Time the shipped Diffusion-DPO step against its compute floor (policy fwd+bwd + reference fwd), "
                     "with and without the latent cache, full and LoRA; print one table and write JSON.")
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS),
-                        help="Model family and size to measure; repeat for several. tiny / tiny-sdxl / tiny-sd3: "
-                             "seconds on a CPU; sd15: real SD 1.5 configs at 128 px on a CPU; sd15-512, sdxl-1024, "
-                             "sd35-medium-1024: real configs, meant for a GPU. Default: tiny.")
+                        help="Model family and size to measure; repeat for several. tiny / tiny-sdxl / tiny-sd3 / "
+                             "tiny-flux: seconds on a CPU; sd15: real SD 1.5 configs at 128 px on a CPU; sd15-512, "
+                             "sdxl-1024, sd35-medium-1024, flux-dev-1024: real configs, meant for a GPU. Default: "
+                             "tiny.")
     parser.add_argument("--modes", default="full,lora",
                         help="Comma-separated training modes: full (whole UNet, frozen reference copy) and/or lora.")
     parser.add_argument("--steps", type=int, default=None, help="Timed steps per kind; default: the preset's.")
@@ -1089,7 +1234,8 @@ def parse_args(input_args=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for every preset; default: 1 for tiny presets, else torch's (one per "
                              "core). 1 is steadier on a busy machine.")
-    parser.add_argument("--no_estimate", action="store_true", help="Skip the SDXL and SD3.5 memory estimates.")
+    parser.add_argument("--no_estimate", action="store_true",
+                        help="Skip the SDXL, SD3.5 and FLUX.1-dev memory estimates.")
     parser.add_argument("--json", type=str, default=None, help="Write every figure to this JSON file.")
     args = parser.parse_args(input_args)
     args.preset = args.preset or ["tiny"]
@@ -1143,7 +1289,8 @@ def main(args):
         for name in args.preset:
             preset = PRESETS[name]
             settings = preset_settings(preset, args)
-            if preset.name in ("sd15-512", "sdxl-1024", "sd35-medium-1024") and settings.device == "cpu":
+            meant_for_a_gpu = ("sd15-512", "sdxl-1024", "sd35-medium-1024", "flux-dev-1024")
+            if preset.name in meant_for_a_gpu and settings.device == "cpu":
                 log(f"warning: preset {name} is meant for a GPU; on this CPU it may take very long or run out of "
                     "memory.")
             log(f"{name}: {preset.note}; {settings.resolution} px, {settings.batch_pairs} pair(s), "
@@ -1165,20 +1312,22 @@ def main(args):
     print(f"\nDiffusion-DPO step benchmark: {settings.device_name}, torch {torch.__version__}; {statistic}{load_note}")
     print_table(rows)
     print_phases(rows)
-    estimate, sd35_estimates = None, None
+    estimate, sd35_estimates, flux_estimate = None, None, None
     if not args.no_estimate:
         estimate = sdxl_memory_estimate()
         print_sdxl_estimate(estimate)
         sd35_estimates = [sd35_memory_estimate(size) for size in ("medium", "large")]
-        for sd35_estimate in sd35_estimates:
-            print_sd35_estimate(sd35_estimate)
+        flux_estimate = flux_dev_memory_estimate()
+        for flow_estimate in [*sd35_estimates, flux_estimate]:
+            print_flow_estimate(flow_estimate)
     wall_s = time.perf_counter() - started
     print(f"\nbenchmark wall time {wall_s:.0f} s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         report = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                   "cpu_threads": torch.get_num_threads(), "settings": settings_used, "rows": rows,
-                  "sdxl_memory_estimate": estimate, "sd35_memory_estimates": sd35_estimates, "wall_s": wall_s,
+                  "sdxl_memory_estimate": estimate, "sd35_memory_estimates": sd35_estimates,
+                  "flux_dev_memory_estimate": flux_estimate, "wall_s": wall_s,
                   "load_average_start_end": [load_at_start, load]}
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -20,10 +20,10 @@ import bench_dpo_step  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
-    """The tiny SD, SDXL and SD3 presets, 1 warm-up + 2 timed steps, run as `make bench` runs the script."""
+    """The tiny SD, SDXL, SD3 and FLUX presets, 1 warm-up + 2 timed steps, run as `make bench` runs the script."""
     json_path = tmp_path_factory.mktemp("bench") / "bench.json"
     command = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_dpo_step.py"), "--preset", "tiny",
-               "--preset", "tiny-sdxl", "--preset", "tiny-sd3", "--steps", "2", "--warmup", "1", "--threads", "1", "--no_estimate",
+               "--preset", "tiny-sdxl", "--preset", "tiny-sd3", "--preset", "tiny-flux", "--steps", "2", "--warmup", "1", "--threads", "1", "--no_estimate",
                "--json", str(json_path)]
     completed = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
@@ -31,7 +31,7 @@ def tiny_report(tmp_path_factory):
     return json.loads(json_path.read_text()), completed.stdout
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
 def test_rows_for_every_mode_and_cache_setting(tiny_report, preset):
     report, _ = tiny_report
     rows = {(row["mode"], row["cache"]): row for row in report["rows"] if row["preset"] == preset}
@@ -57,7 +57,7 @@ def test_table_is_printed(tiny_report):
     _, output = tiny_report
     assert "step/floor" in output and "cache x" in output
     assert output.count("tiny-sdxl") >= 4  # one table row per mode and cache setting, and the phase lines
-    assert output.count("tiny-sd3") >= 4
+    assert output.count("tiny-sd3") >= 4 and output.count("tiny-flux") >= 4
 
 
 def test_sd3_meta_activation_memory_counts_activations_not_weights():
@@ -94,7 +94,7 @@ def test_meta_activation_memory_counts_activations_not_weights():
     assert full_peak >= 4 * params  # float32 grads of every parameter are live at the end of backward
 
 
-@pytest.mark.parametrize("preset_name", ["tiny", "tiny-sd3"])
+@pytest.mark.parametrize("preset_name", ["tiny", "tiny-sd3", "tiny-flux"])
 def test_the_benchmark_step_is_the_scripts_step(preset_name, tmp_path, monkeypatch):
     """A benchmark step and the script's loop body (micro_batch_step then optimizer_step, as main runs them), from the
     same weights on the same batch, give the same loss and the same weights: the benchmark times the code that
