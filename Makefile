@@ -35,10 +35,12 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -p no:warnings -n 2 --dist loadfile -m "not gpu and not hub"
 
-# Step time, memory and step/floor ratios of the real training step (tiny and SD 1.5-size models on the CPU; a few
-# minutes on 2 cores). On a GPU: $(PY) benchmarks/bench_dpo_step.py --preset sd15-512 --preset sdxl-1024 --device cuda
+# Step time, memory and step/floor ratios of the real training step (tiny SD, SD3 and FLUX and SD 1.5-size models on
+# the CPU; a few minutes on 2 cores), and memory estimates for SDXL, SD3.5 and FLUX.1-dev. On a GPU:
+# $(PY) benchmarks/bench_dpo_step.py --preset sd15-512 --preset sdxl-1024 --preset sd35-medium-1024 --device cuda
 bench: install
-	$(PY) benchmarks/bench_dpo_step.py --preset tiny --preset sd15 --json bench-output/bench.json
+	$(PY) benchmarks/bench_dpo_step.py --preset tiny --preset tiny-sd3 --preset tiny-flux --preset sd15 \
+		--json bench-output/bench.json
 
 clean:
 	rm -rf demo-output bench-output toy-output gpu-check .pytest_cache
