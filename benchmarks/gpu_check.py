@@ -16,7 +16,8 @@ step/floor, peak memory (torch.cuda.max_memory_allocated; process RSS on a CPU),
 peak, whether the loss stayed finite and whether the trained weights changed. A row that fails records its error
 and the others still run.
 
-Rows (real presets on CUDA; tiny and tiny-sdxl in the CPU form):
+Rows (real presets on CUDA: SD 1.5 at 512 px, SDXL, SD3.5 medium and FLUX.1-dev at 1024 px; the tiny ones in the
+CPU form):
     sd15 lora fp16        a real GradScaler (emulated on a CPU), one injected overflow it must survive
     sd15 full bf16        8-bit AdamW
     sdxl lora bf16        gradient checkpointing
@@ -24,6 +25,9 @@ Rows (real presets on CUDA; tiny and tiny-sdxl in the CPU form):
     sdxl full bf16        Adafactor, gradient checkpointing, the latent cache
     sd15 lora bf16        xformers attention (where it imports and CUDA is there), else recorded as skipped
     sd15 lora bf16        torch.compile of the UNet (CUDA only; recorded as skipped on a CPU)
+    sd35 lora bf16        gradient checkpointing, the latent cache (train_diffusion_dpo_sd3.py's step)
+    sd35 lora fp16        a real GradScaler and one injected overflow, on the SD3 script's step
+    flux lora bf16        gradient checkpointing, the latent cache (train_diffusion_dpo_flux.py's step)
 """
 
 import argparse
@@ -44,7 +48,7 @@ import bench_dpo_step as bench  # noqa: E402
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
-    family: str  # "sd" or "sdxl"
+    family: str  # "sd", "sdxl", "sd3" or "flux"
     mode: str  # "lora" or "full"
     dtype: str  # "fp16", "bf16"
     optimizer: str = "adamw"
@@ -65,8 +69,12 @@ ROWS = (
         gradient_checkpointing=True, cached=True),
     Row("sd15 lora bf16 xformers", "sd", "lora", "bf16", attention="xformers"),
     Row("sd15 lora bf16 torch.compile", "sd", "lora", "bf16", compile=True),
+    Row("sd35 lora bf16 checkpointing cache", "sd3", "lora", "bf16", gradient_checkpointing=True, cached=True),
+    Row("sd35 lora fp16 + overflow", "sd3", "lora", "fp16", gradient_checkpointing=True, cached=True, overflow=True),
+    Row("flux lora bf16 checkpointing cache", "flux", "lora", "bf16", gradient_checkpointing=True, cached=True),
 )
-PRESETS = {"real": {"sd": "sd15-512", "sdxl": "sdxl-1024"}, "tiny": {"sd": "tiny", "sdxl": "tiny-sdxl"}}
+PRESETS = {"real": {"sd": "sd15-512", "sdxl": "sdxl-1024", "sd3": "sd35-medium-1024", "flux": "flux-dev-1024"},
+           "tiny": {"sd": "tiny", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}}
 
 
 def skip_reason(row, device):

@@ -26,13 +26,14 @@ def test_cpu_form_runs_every_row_and_the_fp16_row_survives_its_overflow(tmp_path
     rows = {row["row"]: row for row in json.loads(json_path.read_text())["rows"]}
     assert set(rows) == {row.name for row in gpu_check.ROWS}
     ran = [row for row in rows.values() if row["status"] == "ok"]
-    assert len(ran) == 5, {name: row.get("reason") for name, row in rows.items()}
+    assert len(ran) == 8, {name: row.get("reason") for name, row in rows.items()}
     for row in ran:
         assert row["pairs_per_s"] > 0 and row["peak_mem_gib"] > 0 and row["tflops"] > 0
         assert math.isfinite(row["step_over_floor"]) and row["step_over_floor"] > 0
         assert row["loss_finite"] and row["weights_changed"]
         assert row["step_source"].endswith("micro_batch_step + optimizer_step")
-    fp16 = rows["sd15 lora fp16 + overflow"]
-    assert (fp16["first_scale"], fp16["scale"], fp16["nonfinite_steps"]) == (2.0**16, 2.0**15, 1)
+    for name in ("sd15 lora fp16 + overflow", "sd35 lora fp16 + overflow"):
+        fp16 = rows[name]
+        assert (fp16["first_scale"], fp16["scale"], fp16["nonfinite_steps"]) == (2.0**16, 2.0**15, 1), name
     for name in ("sd15 lora bf16 xformers", "sd15 lora bf16 torch.compile"):
         assert rows[name]["status"] == "skipped" and rows[name]["reason"]
