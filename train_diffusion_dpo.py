@@ -43,7 +43,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -764,6 +764,19 @@ def build_parser():
                           "(r_w - r_l)). Same meaning in the SD and SDXL scripts. The authors used 5000 (SDXL) and "
                           "2000-5000 (SD1.5). Larger keeps the model closer to the reference.")
 
+    dpo.add_argument("--reference_errors", type=str, default=None,
+                     help="A folder for the reference's errors, computed once: every pair's inputs at every step "
+                          "depend only on (seed, step, pair), so the frozen reference's errors can be computed in a "
+                          "pre-pass, stored (two floats per pair and step) and reused by every run that draws the "
+                          "same inputs (a sweep over beta, loss type or learning rate). If the folder holds errors "
+                          "whose key matches this run they are read, else computed first and written there; either "
+                          "way the training step never runs the reference, and a full fine-tune keeps no copy of it.")
+    dpo.add_argument("--reference_batch_size", type=int, default=16,
+                     help="Pairs of one step per reference forward in the --reference_errors pre-pass.")
+    dpo.add_argument("--reference_errors_on_mismatch", type=str, default="recompute", choices=["recompute", "refuse"],
+                     help="When --reference_errors holds errors of another run (the log names the settings that "
+                          "differ): recompute them (overwriting the folder) or refuse to start.")
+
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--use_lora", action="store_true",
                       help="Train LoRA adapters instead of the whole UNet; the reference is the same UNet with "
@@ -947,6 +960,14 @@ def validate_args(parser, args):
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist; pass a checkpoint "
                      "folder or 'latest'.")
+    if args.reference_errors is not None:
+        if args.loss_type == "sft":
+            parser.error("--loss_type sft has no reference; drop --reference_errors.")
+        if args.streaming:
+            parser.error("--reference_errors replays the run's pairs in a pre-pass, which a stream cannot; train "
+                         "from a dataset on disk, or drop --reference_errors.")
+    if args.reference_batch_size < 1:
+        parser.error("--reference_batch_size must be at least 1.")
     output_parent = Path(args.output_dir).resolve()
     while not output_parent.exists():
         output_parent = output_parent.parent
@@ -996,7 +1017,7 @@ def build_models(args, accelerator, weight_dtype):
             target_modules=[name.strip() for name in args.lora_target_modules.split(",") if name.strip()],
         ))
         cast_training_params(unet, dtype=torch.float32)
-    elif args.loss_type != "sft":
+    elif args.loss_type != "sft" and args.reference_errors is None:
         # A frozen copy of the starting UNet is the reference: weight dtype (norms float32), no grads, and the
         # policy's train mode. Nothing in it trains (SD and SDXL UNets have no dropout), but kernels are chosen by
         # mode: an eval-mode copy differs from the policy in the last bits, which beta_dpo 5000 magnifies.
@@ -1072,10 +1093,13 @@ def sample_latents(posterior_params, generators, scaling_factor):
     return latents * scaling_factor
 
 
-def dpo_step_losses(args, batch, models, noise_scheduler, global_step, weight_dtype):
+def dpo_step_losses(args, batch, models, noise_scheduler, global_step, weight_dtype,
+                    passes=("reference", "policy")):
     """Per-sample denoising errors of the policy and the reference for one micro-batch of pairs.
 
     Returns (model_losses, ref_losses): [2B] ordered [winners; losers], or winners only [B] for sft (ref None).
+    `passes` leaves out the reference (training with --reference_errors) or the policy (its pre-pass); the one
+    left out comes back None.
     """
     unet, ref_unet, vae, text_encoder = models
     device = unet.device
@@ -1122,16 +1146,18 @@ def dpo_step_losses(args, batch, models, noise_scheduler, global_step, weight_dt
             prediction = model(noisy_latents, timesteps, text_embeddings).sample
         return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
 
-    # 4. Reference first, under no_grad: its activations are freed before the policy's are kept.
-    ref_losses = None
-    if args.loss_type != "sft":
+    # 4. Reference first, under no_grad: its activations are freed before the policy's are kept. A full fine-tune with
+    #    --reference_errors keeps no frozen copy: its pre-pass runs before any step, when the policy is the reference.
+    ref_losses = model_losses = None
+    if args.loss_type != "sft" and "reference" in passes:
         with torch.no_grad():
             if args.use_lora:
                 with lora_adapters_disabled(unet_module(unet)) as reference:
                     ref_losses = per_sample_mse(reference)
             else:
-                ref_losses = per_sample_mse(ref_unet)
-    model_losses = per_sample_mse(unet)
+                ref_losses = per_sample_mse(ref_unet if ref_unet is not None else unet_module(unet))
+    if "policy" in passes:
+        model_losses = per_sample_mse(unet)
     return model_losses, ref_losses
 
 
@@ -1387,6 +1413,147 @@ def free_accelerator_memory():
         torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Reference errors computed once (--reference_errors)
+# ----------------------------------------------------------------------------------------------------------------
+def reference_errors_key(args, run, models, dataset):
+    """What a run's reference errors depend on: every flag but those below (so a flag added later counts until it
+    is known not to), the launch (processes, precision, steps), the data, and the frozen weights (the reference's
+    without LoRA adapters, the VAE's, the text encoders')."""
+    # Flags that change neither a pair's inputs nor the reference's output: runs that differ from the one that
+    # computed the errors only here reuse them (a sweep over beta, loss type, learning rate, optimizer, rank).
+    free_flags = frozenset({
+        "beta_dpo", "loss_type", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "adam_beta1",
+        "adam_beta2", "adam_weight_decay", "adam_epsilon", "use_8bit_adam", "use_adafactor", "max_grad_norm",
+        "max_nonfinite_steps", "rank", "lora_alpha", "lora_target_modules", "gradient_checkpointing", "output_dir",
+        "logging_dir", "report_to", "tracker_project_name", "checkpointing_steps", "checkpoints_total_limit",
+        "resume_from_checkpoint", "validation_prompts", "validation_steps", "num_validation_images",
+        "validation_num_inference_steps", "validation_guidance_scale", "push_to_hub", "hub_model_id", "hub_token",
+        "save_unet_only", "save_transformer_only", "dataloader_num_workers", "cache_dir", "latent_cache_dir",
+        "reference_errors", "reference_batch_size", "reference_errors_on_mismatch",
+    })
+    unet, _, vae, text_encoders = models
+    encoders = text_encoders if isinstance(text_encoders, (tuple, list)) else [text_encoders]
+    digest = hashlib.sha256()
+    for name, tensor in unet_module(unet).state_dict().items():
+        if "lora_" not in name:
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().flatten()[:8].float().cpu().numpy().tobytes())
+    key = {
+        "format": 1, "script": Path(__file__).name,
+        "args": {name: value for name, value in sorted(vars(args).items()) if name not in free_flags},
+        "num_processes": run.num_processes, "mixed_precision": run.mixed_precision,
+        "max_train_steps": run.max_train_steps, "pairs": len(run.train_dataset),
+        "dataset": getattr(dataset, "_fingerprint", None), "reference": digest.hexdigest(),
+        "vae": weights_fingerprint(vae), "text_encoders": [weights_fingerprint(encoder) for encoder in encoders],
+    }
+    return json.loads(json.dumps(key, default=str))  # as it reads back from key.json
+
+
+class ReferenceErrors:
+    """The reference's per-sample errors of this process's pairs, by (optimizer step, pair index)."""
+
+    def __init__(self, steps, indices, errors):
+        self.rows = {(int(step), int(index)): row for step, index, row in zip(steps, indices, errors.tolist())}
+
+    def losses(self, global_step, indices, device):
+        """ref_losses as dpo_step_losses returns them: [winners; losers] of the batch's pairs."""
+        try:
+            rows = [self.rows[(global_step, int(index))] for index in indices]
+        except KeyError as error:
+            raise RuntimeError(f"--reference_errors has no errors for pair {error.args[0][1]} at step "
+                               f"{global_step + 1}: the pairs of this run differ from those of the pre-pass. Delete "
+                               "the folder's key.json to recompute them.") from None
+        errors = torch.tensor(rows, dtype=torch.float32)
+        return torch.cat([errors[:, 0], errors[:, 1]]).to(device)
+
+
+def compute_reference_errors(args, accelerator, run, models, noise_scheduler, weight_dtype):
+    """The pre-pass: the reference's errors of every pair of every step this run will train, from its resume
+    position on, each process its own pairs. The micro-batches are the training loop's own (training_batches on a
+    copy of the run: the same order, skips and bad-row checks), joined into forwards of --reference_batch_size pairs
+    of one step. Returns (steps, indices, errors [N, 2]) as numpy arrays."""
+    shadow = replace(run, row_problems={reason: set() for reason in run.row_problems}, step_metrics={})
+    steps, indices, errors, pending = [], [], [], []
+    progress = tqdm(total=run.max_train_steps - run.global_step, desc="Reference errors",
+                    disable=not accelerator.is_local_main_process)
+
+    def flush(step):
+        batch = {name: torch.cat([b[name] for b in pending]) for name, value in pending[0].items()
+                 if torch.is_tensor(value)}
+        _, ref_losses = dpo_step_losses(args, batch, models, noise_scheduler, step, weight_dtype, passes=("reference",))
+        pairs = batch["index"].shape[0]
+        steps.extend([step] * pairs)
+        indices.extend(batch["index"].tolist())
+        errors.append(torch.stack([ref_losses[:pairs], ref_losses[pairs:]], dim=1).float().cpu())
+        pending.clear()
+
+    for batch in training_batches(args, accelerator, shadow):
+        # accumulate() decides where an optimizer step ends exactly as in training (epoch ends included)
+        with accelerator.accumulate(shadow.unet):
+            pending.append(batch)
+            if accelerator.sync_gradients or sum(b["index"].shape[0] for b in pending) >= args.reference_batch_size:
+                flush(shadow.global_step)
+            if accelerator.sync_gradients:
+                shadow.global_step += 1
+                progress.update(1)
+    progress.close()
+    accelerator.step = 0  # the training loop counts its micro-batches from the start again
+    return np.array(steps, dtype=np.int64), np.array(indices, dtype=np.int64), torch.cat(errors).numpy()
+
+
+def prepare_reference_errors(args, accelerator, run, models, noise_scheduler, weight_dtype, dataset):
+    """--reference_errors: this process's ReferenceErrors, read from the folder when its key matches the run, else
+    computed by the pre-pass and written there atomically (key.json last) first; None without the flag."""
+    if args.reference_errors is None:
+        return None
+    if weights_are_sharded(accelerator):
+        raise ValueError("--reference_errors does not run under FSDP or ZeRO-3 yet (the pre-pass needs the whole "
+                         "reference on every process); drop it, or train with DDP or ZeRO-2.")
+    folder = Path(args.reference_errors)
+    key = reference_errors_key(args, run, models, dataset)
+    rank_file = folder / f"errors_rank{accelerator.process_index}.npz"
+    saved = json.loads((folder / "key.json").read_text()) if (folder / "key.json").exists() else None
+    if saved is not None and saved["key"] == key and saved["first_step"] <= run.global_step:
+        logger.info(f"Reading the reference errors from {folder}")
+        stored = np.load(rank_file)
+        return ReferenceErrors(stored["steps"], stored["indices"], stored["errors"])
+    if saved is not None:
+        differs = sorted({f"args.{name}" for name in set(key["args"]) | set(saved["key"].get("args", {}))
+                          if key["args"].get(name) != saved["key"].get("args", {}).get(name)}
+                         | {name for name in set(key) | set(saved["key"]) if name != "args"
+                            and key.get(name) != saved["key"].get(name)})
+        why = (f"differs in {', '.join(differs)}" if differs else
+               f"starts at step {saved['first_step'] + 1}, after this run's step {run.global_step + 1}")
+        message = f"--reference_errors {folder} holds the errors of another run ({why})"
+        if args.reference_errors_on_mismatch == "refuse":
+            raise ValueError(f"{message}; pass another folder, or --reference_errors_on_mismatch recompute.")
+        logger.warning(f"{message}; computing this run's errors instead")
+    if run.global_step > 0 and not args.use_lora:
+        raise ValueError(f"--reference_errors {folder} has no errors for this run, and a resumed full fine-tune can "
+                         "no longer compute them (its policy has moved from the reference and no copy was kept): "
+                         "resume with the folder the run started with, or without --reference_errors.")
+    started = time.perf_counter()
+    steps, indices, errors = compute_reference_errors(args, accelerator, run, models, noise_scheduler, weight_dtype)
+    logger.info(f"Reference errors of {len(steps)} pairs computed in {time.perf_counter() - started:.1f} s")
+    partial = folder / ".partial"
+    if accelerator.is_main_process:
+        partial.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    np.savez(partial / rank_file.name, steps=steps, indices=indices, errors=errors)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # a reader trusts the files only once key.json says whose they are
+        (folder / "key.json").unlink(missing_ok=True)
+        for rank in range(accelerator.num_processes):
+            os.replace(partial / f"errors_rank{rank}.npz", folder / f"errors_rank{rank}.npz")
+        temp_key = partial / "key.json"
+        temp_key.write_text(json.dumps({"key": key, "first_step": run.global_step}, indent=2))
+        os.replace(temp_key, folder / "key.json")
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return ReferenceErrors(steps, indices, errors)
+
+
 def save_results(args, unet, full_state=None):
     """Full fine-tune: a complete pipeline folder (or unet/ alone). LoRA: pytorch_lora_weights.safetensors."""
     policy = unet_module(unet)
@@ -1607,6 +1774,7 @@ class TrainingRun:
     row_problems: dict = field(default_factory=dict)
     grid_path: str | None = None
     reference_images: list | None = None
+    reference_errors: object = None  # ReferenceErrors with --reference_errors
 
     def record(self):
         return {"learning_rate": self.learning_rate, "num_processes": self.num_processes,
@@ -1800,7 +1968,12 @@ def micro_batch_step(args, accelerator, run, batch, models, noise_scheduler, wei
     The metrics are summed as tensors, not read with .item(): no device sync per micro-batch (optimizer_step reads
     them once per step).
     """
-    model_losses, ref_losses = dpo_step_losses(args, batch, models, noise_scheduler, run.global_step, weight_dtype)
+    if run.reference_errors is None:
+        model_losses, ref_losses = dpo_step_losses(args, batch, models, noise_scheduler, run.global_step, weight_dtype)
+    else:  # --reference_errors: computed once, before training; no reference forward here
+        model_losses, _ = dpo_step_losses(args, batch, models, noise_scheduler, run.global_step, weight_dtype,
+                                          passes=("policy",))
+        ref_losses = run.reference_errors.losses(run.global_step, batch["index"], model_losses.device)
     loss, metrics = diffusion_dpo_loss(model_losses, ref_losses, args.beta_dpo, args.loss_type)
     if run.global_step + 1 in faults.nan_steps:
         loss = loss * float("nan")
@@ -1937,6 +2110,8 @@ def main(args):
     run = prepare_training(args, accelerator, unet, train_dataset, train_dataloader)
     start_run(args, accelerator, run, counts, noise_scheduler)
     models = (run.unet, ref_unet, vae, text_encoder)
+    run.reference_errors = prepare_reference_errors(args, accelerator, run, models, noise_scheduler, weight_dtype,
+                                                    dataset)
     faults, stop_request = InjectedFaults.from_environment(), StopRequest()
     progress_bar = tqdm(range(run.max_train_steps), initial=run.global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
