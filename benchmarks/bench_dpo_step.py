@@ -70,7 +70,9 @@ from transformers.utils import logging as transformers_logging  # noqa: E402
 import train_diffusion_dpo as sd_script  # noqa: E402
 
 
-MODES = ("full", "lora")
+# full / lora: the reference runs in every step; *-precomputed: --reference_errors, computed once before training (a
+# full fine-tune then keeps no reference copy, and the floor is the policy's forward + backward alone)
+MODES = ("full", "lora", "full-precomputed", "lora-precomputed")
 KINDS = ("floor", "uncached", "cached")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")  # the three the scripts offer (build_optimizer)
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -407,7 +409,9 @@ def script_args(preset, mode, optimizer, bench_args, workdir):
             "--output_dir", str(Path(workdir) / "output"), "--seed", "0", "--resolution", str(bench_args.resolution),
             "--train_batch_size", str(bench_args.batch_pairs),
             "--mixed_precision", MIXED_PRECISION[bench_args.dtype]]
-    if mode == "lora":
+    if mode.endswith("-precomputed"):
+        argv += ["--reference_errors", str(Path(workdir) / "reference-errors")]
+    if mode.startswith("lora"):
         argv.append("--use_lora")
     elif optimizer == "adamw8bit":
         argv.append("--use_8bit_adam")
@@ -456,7 +460,7 @@ def build_trained_unet(preset, mode, args, device, weight_dtype):
                                                                                           UNet2DConditionModel)
         unet = model_class(**unet_config)
     ref_unet = None
-    if mode == "lora":
+    if mode.startswith("lora"):
         from peft import LoraConfig
 
         unet.requires_grad_(False)
@@ -466,7 +470,7 @@ def build_trained_unet(preset, mode, args, device, weight_dtype):
             target_modules=[name.strip() for name in args.lora_target_modules.split(",") if name.strip()],
         ))
         cast_training_params(unet, dtype=torch.float32)
-    else:
+    elif not mode.endswith("-precomputed"):  # with --reference_errors a full fine-tune keeps no copy
         ref_unet = copy.deepcopy(unet)
         ref_unet.requires_grad_(False)
         ref_unet.train()  # the policy's mode, as in build_models
@@ -565,7 +569,8 @@ class StepRunner:
 
         self.preset, self.mode, self.device = preset, mode, torch.device(bench_args.device)
         self.script = script_for(preset.family)
-        self.optimizer_name = "adamw" if mode == "lora" else bench_args.optimizer
+        self.optimizer_name = "adamw" if mode.startswith("lora") else bench_args.optimizer
+        self.precomputed = mode.endswith("-precomputed")
         self.args = script_args(preset, mode, self.optimizer_name, bench_args, workdir)
         self.weight_dtype = DTYPES[bench_args.dtype]
         # One Accelerator per process (its state is global); mixed precision wraps the policy's forward in autocast
@@ -600,6 +605,28 @@ class StepRunner:
             max_train_steps=10**9, num_train_epochs=1, steps_per_epoch=10**9)
         self.floor_inputs = self.make_floor_inputs()
         self.faults = self.script.InjectedFaults()  # none; the device check injects an fp16 overflow
+        self.reference_pairs_per_s = None
+        if self.precomputed:
+            self.training_run.reference_errors = self.precompute_reference_errors(
+                2 * (bench_args.warmup + bench_args.steps) + 2)
+
+    def precompute_reference_errors(self, num_steps):
+        """What --reference_errors' pre-pass stores for the benchmark's batch at each of the steps it will run: the
+        script's dpo_step_losses with the reference pass alone (a full fine-tune's policy, untrained, is the
+        reference). Records the pre-pass's pairs/s."""
+        steps, indices, errors = [], [], []
+        pairs = self.uncached_batch["index"].shape[0]
+        started = time.perf_counter()
+        for step in range(num_steps):
+            _, ref_losses = self.script.dpo_step_losses(self.args, self.uncached_batch, self.models,
+                                                        self.noise_scheduler, step, self.weight_dtype,
+                                                        passes=("reference",))
+            steps += [step] * pairs
+            indices += self.uncached_batch["index"].tolist()
+            errors.append(torch.stack([ref_losses[:pairs], ref_losses[pairs:]], dim=1).float().cpu())
+        synchronize(self.device)
+        self.reference_pairs_per_s = num_steps * pairs / (time.perf_counter() - started)
+        return self.script.ReferenceErrors(steps, indices, torch.cat(errors).numpy())
         self.last_logs = None  # what optimizer_step logged for the last step (loss, implicit_acc, grad_norm...)
 
     def make_floor_inputs(self):
@@ -662,13 +689,16 @@ class StepRunner:
         release_memory()
 
     def floor(self):
-        """Policy forward + backward and reference forward on the same [2B] inputs: the unavoidable compute."""
+        """Policy forward + backward and reference forward on the same [2B] inputs: the unavoidable compute (with
+        precomputed reference errors, the policy's forward + backward alone)."""
         inputs = dict(self.floor_inputs)
         target = inputs.pop("target")
         unet = self.unet
         started = time.perf_counter()
         with torch.no_grad():
-            if self.mode == "lora":
+            if self.precomputed:
+                pass
+            elif self.mode == "lora":
                 with self.script.lora_adapters_disabled(self.denoiser_module(unet)) as reference:
                     reference(**inputs)
             else:
@@ -743,7 +773,8 @@ def measure_mode(preset, mode, bench_args, workdir, vae, text_encoders, log):
         "optimizer": runner.optimizer_name, "unet_params": runner.unet_params,
         "trained_params": sum(p.numel() for p in runner.params), "build_s": runner.build_s,
         "step_sources": runner.step_sources, "flops": flops, "samples": samples, "peaks": peaks,
-        "lora_rank": runner.args.rank if mode == "lora" else None,
+        "lora_rank": runner.args.rank if mode.startswith("lora") else None,
+        "reference_pairs_per_s": runner.reference_pairs_per_s,
     }
     runner.close()
     del runner
@@ -798,6 +829,7 @@ def rows_for(preset, mode, measured, bench_args, peak_tflops):
             "mfu": tflops / peak_tflops if peak_tflops else None,
             "unet_params": measured["unet_params"], "trained_params": measured["trained_params"],
             "lora_rank": measured["lora_rank"], "build_s": measured["build_s"],
+            "reference_pairs_per_s": measured["reference_pairs_per_s"],
             "step_source": measured["step_sources"][kind],
         })
     return rows
@@ -1178,6 +1210,25 @@ def print_table(rows):
         print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
 
 
+def print_precomputed(rows):
+    """--reference_errors against the live reference, side by side from this run: step time, floor and peak memory,
+    and the pre-pass's speed."""
+    by_key = {(r["preset"], r["mode"], r["cache"]): r for r in rows}
+    lines = []
+    for (preset, mode, cache), row in by_key.items():
+        live = by_key.get((preset, mode.removesuffix("-precomputed"), cache))
+        if not mode.endswith("-precomputed") or live is None:
+            continue
+        lines.append(f"  {preset:>9} {live['mode']:>4} cache={'yes' if cache else 'no ':3}  step {row['step_ms']:8.0f} "
+                     f"ms vs live {live['step_ms']:8.0f} ms ({row['step_ms'] / live['step_ms']:.2f}x)  floor "
+                     f"{row['floor_ms']:7.0f} vs {live['floor_ms']:7.0f} ms  peak {row['peak_mem_gib']:6.2f} vs "
+                     f"{live['peak_mem_gib']:6.2f} GiB  pre-pass {row['reference_pairs_per_s']:.3g} pairs/s")
+    if lines:
+        print("\nWith --reference_errors (reference errors computed once; no reference forward in the step, and a full "
+              "fine-tune without its copy) vs the live reference:")
+        print("\n".join(lines))
+
+
 def print_phases(rows):
     """Where each step's time goes, next to the floor: the overheads the ratio is made of."""
     print(f"\nWhere the step goes, ms ({'median step' if rows[0]['statistic'] == 'median' else 'fastest of each'}):")
@@ -1205,8 +1256,10 @@ def parse_args(input_args=None):
                              "tiny-flux: seconds on a CPU; sd15: real SD 1.5 configs at 128 px on a CPU; sd15-512, "
                              "sdxl-1024, sd35-medium-1024, flux-dev-1024: real configs, meant for a GPU. Default: "
                              "tiny.")
-    parser.add_argument("--modes", default="full,lora",
-                        help="Comma-separated training modes: full (whole UNet, frozen reference copy) and/or lora.")
+    parser.add_argument("--modes", default="full,lora,full-precomputed,lora-precomputed",
+                        help="Comma-separated training modes: full (whole UNet, frozen reference copy), lora, and "
+                             "each with --reference_errors (full-precomputed: no reference copy, no reference "
+                             "forward in the step; lora-precomputed: no reference forward).")
     parser.add_argument("--steps", type=int, default=None, help="Timed steps per kind; default: the preset's.")
     parser.add_argument("--warmup", type=int, default=None,
                         help="Untimed steps per kind first (>= 1; the first also counts FLOPs); default: the preset's.")
@@ -1311,6 +1364,7 @@ def main(args):
     load_note = f"; load average {load_at_start[0]:.1f} at start, {load[0]:.1f} at end" if load else ""
     print(f"\nDiffusion-DPO step benchmark: {settings.device_name}, torch {torch.__version__}; {statistic}{load_note}")
     print_table(rows)
+    print_precomputed(rows)
     print_phases(rows)
     estimate, sd35_estimates, flux_estimate = None, None, None
     if not args.no_estimate:

@@ -23,7 +23,8 @@ def tiny_report(tmp_path_factory):
     """The tiny SD, SDXL, SD3 and FLUX presets, 1 warm-up + 2 timed steps, run as `make bench` runs the script."""
     json_path = tmp_path_factory.mktemp("bench") / "bench.json"
     command = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_dpo_step.py"), "--preset", "tiny",
-               "--preset", "tiny-sdxl", "--preset", "tiny-sd3", "--preset", "tiny-flux", "--steps", "2", "--warmup", "1", "--threads", "1", "--no_estimate",
+               "--preset", "tiny-sdxl", "--preset", "tiny-sd3", "--preset", "tiny-flux", "--modes", "full,lora",
+               "--steps", "2", "--warmup", "1", "--threads", "1", "--no_estimate",
                "--json", str(json_path)]
     completed = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
@@ -130,3 +131,31 @@ def test_the_benchmark_step_is_the_scripts_step(preset_name, tmp_path, monkeypat
         assert bench.training_run.global_step == by_hand.training_run.global_step == 1
         bench.close()
         by_hand.close()
+
+
+def test_the_precomputed_reference_modes_keep_no_reference_and_skip_its_forward(tmp_path):
+    """full-precomputed / lora-precomputed: the script's --reference_errors path (ReferenceErrors from the reference
+    pass alone; micro_batch_step then runs the policy only), with no reference copy for the full fine-tune."""
+    import torch
+
+    args = bench_dpo_step.parse_args(["--preset", "tiny", "--threads", "1", "--no_estimate", "--steps", "1",
+                                      "--warmup", "1"])
+    preset = bench_dpo_step.PRESETS["tiny"]
+    settings = bench_dpo_step.preset_settings(preset, args)
+    vae, text_encoders = bench_dpo_step.build_frozen_models(preset, torch.device("cpu"), torch.float32)
+    live = bench_dpo_step.StepRunner(preset, "full", settings, tmp_path, vae, text_encoders)
+    live_floor = bench_dpo_step.count_flops(live.floor)
+    live_step = bench_dpo_step.count_flops(lambda: live.step("cached"))
+    live.close()
+    for mode in ("full-precomputed", "lora-precomputed"):
+        runner = bench_dpo_step.StepRunner(preset, mode, settings, tmp_path, vae, text_encoders)
+        assert runner.args.reference_errors and runner.training_run.reference_errors is not None
+        assert runner.reference_pairs_per_s > 0
+        if mode == "full-precomputed":
+            assert runner.ref_unet is None  # no frozen copy in memory
+            # the floor and the cached step lose exactly the reference forward
+            assert bench_dpo_step.count_flops(runner.floor) < live_floor
+            assert bench_dpo_step.count_flops(lambda: runner.step("cached")) < live_step
+        runner.step("cached")
+        assert math.isfinite(runner.last_logs["loss"])
+        runner.close()
