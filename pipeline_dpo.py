@@ -21,12 +21,15 @@ Compare a result with its base (same seeds, base on the left, DPO on the right, 
         --dpo mhdang/dpo-sdxl-text2image-v1 --prompts prompts.txt --out grid.png --device cuda --dtype float16
     python pipeline_dpo.py compare --base stabilityai/stable-diffusion-3.5-medium \
         --dpo sd35-medium-dpo-lora --prompts prompts.txt --out grid.png --device cuda --dtype bfloat16
+    python pipeline_dpo.py compare --base black-forest-labs/FLUX.1-dev \
+        --dpo flux-dev-dpo-lora --prompts prompts.txt --out grid.png --device cuda --dtype bfloat16
 
 Generate with a result (writes PNGs and generate.json into --out):
     python pipeline_dpo.py generate --base stable-diffusion-v1-5/stable-diffusion-v1-5 --dpo sd15-dpo \
         --prompt "a cute corgi wearing a red scarf" --prompt "a lighthouse at sunset" --seed 0 --out images
 
-In Python (returns a plain StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline):
+In Python (returns a plain StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline or
+FluxPipeline):
     import torch
     from pipeline_dpo import load_dpo_pipeline
     pipe = load_dpo_pipeline("stabilityai/stable-diffusion-xl-base-1.0", "mhdang/dpo-sdxl-text2image-v1",
@@ -34,7 +37,8 @@ In Python (returns a plain StableDiffusionPipeline, StableDiffusionXLPipeline or
     image = pipe("a cute corgi wearing a red scarf", guidance_scale=5.0).images[0]
 
 `dpo` is told apart by what is there, in this order (a hub id by its file listing, the same way). The denoiser is
-what DPO trains: the UNet of SD 1.x/2.x and SDXL (unet/), the MMDiT transformer of SD3 / SD3.5 (transformer/).
+what DPO trains: the UNet of SD 1.x/2.x and SDXL (unet/), the MMDiT transformer of SD3 / SD3.5 or of FLUX.1
+(transformer/; its config.json names which, SD3Transformer2DModel or FluxTransformer2DModel).
   1. a *.safetensors file: LoRA weights in the diffusers format (any name)
   2. a folder with model_index.json: a full pipeline (the training scripts' default); only its unet/ or
      transformer/ (and its scheduler/, which says the prediction type it was trained for) is used, everything
@@ -44,13 +48,18 @@ what DPO trains: the UNet of SD 1.x/2.x and SDXL (unet/), the MMDiT transformer 
   4. a folder with unet/config.json or transformer/config.json: a denoiser alone (--save_unet_only,
      --save_transformer_only, a full-run checkpoint-N folder, and the authors' releases such as
      mhdang/dpo-sdxl-text2image-v1)
-  5. a folder whose config.json names UNet2DConditionModel or SD3Transformer2DModel: the denoiser folder itself
+  5. a folder whose config.json names UNet2DConditionModel, SD3Transformer2DModel or FluxTransformer2DModel: the
+     denoiser folder itself
 The base's family decides the pipeline and must match the result's denoiser (a UNet, or LoRA keys unet.*, for SD
-and SDXL; a transformer, or LoRA keys transformer.*, for SD3). Weights load from safetensors only, and no remote
-code is ever run.
+and SDXL; an SD3Transformer2DModel for SD3 and a FluxTransformer2DModel for FLUX.1, or LoRA keys transformer.*
+whose modules and widths the base's transformer has). Weights load from safetensors only, and no remote code is
+ever run.
 
-SD3 prompts go to T5 with the token length the result was trained with (--max_sequence_length of
-train_diffusion_dpo_sd3.py, read from the result's training_args.json; its default 77 where the result has none).
+SD3 and FLUX prompts go to T5 with the token length the result was trained with (--max_sequence_length of
+train_diffusion_dpo_sd3.py or train_diffusion_dpo_flux.py, read from the result's training_args.json; the script's
+default, 77 for SD3 and 512 for FLUX, where the result has none). FLUX's guidance_scale is the distilled guidance
+strength of FLUX.1-dev (no classifier-free guidance pass); FLUX.1-schnell-layout bases (a transformer without that
+input) sample with 4 steps and guidance 0.
 
 Seeds: image j of every prompt uses seed + j, drawn from a CPU generator, so the starting noise is the same
 on every device and `generate --seed S` reproduces the DPO half of `compare --seed S`.
@@ -69,8 +78,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import diffusers
-from diffusers import (DiffusionPipeline, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (DiffusionPipeline, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
 
 
 @dataclass(frozen=True)
@@ -79,33 +89,63 @@ class Family:
 
     name: str  # as messages call it
     denoiser: str  # the model DPO trains: the pipeline's attribute and the result's subfolder, "unet" or "transformer"
+    denoiser_class: str  # its model class (a key of DENOISERS): SD3 and FLUX both have a transformer/, of two kinds
     num_inference_steps: int
     guidance_scale: float
-    # T5 tokens per prompt where the family has a T5 encoder (SD3): train_diffusion_dpo_sd3.py's --max_sequence_length
-    # default, for results that do not record theirs (the pipeline's own default, 256, is not what they trained on)
+    # T5 tokens per prompt where the family has a T5 encoder (SD3, FLUX): its training script's --max_sequence_length
+    # default, for results that do not record theirs (SD3's pipeline default, 256, is not what they trained on)
     max_sequence_length: int | None = None
+    # (steps, guidance) for a base whose transformer has no distilled-guidance input (config guidance_embeds false:
+    # FLUX.1-schnell's layout, timestep-distilled); None where the family has no such variant
+    no_guidance_embeds_defaults: tuple[int, float] | None = None
 
 
 # Keyed by the pipeline class name in a base's model_index.json. Sampling defaults are the authors' evaluation
-# settings (50 steps; guidance 7.5 for SD1.5, 5 for SDXL) and, for SD3, diffusers' and Stability's (28 steps,
-# guidance 7.0; also train_diffusion_dpo_sd3.py's validation defaults).
+# settings (50 steps; guidance 7.5 for SD1.5, 5 for SDXL); for SD3, diffusers' and Stability's (28 steps, guidance
+# 7.0; also train_diffusion_dpo_sd3.py's validation defaults); for FLUX.1-dev, diffusers' and Black Forest Labs'
+# (28 steps, distilled guidance 3.5; train_diffusion_dpo_flux.py's validation defaults and training guidance), and
+# for FLUX.1-schnell theirs (4 steps, guidance 0).
 FAMILIES = {
-    "StableDiffusionPipeline": Family("Stable Diffusion 1.x/2.x", "unet", 50, 7.5),
-    "StableDiffusionXLPipeline": Family("SDXL", "unet", 50, 5.0),
-    "StableDiffusion3Pipeline": Family("Stable Diffusion 3 / 3.5", "transformer", 28, 7.0, max_sequence_length=77),
+    "StableDiffusionPipeline": Family("Stable Diffusion 1.x/2.x", "unet", "UNet2DConditionModel", 50, 7.5),
+    "StableDiffusionXLPipeline": Family("SDXL", "unet", "UNet2DConditionModel", 50, 5.0),
+    "StableDiffusion3Pipeline": Family("Stable Diffusion 3 / 3.5", "transformer", "SD3Transformer2DModel", 28, 7.0,
+                                       max_sequence_length=77),
+    "FluxPipeline": Family("FLUX.1", "transformer", "FluxTransformer2DModel", 28, 3.5, max_sequence_length=512,
+                           no_guidance_embeds_defaults=(4, 0.0)),
 }
-SUPPORTED_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline)
-# The denoiser kinds: model class, how messages name it, and the config entries that must agree between the base's
-# and a DPO result's for the swap to make sense (checked before any weights load). The transformer's include its
-# depth and width: SD3.5 large and medium share the text encoders and the VAE, so a mix-up would still sample.
+SUPPORTED_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    """One kind of model DPO trains."""
+
+    model_class: type
+    folder: str  # the pipeline's attribute and the result's subfolder
+    label: str  # as messages call it
+    # config entries that must agree between the base's and a DPO result's for the swap to make sense (checked before
+    # any weights load)
+    fit_keys: tuple[str, ...]
+
+
+# Keyed by model class name (a config.json's _class_name). The transformers' fit keys include their depth and width:
+# SD3.5 large and medium share the text encoders and the VAE, so a mix-up would still sample; FLUX's also its
+# guidance input (a FLUX.1-dev transformer does not fit a schnell base, nor the reverse).
 DENOISERS = {
-    "unet": (UNet2DConditionModel, "UNet",
-             ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type", "block_out_channels")),
-    "transformer": (SD3Transformer2DModel, "transformer",
-                    ("in_channels", "out_channels", "patch_size", "joint_attention_dim", "pooled_projection_dim",
-                     "num_layers", "num_attention_heads", "attention_head_dim")),
+    "UNet2DConditionModel": Denoiser(
+        UNet2DConditionModel, "unet", "UNet",
+        ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type", "block_out_channels")),
+    "SD3Transformer2DModel": Denoiser(
+        SD3Transformer2DModel, "transformer", "SD3 transformer",
+        ("in_channels", "out_channels", "patch_size", "joint_attention_dim", "pooled_projection_dim", "num_layers",
+         "num_attention_heads", "attention_head_dim")),
+    "FluxTransformer2DModel": Denoiser(
+        FluxTransformer2DModel, "transformer", "FLUX transformer",
+        ("in_channels", "joint_attention_dim", "pooled_projection_dim", "num_layers", "num_single_layers",
+         "num_attention_heads", "attention_head_dim", "guidance_embeds")),
 }
-DENOISER_CLASS_NAMES = {model_class.__name__: denoiser for denoiser, (model_class, _, _) in DENOISERS.items()}
+DENOISER_FOLDERS = ("unet", "transformer")
+FOLDER_LABELS = {"unet": "UNet", "transformer": "transformer"}  # what LoRA keys unet.* / transformer.* are for
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ADAPTER_NAME = "dpo"  # name of the LoRA adapter load_dpo_pipeline adds (pipe.set_adapters / disable_lora use it)
 
@@ -123,9 +163,13 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-\d+$")
 WHAT_WE_LOOK_FOR = (
     "model_index.json (a full pipeline), pytorch_lora_weights.safetensors, unet_lora_adapter.safetensors or "
     "transformer_lora_adapter.safetensors (LoRA), unet/config.json or transformer/config.json (a denoiser alone), "
-    "config.json naming UNet2DConditionModel or SD3Transformer2DModel (a denoiser folder), or the path of a LoRA "
-    ".safetensors file"
+    "config.json naming UNet2DConditionModel, SD3Transformer2DModel or FluxTransformer2DModel (a denoiser folder), or "
+    "the path of a LoRA .safetensors file"
 )
+# PEFT-format LoRA keys of a transformer (what the SD3 and FLUX scripts save): the module and the matrix, A or B.
+TRANSFORMER_LORA_KEY = re.compile(r"^transformer\.(?P<module>.+)\.lora_(?P<matrix>[AB])(\.[^.]+)?\.weight$")
+# Only FLUX's transformer has single-stream blocks: LoRA keys under them are FLUX's, whatever the base.
+FLUX_ONLY_MODULES = "single_transformer_blocks."
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -135,8 +179,8 @@ class DpoResultError(ValueError):
 
 @dataclass(frozen=True)
 class DpoResult:
-    """Where a DPO result is and what kind it is: "pipeline", "unet" (a whole UNet) or "transformer" (a whole SD3
-    transformer), or "lora"."""
+    """Where a DPO result is and what kind it is: "pipeline", "unet" (a whole UNet) or "transformer" (a whole SD3 or
+    FLUX transformer), or "lora"."""
 
     kind: str
     location: str  # local folder or file, or a hub repo id
@@ -148,9 +192,10 @@ class DpoResult:
     # "scheduler" where the result carries its own sampling scheduler (trained with --prediction_type): it then
     # replaces the base's, so the model samples with the prediction type it was trained for
     scheduler_subfolder: str | None = None
-    # "unet" or "transformer" for a whole denoiser (see DENOISERS); None for LoRA, whose file's keys say it on loading
+    # the model class of a whole denoiser (a key of DENOISERS); None for LoRA, whose file's keys say it on loading
     denoiser: str | None = None
-    # the training_args.json of the run that made the result, where it is on this machine (SD3 reads its T5 length)
+    # the training_args.json of the run that made the result, where it is on this machine (SD3 and FLUX read their T5
+    # length from it)
     training_args_file: str | None = None
 
     @property
@@ -170,7 +215,7 @@ def _dtype_kwarg(dtype):
 
 def _denoiser_weights_variant(files, prefix, variant, where, denoiser):
     """The variant to load the denoiser under `prefix` with (None: the plain file); raises if it has no safetensors."""
-    label = DENOISERS[denoiser][1]
+    label = DENOISERS[denoiser].label
     plain = {f"{prefix}{DENOISER_WEIGHTS}.safetensors", f"{prefix}{DENOISER_WEIGHTS}.safetensors.index.json"}
     if variant is not None:
         variant_files = {f"{prefix}{DENOISER_WEIGHTS}.{variant}.safetensors",
@@ -195,7 +240,20 @@ def _denoiser_weights_variant(files, prefix, variant, where, denoiser):
 
 def _denoiser_folder(files):
     """The denoiser subfolder ("unet" or "transformer") whose config.json is among `files`, or None."""
-    return next((denoiser for denoiser in DENOISERS if f"{denoiser}/config.json" in files), None)
+    return next((folder for folder in DENOISER_FOLDERS if f"{folder}/config.json" in files), None)
+
+
+def _denoiser_class(folder, read_json, where):
+    """The model class (a key of DENOISERS) of the denoiser in subfolder `folder`. A unet/ is a UNet2DConditionModel
+    (read no further, as releases are); a transformer/ is an SD3 or a FLUX one, as its config.json says."""
+    if folder == "unet":
+        return "UNet2DConditionModel"
+    class_name = read_json(f"{folder}/config.json").get("_class_name")
+    if class_name not in DENOISERS or DENOISERS[class_name].folder != folder:
+        known = " or ".join(name for name, denoiser in DENOISERS.items() if denoiser.folder == folder)
+        raise DpoResultError(f"{where}: {folder}/config.json is for {class_name!r}; pipeline_dpo loads {known} "
+                             f"{folder}s.")
+    return class_name
 
 
 def _classify(files, read_json, location, on_hub, variant, training_args_file=None):
@@ -203,28 +261,29 @@ def _classify(files, read_json, location, on_hub, variant, training_args_file=No
     where = f"{'hub repo' if on_hub else 'folder'} {location!r}"
     found = {"on_hub": on_hub, "training_args_file": training_args_file,
              "scheduler_subfolder": "scheduler" if "scheduler/scheduler_config.json" in files else None}
-    denoiser = _denoiser_folder(files)
+    folder = _denoiser_folder(files)
     if PIPELINE_INDEX in files:
-        if denoiser is None:
+        if folder is None:
             raise DpoResultError(f"{where} holds a pipeline ({PIPELINE_INDEX}) without unet/config.json or "
                                  "transformer/config.json; a DPO result needs its trained UNet (SD, SDXL) or "
-                                 "transformer (SD3).")
-        return DpoResult("pipeline", location, subfolder=denoiser, denoiser=denoiser, **found,
-                         variant=_denoiser_weights_variant(files, f"{denoiser}/", variant, where, denoiser))
+                                 "transformer (SD3, FLUX).")
+        denoiser = _denoiser_class(folder, read_json, where)
+        return DpoResult("pipeline", location, subfolder=folder, denoiser=denoiser, **found,
+                         variant=_denoiser_weights_variant(files, f"{folder}/", variant, where, denoiser))
     for name in LORA_WEIGHT_NAMES:
         if name in files:
             return DpoResult("lora", location, weight_name=name, **found)
-    if denoiser is not None:
-        return DpoResult(denoiser, location, subfolder=denoiser, denoiser=denoiser, **found,
-                         variant=_denoiser_weights_variant(files, f"{denoiser}/", variant, where, denoiser))
+    if folder is not None:
+        denoiser = _denoiser_class(folder, read_json, where)
+        return DpoResult(folder, location, subfolder=folder, denoiser=denoiser, **found,
+                         variant=_denoiser_weights_variant(files, f"{folder}/", variant, where, denoiser))
     if "config.json" in files:
         class_name = read_json("config.json").get("_class_name")
-        denoiser = DENOISER_CLASS_NAMES.get(class_name)
-        if denoiser is not None:
-            return DpoResult(denoiser, location, denoiser=denoiser, **found,
-                             variant=_denoiser_weights_variant(files, "", variant, where, denoiser))
+        if class_name in DENOISERS:
+            return DpoResult(DENOISERS[class_name].folder, location, denoiser=class_name, **found,
+                             variant=_denoiser_weights_variant(files, "", variant, where, class_name))
         raise DpoResultError(f"{where} has a config.json for {class_name!r}, not "
-                             f"{' or '.join(DENOISER_CLASS_NAMES)}. Looked for {WHAT_WE_LOOK_FOR}.")
+                             f"{' or '.join(DENOISERS)}. Looked for {WHAT_WE_LOOK_FOR}.")
     shown = sorted(files)
     listing = ", ".join(shown[:25]) + (f", ... ({len(shown)} files)" if len(shown) > 25 else "")
     hints = []
@@ -273,7 +332,7 @@ def _find_training_args(folder):
     denoiser folder (result/transformer) and a checkpoint-N folder, where the training scripts write it."""
     folder = Path(folder).resolve()
     candidates = [folder]
-    if folder.name in DENOISERS:
+    if folder.name in DENOISER_FOLDERS:
         candidates.append(folder.parent)
     if CHECKPOINT_NAME.match(candidates[-1].name):
         candidates.append(candidates[-1].parent)
@@ -330,7 +389,8 @@ def resolve_dpo_result(dpo, variant=None):
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
 def base_pipeline_class_name(base, revision=None):
-    """The base's pipeline class name from its model_index.json; raises unless it is SD 1.x/2.x, SDXL or SD3."""
+    """The base's pipeline class name from its model_index.json; raises unless it is SD 1.x/2.x, SDXL, SD3 or
+    FLUX."""
     try:
         config = DiffusionPipeline.load_config(base, revision=revision)
     except Exception as error:
@@ -348,38 +408,50 @@ def pipeline_family(pipe):
     return FAMILIES[type(pipe).__name__]
 
 
+def _refuse_other_family(what, label, trained_for, family, base_name):
+    """The error for a result of another family than the base's; trained_for: the pipeline class names it may be for."""
+    names = " or ".join(FAMILIES[name].name for name in trained_for)
+    raise DpoResultError(
+        f"{what} holds {label} weights ({names}), but {base_name} is a {family.name} pipeline (denoiser: "
+        f"{family.denoiser_class}). Pass the {names} base the result was trained from.")
+
+
 def _check_denoiser_fits(result_denoiser, family, what, base_name):
-    """Refuse a result whose denoiser is not the base family's (an SD3 transformer for an SDXL base, ...)."""
-    if result_denoiser is not None and result_denoiser != family.denoiser:
-        trained_for = " or ".join(f.name for f in FAMILIES.values() if f.denoiser == result_denoiser)
-        raise DpoResultError(
-            f"{what} holds {DENOISERS[result_denoiser][1]} weights ({trained_for}), but {base_name} is a "
-            f"{family.name} pipeline, whose denoiser is a {DENOISERS[family.denoiser][1]}. Pass the {trained_for} "
-            "base the result was trained from.")
+    """Refuse a whole denoiser (a DENOISERS class name) that is not the base family's (an SD3 transformer for an SDXL
+    or a FLUX base, ...)."""
+    if result_denoiser is not None and result_denoiser != family.denoiser_class:
+        trained_for = [name for name, f in FAMILIES.items() if f.denoiser_class == result_denoiser]
+        _refuse_other_family(what, DENOISERS[result_denoiser].label, trained_for, family, base_name)
 
 
 def check_dpo_result_fits(base, result, *, revision=None, dpo_name=None):
-    """Refuse a result for another family than the base's (an SD3 transformer or LoRA for an SDXL base, an SDXL
-    UNet for SD3, ...) or a denoiser whose config differs from the base's, before any weights load: compare and
-    win-rate sample the base first, which at full size takes minutes."""
+    """Refuse a result for another family than the base's (an SD3 transformer or LoRA for an SDXL base, a FLUX one for
+    SD3, an SDXL UNet for SD3, ...) or a denoiser whose config differs from the base's, before any weights load:
+    compare and win-rate sample the base first, which at full size takes minutes."""
     family = FAMILIES[base_pipeline_class_name(base, revision=revision)]
     dpo_name = dpo_name or result.location
+    denoiser_class = DENOISERS[family.denoiser_class].model_class
     if result.is_lora:
-        _check_denoiser_fits(_lora_file(result)[1], family, f"The LoRA {dpo_name!r}", f"the base {base!r}")
+        def base_modules():  # the base's transformer built on the meta device: its modules and widths, no weights
+            config = denoiser_class.load_config(base, subfolder=family.denoiser, revision=revision)
+            with torch.device("meta"):
+                return dict(denoiser_class.from_config(config).named_modules())
+
+        _check_lora_fits(result, family, f"The LoRA {dpo_name!r}", f"the base {base!r}", base_modules)
         return
     _check_denoiser_fits(result.denoiser, family, f"The DPO result {dpo_name!r}", f"the base {base!r}")
-    base_config = DENOISERS[family.denoiser][0].load_config(base, subfolder=family.denoiser, revision=revision)
+    base_config = denoiser_class.load_config(base, subfolder=family.denoiser, revision=revision)
     _check_denoiser_config(result, base_config, f"the base {base!r}")
 
 
 def _check_denoiser_config(result, base_config, base_name):
     """Refuse a whole DPO denoiser whose architecture (DENOISERS' fit keys) differs from the base's."""
-    model_class, label, fit_keys = DENOISERS[result.denoiser]
-    dpo_config = model_class.load_config(result.location, subfolder=result.subfolder)
+    denoiser = DENOISERS[result.denoiser]
+    dpo_config = denoiser.model_class.load_config(result.location, subfolder=result.subfolder)
     differences = [f"{key}: base {base_config.get(key)!r}, DPO {dpo_config.get(key)!r}"
-                   for key in fit_keys if base_config.get(key) != dpo_config.get(key)]
+                   for key in denoiser.fit_keys if base_config.get(key) != dpo_config.get(key)]
     if differences:
-        raise DpoResultError(f"The DPO {label} in {result.location!r} does not fit {base_name} "
+        raise DpoResultError(f"The DPO {denoiser.label} in {result.location!r} does not fit {base_name} "
                              f"({'; '.join(differences)}). Pass the base model the result was trained from.")
 
 
@@ -390,7 +462,7 @@ def load_dpo_denoiser(result, base_config, torch_dtype=None, base_name="the base
     The configs are compared before any weights load, so a mismatched pair fails in a second, not after minutes.
     """
     _check_denoiser_config(result, base_config, base_name)
-    return DENOISERS[result.denoiser][0].from_pretrained(
+    return DENOISERS[result.denoiser].model_class.from_pretrained(
         result.location, subfolder=result.subfolder, variant=result.variant, use_safetensors=True,
         **_dtype_kwarg(torch_dtype),
     )
@@ -402,10 +474,20 @@ def load_result_scheduler(result):
     return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA result's file, read as far as its header: where it is, which denoiser its keys are for ("unet",
+    "transformer", or None for text-encoder adapters alone), and for a transformer the shapes of each module's
+    A and B matrices ({module: {"A": shape, "B": shape}})."""
+
+    path: str
+    denoiser: str | None
+    transformer_modules: dict
+
+
 def _lora_file(result):
-    """The local path of a LoRA result's file (downloaded from the hub if needed), checked to hold LoRA weights
-    in the diffusers format that `load_lora_weights` reads with its adapter config; and the denoiser its keys are
-    for ("unet", "transformer", or None for text-encoder adapters alone)."""
+    """The LoraFile of a LoRA result (downloaded from the hub if needed), checked to hold LoRA weights in the diffusers
+    format that `load_lora_weights` reads with its adapter config."""
     from safetensors import safe_open
 
     if result.on_hub:
@@ -416,10 +498,16 @@ def _lora_file(result):
         file = os.path.join(result.location, result.weight_name)
     with safe_open(file, framework="pt") as weights:
         keys = list(weights.keys())
+        transformer_modules = {}
+        for key in keys:
+            match = TRANSFORMER_LORA_KEY.match(key)
+            if match:
+                transformer_modules.setdefault(match["module"], {})[match["matrix"]] = weights.get_slice(
+                    key).get_shape()
     if not any("lora" in key for key in keys):
         raise DpoResultError(f"{file!r} holds no LoRA weights (keys such as {', '.join(keys[:3])}). A whole "
-                             "denoiser must come as a folder with config.json (UNet2DConditionModel or "
-                             "SD3Transformer2DModel save_pretrained).")
+                             "denoiser must come as a folder with config.json (UNet2DConditionModel, "
+                             "SD3Transformer2DModel or FluxTransformer2DModel save_pretrained).")
     prefixes = [next((p for p in LORA_KEY_PREFIXES if key.startswith(p)), None) for key in keys]
     if not any(prefixes):
         # A training checkpoint's resumable adapter: PEFT keys, without the adapter config (alpha) beside them.
@@ -427,12 +515,70 @@ def _lora_file(result):
                              "lora_alpha. Load the checkpoint folder instead: its pytorch_lora_weights.safetensors "
                              "holds the same adapter with its config.")
     denoiser = next((LORA_KEY_PREFIXES[p] for p in prefixes if p and LORA_KEY_PREFIXES[p]), None)
-    return file, denoiser
+    return LoraFile(file, denoiser, transformer_modules)
+
+
+def _transformer_lora_family(lora, result):
+    """The pipeline class name a transformer LoRA was trained for, where it can be told before loading: FLUX where it
+    adapts single-stream blocks (only FLUX's transformer has them), else the family of the base its run's
+    training_args.json names, where that base is on this machine; None where neither says."""
+    if any(module.startswith(FLUX_ONLY_MODULES) for module in lora.transformer_modules):
+        return "FluxPipeline"
+    trained_from = result_training_args(result).get("pretrained_model_name_or_path")
+    # A relative path was relative to the run's working directory, which is not known here.
+    if not isinstance(trained_from, str) or (os.path.exists(trained_from) and not os.path.isabs(trained_from)):
+        return None
+    try:
+        class_name = DiffusionPipeline.load_config(trained_from, local_files_only=True).get("_class_name")
+    except Exception:  # not here (a hub id out of the cache, a moved folder): the keys alone decide
+        return None
+    return class_name if class_name in FAMILIES and FAMILIES[class_name].denoiser == "transformer" else None
+
+
+def _lora_module_problems(lora, modules):
+    """What in a transformer LoRA does not fit the denoiser whose named modules are `modules`: modules it lacks, and
+    Linear layers whose input (A's columns) or output (B's rows) width differs."""
+    problems = []
+    for name, shapes in lora.transformer_modules.items():
+        module = modules.get(name)
+        if module is None:
+            problems.append(f"{name}: not in the base's transformer")
+            continue
+        layer = getattr(module, "base_layer", module)  # a layer that carries adapters already wraps the Linear
+        for matrix, axis, feature in (("A", 1, "in_features"), ("B", 0, "out_features")):
+            width = getattr(layer, feature, None)
+            if width is not None and matrix in shapes and shapes[matrix][axis] != width:
+                problems.append(f"{name}: {feature} LoRA {shapes[matrix][axis]}, base {width}")
+    return problems
+
+
+def _check_lora_fits(result, family, what, base_name, base_modules):
+    """Refuse a LoRA for another family than the base's: UNet keys for a transformer base or the reverse, a FLUX LoRA
+    for an SD3 base or the reverse, or (transformers) modules or widths the base's transformer does not have.
+    base_modules: a callable giving the base denoiser's named modules."""
+    lora = _lora_file(result)
+    if lora.denoiser is None:  # text-encoder adapters alone: load_lora_weights says whether they match
+        return
+    lora_family = _transformer_lora_family(lora, result) if lora.denoiser == "transformer" else None
+    if lora.denoiser != family.denoiser or (lora_family is not None and FAMILIES[lora_family] != family):
+        trained_for = [lora_family] if lora_family else [name for name, f in FAMILIES.items()
+                                                         if f.denoiser == lora.denoiser]
+        _refuse_other_family(what, FOLDER_LABELS[lora.denoiser], trained_for, family, base_name)
+    if lora.denoiser != "transformer":
+        return
+    problems = _lora_module_problems(lora, base_modules())
+    if problems:
+        others = [f.name for f in FAMILIES.values() if f.denoiser == "transformer" and f != family]
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise DpoResultError(
+            f"{what} does not fit {base_name}, a {family.name} pipeline ({shown}). It was trained for another base: "
+            f"a {family.name} model of another size, or {' or '.join(others)}. Pass the base the result was trained "
+            "from.")
 
 
 def _check_lora_options(result, lora_scale, fuse_lora, dpo_name):
     if (result is None or not result.is_lora) and (lora_scale != 1.0 or fuse_lora):
-        what = "not given" if result is None else f"{dpo_name!r}, a whole {DENOISERS[result.denoiser][1]}"
+        what = "not given" if result is None else f"{dpo_name!r}, a whole {DENOISERS[result.denoiser].label}"
         raise DpoResultError(f"lora_scale and fuse_lora apply to LoRA results; the DPO result is {what}.")
 
 
@@ -462,8 +608,9 @@ def apply_dpo_result(pipe, result, *, torch_dtype=None, lora_scale=1.0, fuse_lor
         getattr(pipe, family.denoiser).to(device)
         return pipe
 
-    file, lora_denoiser = _lora_file(result)
-    _check_denoiser_fits(lora_denoiser, family, f"The LoRA {dpo_name!r}", "the loaded base")
+    _check_lora_fits(result, family, f"The LoRA {dpo_name!r}", "the loaded base",
+                     lambda: dict(getattr(pipe, family.denoiser).named_modules()))
+    file = _lora_file(result).path
     # By path, not as a state dict: diffusers then reads the adapter config (lora_alpha) from the file's header; a
     # dict loses it and the adapter would apply at alpha = rank (a --rank 4 --lora_alpha 8 result at half strength).
     pipe.load_lora_weights(os.path.dirname(file), weight_name=os.path.basename(file), adapter_name=ADAPTER_NAME)
@@ -483,8 +630,8 @@ def apply_dpo_result(pipe, result, *, torch_dtype=None, lora_scale=1.0, fuse_lor
 
 def load_dpo_pipeline(base, dpo=None, *, torch_dtype=None, device=None, variant=None, lora_scale=1.0,
                       fuse_lora=False, revision=None):
-    """A stock StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline (its class follows
-    `base`) with `dpo` in it.
+    """A stock StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline (its class
+    follows `base`) with `dpo` in it.
 
     base: hub id or folder of the model the result was trained from. dpo: None (the base alone), a full
     pipeline folder or hub id (its UNet or transformer is used), a folder or hub id holding unet/ or transformer/,
@@ -509,7 +656,8 @@ def load_dpo_pipeline(base, dpo=None, *, torch_dtype=None, device=None, variant=
     components = {}
     if result is not None and not result.is_lora:
         # Load the DPO denoiser instead of the base's, never both.
-        base_config = DENOISERS[family.denoiser][0].load_config(base, subfolder=family.denoiser, revision=revision)
+        base_config = DENOISERS[family.denoiser_class].model_class.load_config(base, subfolder=family.denoiser,
+                                                                               revision=revision)
         components[family.denoiser] = load_dpo_denoiser(result, base_config, torch_dtype=torch_dtype,
                                                         base_name=f"the base {base!r}")
         if result.scheduler_subfolder is not None:
@@ -529,22 +677,31 @@ def load_dpo_pipeline(base, dpo=None, *, torch_dtype=None, device=None, variant=
 # ----------------------------------------------------------------------------------------------------------------
 # Generating and comparing
 # ----------------------------------------------------------------------------------------------------------------
+def family_sampling_defaults(pipe):
+    """(num_inference_steps, guidance_scale) the family samples with by default: FAMILIES', or for a base whose
+    transformer has no distilled-guidance input (FLUX.1-schnell's layout) the family's no_guidance_embeds_defaults."""
+    family = pipeline_family(pipe)
+    if family.no_guidance_embeds_defaults is not None and not getattr(pipe, family.denoiser).config.guidance_embeds:
+        return family.no_guidance_embeds_defaults
+    return family.num_inference_steps, family.guidance_scale
+
+
 def sampling_settings(pipe, num_inference_steps=None, guidance_scale=None, max_sequence_length=None, result=None):
-    """Steps and guidance: what was asked, else the family's default (the authors' values). SD3 also gets its T5
-    length: what was asked, else what `result` was trained with (its training_args.json), else the training
+    """Steps and guidance: what was asked, else the family's default (the authors' values). SD3 and FLUX also get
+    their T5 length: what was asked, else what `result` was trained with (its training_args.json), else the training
     script's default; base and DPO images then see the same prompt embedding, the one the result trained on."""
     family = pipeline_family(pipe)
+    default_steps, default_guidance = family_sampling_defaults(pipe)
     settings = {
-        "num_inference_steps": num_inference_steps if num_inference_steps is not None
-        else family.num_inference_steps,
-        "guidance_scale": guidance_scale if guidance_scale is not None else family.guidance_scale,
+        "num_inference_steps": num_inference_steps if num_inference_steps is not None else default_steps,
+        "guidance_scale": guidance_scale if guidance_scale is not None else default_guidance,
     }
     if family.max_sequence_length is not None:
         trained = result_training_args(result).get("max_sequence_length")
         settings["max_sequence_length"] = next(
             length for length in (max_sequence_length, trained, family.max_sequence_length) if length is not None)
     elif max_sequence_length is not None:
-        raise DpoResultError(f"max_sequence_length is the T5 prompt length of SD3 pipelines; the base is a "
+        raise DpoResultError(f"max_sequence_length is the T5 prompt length of SD3 and FLUX pipelines; the base is a "
                              f"{family.name} pipeline, which has no T5 encoder. Drop it.")
     return settings
 
@@ -555,7 +712,8 @@ def generate_images(pipe, prompts, *, seed=0, num_images_per_prompt=1, num_infer
 
     `batch_size` images go through the pipeline at once, each with its own generator, so the starting noise of
     every image is the same at any batch size (the pictures may differ by float rounding between batch sizes).
-    max_sequence_length: SD3's T5 tokens per prompt (None for SD and SDXL, whose pipelines do not take it).
+    max_sequence_length: SD3's and FLUX's T5 tokens per prompt (None for SD and SDXL, whose pipelines do not take
+    it). guidance_scale is FLUX's distilled guidance strength (FluxPipeline runs no classifier-free guidance).
     """
     t5_length = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     jobs = [(prompt, seed + j) for prompt in prompts for j in range(num_images_per_prompt)]
@@ -721,19 +879,21 @@ def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--base", required=True,
                         help="Hub id or folder of the base pipeline the result was trained from "
-                             "(Stable Diffusion 1.x/2.x, SDXL, or Stable Diffusion 3 / 3.5).")
+                             "(Stable Diffusion 1.x/2.x, SDXL, Stable Diffusion 3 / 3.5, or FLUX.1 dev or schnell).")
     common.add_argument("--seed", type=int, default=0,
                         help="Image j of every prompt starts from seed + j (CPU generator: same noise on any device).")
     common.add_argument("--num_images_per_prompt", type=int, default=1, help="Images per prompt (and per model).")
     common.add_argument("--num_inference_steps", type=int, default=None,
                         help="Sampling steps. Default per family: 50 for SD 1.x/2.x and SDXL (the authors' "
-                             "setting), 28 for SD3 (diffusers' and Stability's).")
+                             "setting), 28 for SD3 and FLUX.1-dev (diffusers'), 4 for FLUX.1-schnell.")
     common.add_argument("--guidance_scale", type=float, default=None,
-                        help="Classifier-free guidance scale. Default per family: 7.5 for SD 1.x/2.x, 5.0 for SDXL "
-                             "(the authors' values), 7.0 for SD3 (diffusers' default).")
+                        help="Classifier-free guidance scale; for FLUX the distilled guidance strength the "
+                             "transformer is given. Default per family: 7.5 for SD 1.x/2.x, 5.0 for SDXL (the "
+                             "authors' values), 7.0 for SD3, 3.5 for FLUX.1-dev (diffusers' defaults), 0 for "
+                             "FLUX.1-schnell.")
     common.add_argument("--max_sequence_length", type=int, default=None,
-                        help="SD3 only: T5 tokens per prompt. Default: what the result was trained with (its "
-                             "training_args.json), else train_diffusion_dpo_sd3.py's default, 77.")
+                        help="SD3 and FLUX only: T5 tokens per prompt. Default: what the result was trained with "
+                             "(its training_args.json), else the training script's default (77 SD3, 512 FLUX).")
     common.add_argument("--height", type=int, default=None, help="Image height in pixels. Default: the model's.")
     common.add_argument("--batch_size", type=int, default=1,
                         help="Images per pipeline call; each keeps its own seed, so the noise is the same at any size.")
@@ -788,7 +948,7 @@ def parse_args(input_args=None):
         if value is not None and (value <= 0 or value % 8):
             parser.error(f"--{name} must be a positive multiple of 8, got {value}.")
     if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= 512:
-        parser.error(f"--max_sequence_length must be between 1 and 512 (T5's limit in SD3), got "
+        parser.error(f"--max_sequence_length must be between 1 and 512 (T5's limit in SD3 and FLUX), got "
                      f"{args.max_sequence_length}.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} asked for CUDA, but torch sees no CUDA device here.")

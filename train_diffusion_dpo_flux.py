@@ -1655,7 +1655,7 @@ def reference_errors_key(args, run, models, dataset):
         "logging_dir", "report_to", "tracker_project_name", "checkpointing_steps", "checkpoints_total_limit",
         "resume_from_checkpoint", "validation_prompts", "validation_steps", "num_validation_images",
         "validation_num_inference_steps", "validation_guidance_scale", "push_to_hub", "hub_model_id", "hub_token",
-        "save_transformer_only", "save_transformer_only", "dataloader_num_workers", "cache_dir", "latent_cache_dir",
+        "save_transformer_only", "dataloader_num_workers", "cache_dir", "latent_cache_dir",
         "reference_errors", "reference_batch_size", "reference_errors_on_mismatch",
     })
     transformer, _, vae, text_encoders = models

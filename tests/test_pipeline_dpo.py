@@ -1,8 +1,9 @@
 """pipeline_dpo.py: every kind of DPO result loads into a stock pipeline and samples what its trained denoiser samples.
 
 The results come from real 2-step runs of train_diffusion_dpo.py and train_diffusion_dpo_sdxl.py on tiny models:
-full pipeline, --save_unet_only and --use_lora, as users get them; and of train_diffusion_dpo_sd3.py (in this
-process, no launcher start-up): full pipeline, --save_transformer_only and --use_lora.
+full pipeline, --save_unet_only and --use_lora, as users get them; and of train_diffusion_dpo_sd3.py and
+train_diffusion_dpo_flux.py (in this process, no launcher start-up): full pipeline, --save_transformer_only and
+--use_lora.
 """
 
 import importlib
@@ -249,8 +250,10 @@ def check_grid(out, prompts, seeds, base_pipe, dpo_pipe):
     for p, prompt in enumerate(prompts):
         top = layout["row_tops"][p]
         for j, seed in enumerate(seeds):
-            settings = {"guidance_scale": record["guidance_scale"]}
-            if "max_sequence_length" in record:  # SD3: the T5 length both halves were sampled with
+            # the recorded size: FluxPipeline's own default is 1024 px whatever the model
+            settings = {"guidance_scale": record["guidance_scale"], "height": record["height"],
+                        "width": record["width"]}
+            if "max_sequence_length" in record:  # SD3, FLUX: the T5 length both halves were sampled with
                 settings["max_sequence_length"] = record["max_sequence_length"]
             # at most one level of 255 apart: rounding to uint8 after float sums in another process
             for columns, pipe in ((layout["base_columns"], base_pipe), (layout["dpo_columns"], dpo_pipe)):
@@ -485,3 +488,177 @@ def test_sd3_and_unet_results_do_not_mix(sd3_results, tiny_sd_path, tmp_path):
     with pytest.raises(SystemExit, match="no T5 encoder"):
         pipeline_dpo.main(pipeline_dpo.parse_args(["generate", "--base", tiny_sd_path, "--prompt", PROMPT, "--out",
                                                    str(tmp_path / "images"), "--max_sequence_length", "32"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLUX.1: the same kinds of result, with FLUX's transformer; FLUX.1-dev's defaults, and schnell's for its layout
+# ---------------------------------------------------------------------------------------------------------------
+FLUX_T5_LENGTH = 32  # every FLUX run's --max_sequence_length: not the default (512), so sampling must read it
+FLUX_SIZE = {"height": 64, "width": 64}  # FluxPipeline's own default is 1024 px whatever the model
+
+
+@pytest.fixture(scope="module")
+def flux_results(preference_data_path, tmp_path_factory):
+    """The tiny FLUX.1-dev base and its "full", "transformer-only" and "lora" results (the LoRA with checkpoint-2), from
+    2-step train_diffusion_dpo_flux.py runs in this process (well under a second each on the tiny model)."""
+    import train_diffusion_dpo_flux as flux
+    from fixtures.tiny_models import build_tiny_flux
+
+    root = tmp_path_factory.mktemp("flux-results")
+    results = {"base": build_tiny_flux(str(root / "base"))}
+    runs = {"full": (), "transformer-only": ("--save_transformer_only",),
+            "lora": ("--use_lora", "--checkpointing_steps", "2")}
+    for kind, extra in runs.items():
+        run_in_process(flux, train_args(results["base"], preference_data_path, str(root / kind),
+                                        "--max_sequence_length", str(FLUX_T5_LENGTH), *extra))
+        results[kind] = root / kind
+    return results
+
+
+def sample_flux(pipe, prompt=PROMPT, seed=0, **kwargs):
+    """sample() at 64 px with the trained T5 length (FluxPipeline's defaults are 1024 px and 512 tokens)."""
+    return sample(pipe, prompt, seed, max_sequence_length=FLUX_T5_LENGTH, **FLUX_SIZE, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def flux_stock_images(flux_results):
+    """What stock diffusers samples from the base and from each FLUX result, loaded as a user would without us."""
+    from diffusers import DiffusionPipeline, FluxTransformer2DModel
+
+    base = DiffusionPipeline.from_pretrained(flux_results["base"])
+    lora = DiffusionPipeline.from_pretrained(flux_results["base"])
+    lora.load_lora_weights(str(flux_results["lora"]))
+    transformer_only = DiffusionPipeline.from_pretrained(flux_results["base"])
+    transformer_only.transformer = FluxTransformer2DModel.from_pretrained(flux_results["transformer-only"],
+                                                                          subfolder="transformer")
+    full = DiffusionPipeline.from_pretrained(flux_results["full"])  # the saved pipeline folder, as it is
+    return {kind: sample_flux(pipe) for kind, pipe in
+            (("base", base), ("lora", lora), ("transformer-only", transformer_only), ("full", full))}
+
+
+# The FLUX script writes its results in the SD3 script's layouts, so the same forms apply.
+@pytest.mark.parametrize("form, result_kind, dpo_path, expected_kind", SD3_FORMS, ids=[f[0] for f in SD3_FORMS])
+def test_every_kind_of_flux_result_samples_what_stock_diffusers_samples(form, result_kind, dpo_path, expected_kind,
+                                                                        flux_results, flux_stock_images):
+    from diffusers import FluxPipeline
+
+    dpo = dpo_path(flux_results)
+    result = resolve_dpo_result(dpo)
+    assert result.kind == expected_kind
+    assert result.denoiser == (None if expected_kind == "lora" else "FluxTransformer2DModel")
+    pipe = load_dpo_pipeline(flux_results["base"], dpo)
+    assert type(pipe) is FluxPipeline
+
+    image = sample_flux(pipe)
+    np.testing.assert_array_equal(image, flux_stock_images[result_kind])
+    assert not np.array_equal(image, flux_stock_images["base"]), "the DPO result should change the image"
+
+
+def test_flux_lora_scale_zero_is_the_base_and_fusing_keeps_the_image(flux_results, flux_stock_images):
+    base, lora = flux_results["base"], flux_results["lora"]
+    np.testing.assert_array_equal(sample_flux(load_dpo_pipeline(base, lora, lora_scale=0.0)),
+                                  flux_stock_images["base"])
+    fused = load_dpo_pipeline(base, lora, fuse_lora=True)
+    assert not has_lora_layers(fused.transformer)
+    # one level of 255 apart at most: the fused weights round differently from base + B @ A
+    assert np.abs(sample_flux(fused).astype(int) - flux_stock_images["lora"].astype(int)).max() <= 1
+
+
+def test_flux_defaults_and_the_trained_t5_length(flux_results):
+    import train_diffusion_dpo_flux as flux
+
+    pipe = load_dpo_pipeline(flux_results["base"])
+    # FLUX.1-dev's: 28 steps, distilled guidance 3.5 (the script's training and validation values), and the script's
+    # T5 length where the result records none
+    assert pipeline_dpo.sampling_settings(pipe) == {
+        "num_inference_steps": 28, "guidance_scale": flux.build_parser().get_default("guidance_scale"),
+        "max_sequence_length": flux.build_parser().get_default("max_sequence_length")} == {
+        "num_inference_steps": 28, "guidance_scale": 3.5, "max_sequence_length": 512}
+    # Every form of result finds its run's training_args.json, which says what T5 length it had.
+    for dpo in (flux_results["lora"], flux_results["lora"] / "pytorch_lora_weights.safetensors",
+                flux_results["lora"] / "checkpoint-2", flux_results["full"],
+                flux_results["transformer-only"] / "transformer"):
+        settings = pipeline_dpo.sampling_settings(pipe, result=resolve_dpo_result(dpo))
+        assert settings["max_sequence_length"] == FLUX_T5_LENGTH
+
+
+def test_a_schnell_layout_base_samples_with_schnell_defaults_and_refuses_a_dev_transformer(flux_results, tmp_path):
+    from fixtures.tiny_models import build_tiny_flux
+
+    schnell = build_tiny_flux(str(tmp_path / "schnell"), guidance_embeds=False)
+    settings = pipeline_dpo.sampling_settings(load_dpo_pipeline(schnell))
+    assert (settings["num_inference_steps"], settings["guidance_scale"]) == (4, 0.0)
+    # A FLUX.1-dev transformer (guidance input) is not one for a schnell base, though both are FLUX transformers.
+    with pytest.raises(DpoResultError, match="does not fit the base.*guidance_embeds: base False, DPO True"):
+        load_dpo_pipeline(schnell, flux_results["transformer-only"])
+
+
+def test_compare_with_a_flux_lora_uses_flux_guidance_and_its_t5_length(flux_results, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a red circle\na blue square on a green background\n")
+    out = tmp_path / "grid.png"
+    pipeline_dpo.main(pipeline_dpo.parse_args([
+        "compare", "--base", str(flux_results["base"]), "--dpo", str(flux_results["lora"]), "--prompts",
+        str(prompts_file), "--out", str(out), "--num_inference_steps", str(STEPS), "--seed", "3", "--height", "64",
+        "--width", "64"]))
+    record = check_grid(out, ["a red circle", "a blue square on a green background"], [3],
+                        load_dpo_pipeline(flux_results["base"]),
+                        load_dpo_pipeline(flux_results["base"], flux_results["lora"]))
+    assert record["pipeline"] == "FluxPipeline" and record["dpo_kind"] == "lora"
+    assert (record["guidance_scale"], record["max_sequence_length"]) == (3.5, FLUX_T5_LENGTH)
+
+
+def test_generate_with_a_flux_transformer_uses_flux_defaults(flux_results, tmp_path):
+    out = tmp_path / "images"
+    pipeline_dpo.main(pipeline_dpo.parse_args([
+        "generate", "--base", str(flux_results["base"]), "--dpo", str(flux_results["transformer-only"]),
+        "--prompt", PROMPT, "--seed", "5", "--height", "64", "--width", "64", "--out", str(out)]))
+    record = json.loads((out / "generate.json").read_text())
+    assert record["dpo_kind"] == "transformer" and record["pipeline"] == "FluxPipeline"
+    assert (record["num_inference_steps"], record["guidance_scale"], record["max_sequence_length"]) == (
+        28, 3.5, FLUX_T5_LENGTH)
+    image = np.asarray(Image.open(out / record["images"][0]["file"]))
+    pipe = load_dpo_pipeline(flux_results["base"], flux_results["transformer-only"])
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(PROMPT, num_inference_steps=28, guidance_scale=3.5, max_sequence_length=FLUX_T5_LENGTH,
+                    generator=torch.Generator("cpu").manual_seed(5), **FLUX_SIZE).images[0]
+    np.testing.assert_array_equal(image, np.asarray(expected))
+
+
+def test_flux_and_sd3_results_do_not_mix(flux_results, sd3_results, tiny_sd_path, tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline, ModelMixin
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the mix-up was refused")
+
+    # Every refusal below comes from configs and LoRA file headers alone, before any weights load.
+    monkeypatch.setattr(ModelMixin, "from_pretrained", classmethod(no_loading))
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", classmethod(no_loading))
+    flux_base, sd3_base = flux_results["base"], sd3_results["base"]
+    # Whole transformers: their config names the class.
+    with pytest.raises(DpoResultError, match=r"FLUX transformer weights \(FLUX.1\).*Pass the FLUX.1 base"):
+        load_dpo_pipeline(sd3_base, flux_results["transformer-only"])
+    with pytest.raises(DpoResultError, match=r"SD3 transformer weights \(Stable Diffusion 3 / 3.5\).*Pass the "
+                                             r"Stable Diffusion 3 / 3.5 base"):
+        load_dpo_pipeline(flux_base, sd3_results["full"])
+    # LoRA: FLUX's adapts the single-stream blocks only FLUX has; SD3's run record names its base.
+    with pytest.raises(DpoResultError, match=r"LoRA .* holds transformer weights \(FLUX.1\).*Pass the FLUX.1 base"):
+        load_dpo_pipeline(sd3_base, flux_results["lora"])
+    with pytest.raises(DpoResultError, match=r"LoRA .* holds transformer weights \(Stable Diffusion 3 / 3.5\).*Pass "
+                                             r"the Stable Diffusion 3 / 3.5 base"):
+        load_dpo_pipeline(flux_base, sd3_results["lora"])
+    with pytest.raises(DpoResultError, match=r"holds transformer weights \(FLUX.1\).*is a Stable Diffusion 1.x/2.x"):
+        load_dpo_pipeline(tiny_sd_path, flux_results["lora"])
+    # An SD3 LoRA file away from its run (no training_args.json): its modules are not the FLUX transformer's.
+    shutil.copy(sd3_results["lora"] / "pytorch_lora_weights.safetensors", tmp_path / "sd3_lora.safetensors")
+    with pytest.raises(DpoResultError, match=r"does not fit the base .*transformer_blocks.1.attn.* not in the base's "
+                                             r"transformer.*Stable Diffusion 3 / 3.5"):
+        load_dpo_pipeline(flux_base, tmp_path / "sd3_lora.safetensors")
+    # compare refuses before the base samples.
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a red circle\n")
+    with pytest.raises(SystemExit, match="Pass the FLUX.1 base"):
+        pipeline_dpo.main(pipeline_dpo.parse_args(["compare", "--base", str(sd3_base), "--dpo",
+                                                   str(flux_results["lora"]), "--prompts", str(prompts_file),
+                                                   "--out", str(tmp_path / "g.png")]))
+    assert not (tmp_path / "g.png").exists()

@@ -514,3 +514,132 @@ def test_sd3_models_load_as_sd3_training_builds_them(tiny_sd3_path, sd3_lora_pat
     training = evaluate.sd3.load_noise_scheduler(SimpleNamespace(pretrained_model_name_or_path=tiny_sd3_path,
                                                                  revision=None, cache_dir=None))
     assert torch.equal(noise_scheduler.sigmas, training.sigmas) and noise_scheduler.config.shift == 3.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLUX.1: train_diffusion_dpo_flux.py's velocity errors of packed latents, through its own data pipeline
+# ---------------------------------------------------------------------------------------------------------------
+# Not the defaults (512, 3.5, logit_normal): evaluation must take them from the run's training_args.json.
+FLUX_LORA_SETTINGS = {"max_sequence_length": 32, "guidance_scale": 2.0, "weighting_scheme": "mode"}
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_path(tmp_path_factory):
+    from fixtures.tiny_models import build_tiny_flux
+
+    return build_tiny_flux(str(tmp_path_factory.mktemp("tiny-flux")))
+
+
+@pytest.fixture(scope="module")
+def flux_lora_path(tmp_path_factory, tiny_flux_path, preference_data_path):
+    """A 2-step train_diffusion_dpo_flux.py --use_lora result (in this process) with non-default T5 length, distilled
+    guidance and sigma density, which its training_args.json records."""
+    import train_diffusion_dpo_flux as flux
+    from launch_utils import run_in_process
+
+    output_dir = str(tmp_path_factory.mktemp("flux-lora"))
+    run_in_process(flux, [
+        "--pretrained_model_name_or_path", tiny_flux_path, "--train_data_dir", preference_data_path,
+        "--output_dir", output_dir, "--resolution", "64", "--train_batch_size", "2", "--learning_rate", "1e-3",
+        "--max_train_steps", "2", "--num_validation_images", "0", "--use_lora",
+        *(item for name, value in FLUX_LORA_SETTINGS.items() for item in (f"--{name}", str(value)))])
+    return output_dir
+
+
+def test_flux_implicit_accuracy_of_the_reference_is_one_half(tmp_path, tiny_flux_path, preference_data_path):
+    assert evaluate.family_script(tiny_flux_path) is evaluate.flux
+    record = evaluate.main(implicit_accuracy_args(tiny_flux_path, tiny_flux_path, preference_data_path, tmp_path,
+                                                  "--max_pairs", "8"))
+    # The same weights give exactly the same velocity errors through CLIP-L, T5 and the VAE: all ties.
+    assert (record["wins"], record["ties"], record["losses"], record["accuracy"]) == (0, 8, 0, 0.5)
+    assert not record["lora"] and record["resolution"] == 64
+    assert record["beta_dpo"] == evaluate.flux.build_parser().get_default("beta_dpo") == 500
+    # A base records no training run: the script's own defaults.
+    defaults = evaluate.flux.build_parser()
+    assert record["training_settings"] == {name: defaults.get_default(name) for name in evaluate.FLUX_ERROR_FLAGS}
+    assert {row["outcome"] for row in read_outcomes(tmp_path)} == {"tie"}
+
+
+def test_flux_implicit_accuracy_of_a_lora_result_is_reproducible(tmp_path, tiny_flux_path, flux_lora_path,
+                                                                preference_data_path):
+    first = evaluate.main(implicit_accuracy_args(tiny_flux_path, flux_lora_path, preference_data_path,
+                                                 tmp_path / "first"))
+    # The reference is the same transformer with its adapters off: the trained adapter moves every pair off zero.
+    assert first["lora"] and first["n"] == 32 and first["ties"] == 0 and first["wins"] + first["losses"] == 32
+    # The errors are computed with the T5 length, guidance and sigma density the result was trained with.
+    assert {name: first["training_settings"][name] for name in FLUX_LORA_SETTINGS} == FLUX_LORA_SETTINGS
+    # Fixed draws: a second run gives the same per-pair values, and other batches the same up to float32 rounding.
+    second = evaluate.main(implicit_accuracy_args(tiny_flux_path, flux_lora_path, preference_data_path,
+                                                  tmp_path / "second"))
+    assert (tmp_path / "first" / "implicit_accuracy.csv").read_text() == (
+        tmp_path / "second" / "implicit_accuracy.csv").read_text()
+    assert second["accuracy"] == first["accuracy"]
+    rebatched = evaluate.main(implicit_accuracy_args(tiny_flux_path, flux_lora_path, preference_data_path,
+                                                     tmp_path / "rebatched", "--batch_size", "5"))
+    first_rows, rebatched_rows = read_outcomes(tmp_path / "first"), read_outcomes(tmp_path / "rebatched")
+    assert [row["outcome"] for row in first_rows] == [row["outcome"] for row in rebatched_rows]
+    np.testing.assert_allclose([float(row["mean_inside"]) for row in rebatched_rows],
+                               [float(row["mean_inside"]) for row in first_rows], rtol=0, atol=1e-3)
+    assert rebatched["accuracy"] == first["accuracy"]
+
+
+def test_flux_implicit_accuracy_follows_the_guidance_the_run_recorded(tmp_path, tiny_flux_path, flux_lora_path,
+                                                                      preference_data_path):
+    """The distilled guidance strength in training_args.json reaches the errors: the same LoRA, its record saying
+    another guidance, gives other values."""
+    import shutil
+
+    other = tmp_path / "other-guidance"
+    shutil.copytree(flux_lora_path, other, ignore=shutil.ignore_patterns("checkpoint-*", "logs"))
+    record = json.loads((other / "training_args.json").read_text())
+    record["args"]["guidance_scale"] = 3.5
+    (other / "training_args.json").write_text(json.dumps(record))
+    as_trained = evaluate.main(implicit_accuracy_args(tiny_flux_path, flux_lora_path, preference_data_path,
+                                                      tmp_path / "as-trained", "--max_pairs", "4"))
+    edited = evaluate.main(implicit_accuracy_args(tiny_flux_path, str(other), preference_data_path,
+                                                  tmp_path / "edited", "--max_pairs", "4"))
+    assert (as_trained["training_settings"]["guidance_scale"], edited["training_settings"]["guidance_scale"]) == (
+        FLUX_LORA_SETTINGS["guidance_scale"], 3.5)
+    as_trained_rows, edited_rows = read_outcomes(tmp_path / "as-trained"), read_outcomes(tmp_path / "edited")
+    assert [row["row"] for row in as_trained_rows] == [row["row"] for row in edited_rows]  # the same pairs and draws
+    assert all(float(a["mean_inside"]) != float(b["mean_inside"]) for a, b in zip(as_trained_rows, edited_rows,
+                                                                                  strict=True))
+
+
+def test_flux_win_rate_samples_with_flux_defaults_and_the_trained_t5_length(tmp_path, tiny_flux_path, flux_lora_path,
+                                                                            brightness_reward_file):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    record = evaluate.main(evaluate.parse_args([
+        "win-rate", "--base", tiny_flux_path, "--dpo", flux_lora_path, "--prompts", str(prompts),
+        "--num_inference_steps", "2", "--height", "64", "--width", "64", "--reward", "callable",
+        "--reward_fn", f"{brightness_reward_file}:brightness", "--device", "cpu", "--grid_rows", "1",
+        "--output_dir", str(tmp_path / "win")]))
+    # Sampling uses FLUX.1-dev's distilled guidance 3.5 (what the pipeline samples with, not the training input the
+    # run was given) and the T5 length the run trained with.
+    assert (record["guidance_scale"], record["max_sequence_length"]) == (3.5, FLUX_LORA_SETTINGS["max_sequence_length"])
+    with open(tmp_path / "win" / "win_rate.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    margins = [float(row["dpo_reward"]) - float(row["base_reward"]) for row in rows]
+    assert record["n"] == 2 and record["ties"] == 0 and record["wins"] == sum(m > 0 for m in margins)
+    assert (tmp_path / "win" / "grid.png").exists()
+
+
+def test_flux_models_load_as_flux_training_builds_them(tiny_flux_path, flux_lora_path, preference_data_path):
+    from transformers import AutoTokenizer
+
+    args = implicit_accuracy_args(tiny_flux_path, flux_lora_path, preference_data_path, "unused", "--dtype",
+                                  "bfloat16")
+    transformer, ref_transformer, vae, text_encoders, tokenizers, noise_scheduler, is_lora = (
+        evaluate.load_accuracy_models(args, evaluate.flux, torch.device("cpu"), torch.bfloat16))
+    assert is_lora and ref_transformer is None and type(transformer).__name__ == "FluxTransformer2DModel"
+    # CLIP-L and T5, in the run's dtype, as training without --upcast_vae keeps the frozen models.
+    assert [type(e).__name__ for e in text_encoders] == ["CLIPTextModel", "T5EncoderModel"] and len(tokenizers) == 2
+    assert transformer.dtype == vae.dtype == torch.bfloat16 and {e.dtype for e in text_encoders} == {torch.bfloat16}
+    # T5 prompts padded to the trained length, not to the base tokenizer's own limit.
+    base_t5_length = AutoTokenizer.from_pretrained(tiny_flux_path, subfolder="tokenizer_2").model_max_length
+    assert tokenizers[1].model_max_length == FLUX_LORA_SETTINGS["max_sequence_length"] != base_t5_length
+    # The training script's own flow-matching schedule: the base's training sigmas, with its dynamic shift.
+    training = evaluate.flux.load_noise_scheduler(SimpleNamespace(pretrained_model_name_or_path=tiny_flux_path,
+                                                                  revision=None, cache_dir=None))
+    assert torch.equal(noise_scheduler.sigmas, training.sigmas) and noise_scheduler.config.use_dynamic_shifting

@@ -24,6 +24,9 @@ Implicit reward accuracy (the paper's Table 2) of a trained model on held-out Pi
     python tools/evaluate.py implicit-accuracy --base stabilityai/stable-diffusion-3.5-medium \
         --dpo sd35-medium-dpo-lora --dataset_name yuvalkirstain/pickapic_v2 --dataset_split_name validation_unique \
         --num_draws 4 --device cuda --dtype bfloat16 --output_dir eval-implicit-sd3
+    python tools/evaluate.py implicit-accuracy --base black-forest-labs/FLUX.1-dev \
+        --dpo flux-dev-dpo-lora --dataset_name yuvalkirstain/pickapic_v2 --dataset_split_name validation_unique \
+        --num_draws 4 --device cuda --dtype bfloat16 --output_dir eval-implicit-flux
 
 Win rate of the DPO model against its base under a reward model (same seeds for both):
     python tools/evaluate.py win-rate --base stable-diffusion-v1-5/stable-diffusion-v1-5 --dpo sd15-dpo \
@@ -34,18 +37,20 @@ implicit-accuracy: for every pair and each of --num_draws fixed (timestep, noise
 train_diffusion_dpo.pair_generator at the fixed steps "implicit-accuracy/<draw>", so every run and every model
 sees the same draws), the DPO term
     inside = -(beta_dpo / 2) * ((m_w - m_l) - (r_w - r_l))
-of the trained denoiser (m: UNet or SD3 transformer) against the reference (r: the base's; for a LoRA result, the
-same denoiser with its adapters disabled), computed exactly as the training script of the base's family does:
+of the trained denoiser (m: UNet, SD3 or FLUX transformer) against the reference (r: the base's; for a LoRA result,
+the same denoiser with its adapters disabled), computed exactly as the training script of the base's family does:
 dpo_step_losses of train_diffusion_dpo.py (SD 1.x/2.x), of train_diffusion_dpo_sdxl.py (SDXL: both text encoders,
 the micro-conditioning time ids of the centre crop, the VAE in float32, timesteps from all of 0..T-1 as training
-without --is_turbo) or of train_diffusion_dpo_sd3.py (SD3: velocity errors, the three text encoders with the T5
+without --is_turbo), of train_diffusion_dpo_sd3.py (SD3: velocity errors, the three text encoders with the T5
 length, sigma density and loss weighting the result was trained with, as its training_args.json records them; the
-script's defaults where it has none). --resolution defaults to that script's training resolution (512 SD, 1024 SDXL
-and SD3). The inside term is averaged over the draws; the pair counts as correct when the mean is > 0, wrong when
+script's defaults where it has none) or of train_diffusion_dpo_flux.py (FLUX: velocity errors of the packed latents,
+CLIP-L and T5, with the T5 length, distilled guidance strength, sigma density and loss weighting the result was
+trained with, the same way). --resolution defaults to that script's training resolution (512 SD, 1024 SDXL, SD3 and
+FLUX). The inside term is averaged over the draws; the pair counts as correct when the mean is > 0, wrong when
 < 0, and half when it is exactly 0: the implicit reward model p(winner) = sigmoid(inside) is then a coin flip, so a
 model identical to the reference scores 0.5 (all ties), as a coin would. Wins, ties and losses are reported
-separately. beta_dpo scales the inside term only (default: the script's, 5000 SD/SDXL, 500 SD3); the accuracy does
-not depend on it.
+separately. beta_dpo scales the inside term only (default: the script's, 5000 SD/SDXL, 500 SD3 and FLUX); the
+accuracy does not depend on it.
 
 win-rate: each prompt's image j starts from seed + j for base and DPO alike; both are scored by the reward
 (the same reward options as tools/relabel_pairs.py). A DPO image beats its base twin when its reward is higher;
@@ -53,7 +58,7 @@ equal rewards count half. Both modes report a 95% Wilson score interval and writ
 summary into --output_dir; win-rate also writes grid.png (base | DPO, the prompt under each row) of the
 largest wins and losses.
 
-SD 1.x/2.x, SDXL and SD3 / SD3.5 results are evaluated; the family follows --base (pipeline_dpo.FAMILIES).
+SD 1.x/2.x, SDXL, SD3 / SD3.5 and FLUX.1 results are evaluated; the family follows --base (pipeline_dpo.FAMILIES).
 """
 
 import argparse
@@ -71,6 +76,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the training script and pipeline_dpo.py sit at the repo root
 import pipeline_dpo  # noqa: E402
 import train_diffusion_dpo as sd  # noqa: E402
+import train_diffusion_dpo_flux as flux  # noqa: E402
 import train_diffusion_dpo_sd3 as sd3  # noqa: E402
 import train_diffusion_dpo_sdxl as sdxl  # noqa: E402
 from tools import relabel_pairs  # noqa: E402
@@ -79,10 +85,16 @@ from tools import relabel_pairs  # noqa: E402
 WILSON_Z = 1.959963984540054  # two-sided 95% normal quantile
 DTYPES = pipeline_dpo.DTYPES
 # The training script of each family (keys: pipeline_dpo.FAMILIES): its data pipeline and dpo_step_losses are reused.
-FAMILY_SCRIPTS = {"StableDiffusionPipeline": sd, "StableDiffusionXLPipeline": sdxl, "StableDiffusion3Pipeline": sd3}
+FAMILY_SCRIPTS = {"StableDiffusionPipeline": sd, "StableDiffusionXLPipeline": sdxl, "StableDiffusion3Pipeline": sd3,
+                  "FluxPipeline": flux}
 # train_diffusion_dpo_sd3.py's flags that shape its errors beyond the data: the T5 length of the prompt embedding,
 # the sigma density and loss weighting, and the VAE's dtype. Evaluation takes them as the result was trained.
 SD3_ERROR_FLAGS = ("max_sequence_length", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "upcast_vae")
+# train_diffusion_dpo_flux.py's: the same, and the distilled guidance strength the transformer was conditioned on.
+FLUX_ERROR_FLAGS = ("max_sequence_length", "guidance_scale", "weighting_scheme", "logit_mean", "logit_std",
+                    "mode_scale", "upcast_vae")
+# The flow-matching scripts: their error flags, and the base's subfolder of the T5 tokenizer.
+FLOW_SCRIPTS = {sd3: (SD3_ERROR_FLAGS, "tokenizer_3"), flux: (FLUX_ERROR_FLAGS, "tokenizer_2")}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,17 +146,19 @@ def write_csv(path, rows):
 # implicit-accuracy
 # ----------------------------------------------------------------------------------------------------------------
 def family_script(base):
-    """The training script of the base's family, train_diffusion_dpo (SD 1.x/2.x), train_diffusion_dpo_sdxl or
-    train_diffusion_dpo_sd3: its data pipeline and dpo_step_losses are reused, so the errors are those its training
-    computes."""
+    """The training script of the base's family, train_diffusion_dpo (SD 1.x/2.x), train_diffusion_dpo_sdxl,
+    train_diffusion_dpo_sd3 or train_diffusion_dpo_flux: its data pipeline and dpo_step_losses are reused, so the
+    errors are those its training computes."""
     return FAMILY_SCRIPTS[pipeline_dpo.base_pipeline_class_name(base)]
 
 
-def sd3_error_flags(args, result):
-    """SD3_ERROR_FLAGS as the result was trained: its training_args.json, else the script's defaults; the T5 length
-    from --max_sequence_length where given. Returned as command-line flags for train_diffusion_dpo_sd3.parse_args."""
+def trained_error_flags(args, result, script):
+    """The error flags of a flow-matching `script` (FLOW_SCRIPTS) as the result was trained: its training_args.json,
+    else the script's defaults; the T5 length from --max_sequence_length where given. Returned as command-line flags
+    for the script's parse_args."""
+    error_flags = FLOW_SCRIPTS[script][0]
     values = {name: value for name, value in pipeline_dpo.result_training_args(result).items()
-              if name in SD3_ERROR_FLAGS and value is not None}
+              if name in error_flags and value is not None}
     if args.max_sequence_length is not None:
         values["max_sequence_length"] = args.max_sequence_length
     argv = []
@@ -162,9 +176,9 @@ def load_accuracy_models(args, script, device, dtype, result=None, settings=None
     adapters disabled.
 
     text_encoders and tokenizers are what `script` takes: SD's one text encoder and tokenizer, SDXL's two as pairs,
-    SD3's three (CLIP-L, CLIP-G, T5) as triples. result: the resolved --dpo (resolved here when None). settings: the
-    script's parsed flags (training_args; built here at the script's default resolution when None), which SD3's
-    tokenizer, noise scheduler and VAE dtype follow.
+    SD3's three (CLIP-L, CLIP-G, T5) as triples, FLUX's two (CLIP-L, T5) as pairs. result: the resolved --dpo
+    (resolved here when None). settings: the script's parsed flags (training_args; built here at the script's default
+    resolution when None), which SD3's and FLUX's T5 tokenizer, noise scheduler and VAE dtype follow.
     """
     from diffusers import DDPMScheduler
 
@@ -175,20 +189,24 @@ def load_accuracy_models(args, script, device, dtype, result=None, settings=None
     denoiser = getattr(pipe, family.denoiser)
     ref_denoiser = None
     if not result.is_lora:
-        denoiser_class = pipeline_dpo.DENOISERS[family.denoiser][0]
+        denoiser_class = pipeline_dpo.DENOISERS[family.denoiser_class].model_class
         ref_denoiser = denoiser_class.from_pretrained(args.base, subfolder=family.denoiser, variant=args.variant,
                                                       torch_dtype=dtype).to(device)
-    if script is sd3:
+    if script in FLOW_SCRIPTS:
         from transformers import T5TokenizerFast
 
         if settings is None:
             settings = training_args(args, script, script.build_parser().get_default("resolution"), result)
-        text_encoders = (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
-        # T5 prompts padded and cut to the trained --max_sequence_length, as train_diffusion_dpo_sd3.build_models
-        # loads its tokenizer (the base's own tokenizer_3 pads to its model_max_length instead).
-        t5_tokenizer = T5TokenizerFast.from_pretrained(args.base, subfolder="tokenizer_3",
+        # T5 prompts padded and cut to the trained --max_sequence_length, as the script's build_models loads its
+        # tokenizer (the base's own T5 tokenizer pads to its model_max_length instead).
+        t5_tokenizer = T5TokenizerFast.from_pretrained(args.base, subfolder=FLOW_SCRIPTS[script][1],
                                                        model_max_length=settings.max_sequence_length)
-        tokenizers = (pipe.tokenizer, pipe.tokenizer_2, t5_tokenizer)
+        if script is sd3:
+            text_encoders = (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
+            tokenizers = (pipe.tokenizer, pipe.tokenizer_2, t5_tokenizer)
+        else:  # FLUX: CLIP-L (pooled) and T5
+            text_encoders = (pipe.text_encoder, pipe.text_encoder_2)
+            tokenizers = (pipe.tokenizer, t5_tokenizer)
         if settings.upcast_vae:  # as training with --upcast_vae: the VAE in float32 whatever the dtype
             pipe.vae.to(dtype=torch.float32)
         # The script's own flow-matching schedule (the base's training sigmas, with its shift): no prediction type to
@@ -216,7 +234,8 @@ def load_accuracy_models(args, script, device, dtype, result=None, settings=None
 def training_args(args, script, resolution, result):
     """The training script's own parsed flags for evaluation, checked by its parse_args as a training run's are: the
     same data columns and seed, at `resolution`, with no crop or flip randomness and no prompt dropout; --use_lora
-    for a LoRA `result`, and for SD3 the flags that shape its errors as the result was trained (sd3_error_flags)."""
+    for a LoRA `result`, and for SD3 and FLUX the flags that shape their errors as the result was trained
+    (trained_error_flags)."""
     argv = ["--pretrained_model_name_or_path", args.base, "--output_dir", args.output_dir, "--seed", str(args.seed),
             "--resolution", str(resolution), "--no_hflip", "--proportion_empty_prompts", "0",
             "--dataset_split_name", args.dataset_split_name, "--caption_column", args.caption_column,
@@ -227,11 +246,11 @@ def training_args(args, script, resolution, result):
                 "--chosen_column": args.chosen_column, "--rejected_column": args.rejected_column,
                 "--max_train_samples": args.max_pairs}
     argv += [item for flag, value in optional.items() if value is not None for item in (flag, str(value))]
-    if script is sd3:
-        argv += sd3_error_flags(args, result)
+    if script in FLOW_SCRIPTS:
+        argv += trained_error_flags(args, result, script)
     elif args.max_sequence_length is not None:
-        raise SystemExit(f"--max_sequence_length is the T5 prompt length of SD3; the base {args.base!r} has no T5 "
-                         "encoder. Drop it.")
+        raise SystemExit(f"--max_sequence_length is the T5 prompt length of SD3 and FLUX; the base {args.base!r} "
+                         "has no T5 encoder. Drop it.")
     return script.parse_args(argv + (["--use_lora"] if result.is_lora else []))
 
 
@@ -273,7 +292,8 @@ def implicit_accuracy(args):
     margins = []
     batches = range(0, len(examples), args.batch_size)
     for start in tqdm(batches, desc="implicit accuracy", unit="batch"):
-        # The training batch: pixels, token ids (SDXL's and SD3's further ones), SDXL's time ids and row indices.
+        # The training batch: pixels, token ids (SDXL's, SD3's and FLUX's further ones), SDXL's time ids and row
+        # indices.
         batch = script.collate_pairs(examples[start : start + args.batch_size])
         model_draws, ref_draws = [], []
         with torch.no_grad():
@@ -298,8 +318,8 @@ def implicit_accuracy(args):
               "num_draws": args.num_draws, "seed": args.seed, "resolution": resolution,
               "beta_dpo": beta_dpo, "mean_inside": float(np.mean(margins)), "accuracy": summary["rate"],
               **summary, "dataset_counts": counts, "unusable_pairs": unusable}
-    if script is sd3:  # the settings the errors were computed with, as the result was trained
-        record["training_settings"] = {name: getattr(settings, name) for name in SD3_ERROR_FLAGS}
+    if script in FLOW_SCRIPTS:  # the settings the errors were computed with, as the result was trained
+        record["training_settings"] = {name: getattr(settings, name) for name in FLOW_SCRIPTS[script][0]}
     (output_dir / "implicit_accuracy.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"Implicit reward accuracy {summary['rate']:.3f} "
           f"(95% CI {summary['ci95_low']:.3f}-{summary['ci95_high']:.3f}) on {summary['n']} pairs: {summary['wins']} correct, {summary['ties']} ties, {summary['losses']} wrong. "
@@ -428,8 +448,8 @@ def build_parser():
     common.add_argument("--dtype", type=str, default="float32", choices=tuple(DTYPES),
                         help="dtype of the models (the training run's mixed precision).")
     common.add_argument("--max_sequence_length", type=int, default=None,
-                        help="SD3 only: T5 tokens per prompt. Default: what the result was trained with (its "
-                             "training_args.json), else train_diffusion_dpo_sd3.py's default, 77.")
+                        help="SD3 and FLUX only: T5 tokens per prompt. Default: what the result was trained with "
+                             "(its training_args.json), else the training script's default (77 SD3, 512 FLUX).")
     common.add_argument("--seed", type=int, default=0,
                         help="Seed of the draws (implicit-accuracy) or images (win-rate).")
     common.add_argument("--output_dir", type=str, required=True, help="Folder for the CSV, JSON (and grid).")
@@ -439,18 +459,19 @@ def build_parser():
     accuracy = commands.add_parser("implicit-accuracy", parents=[common],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                    help="Implicit reward accuracy on held-out preference pairs (paper Table 2); "
-                                        "SD 1.x/2.x, SDXL and SD3.")
+                                        "SD 1.x/2.x, SDXL, SD3 and FLUX.")
     add_data_arguments(accuracy, pairs=True)
     accuracy.add_argument("--max_pairs", type=int, default=None,
                           help="Evaluate a seeded random subset of this many pairs.")
     accuracy.add_argument("--resolution", type=int, default=None,
-                          help="Resolution of the centre crop; a multiple of 8 (16 for SD3). Default: the family's "
-                               "training resolution (512 SD 1.x/2.x, 1024 SDXL and SD3).")
+                          help="Resolution of the centre crop; a multiple of 8 (16 for SD3 and FLUX). Default: the "
+                               "family's training resolution (512 SD 1.x/2.x, 1024 SDXL, SD3 and FLUX).")
     accuracy.add_argument("--num_draws", type=int, default=4,
                           help="Fixed (timestep, noise) draws per pair; the inside term is averaged over them.")
     accuracy.add_argument("--beta_dpo", type=float, default=None,
                           help="Scales the reported inside term (authors' convention); the accuracy ignores it. "
-                               "Default: the family's training default (5000 SD 1.x/2.x and SDXL, 500 SD3).")
+                               "Default: the family's training default (5000 SD 1.x/2.x and SDXL, 500 SD3 and "
+                               "FLUX).")
     accuracy.add_argument("--batch_size", type=int, default=8, help="Pairs per forward pass.")
 
     wins = commands.add_parser("win-rate", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -460,9 +481,11 @@ def build_parser():
     wins.add_argument("--max_prompts", type=int, default=None, help="Use only the first this many prompts.")
     wins.add_argument("--num_images_per_prompt", type=int, default=1, help="Images per prompt and model (seed + j).")
     wins.add_argument("--num_inference_steps", type=int, default=None,
-                      help="Sampling steps; default: the family's (50 SD and SDXL, 28 SD3).")
+                      help="Sampling steps; default: the family's (50 SD and SDXL, 28 SD3 and FLUX.1-dev, 4 "
+                           "FLUX.1-schnell).")
     wins.add_argument("--guidance_scale", type=float, default=None,
-                      help="Guidance; default: the family's (7.5 SD, 5.0 SDXL, 7.0 SD3).")
+                      help="Guidance (FLUX: the distilled guidance strength); default: the family's (7.5 SD, 5.0 "
+                           "SDXL, 7.0 SD3, 3.5 FLUX.1-dev, 0 FLUX.1-schnell).")
     wins.add_argument("--height", type=int, default=None, help="Image height; default: the model's.")
     wins.add_argument("--width", type=int, default=None, help="Image width; default: the model's.")
     wins.add_argument("--batch_size", type=int, default=1, help="Images per pipeline call (each keeps its seed).")
@@ -476,7 +499,7 @@ def parse_args(input_args=None):
     parser = build_parser()
     args = parser.parse_args(input_args)
     if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= 512:
-        parser.error(f"--max_sequence_length must be between 1 and 512 (T5's limit in SD3), got "
+        parser.error(f"--max_sequence_length must be between 1 and 512 (T5's limit in SD3 and FLUX), got "
                      f"{args.max_sequence_length}.")
     if args.command == "implicit-accuracy":
         if (args.dataset_name is None) == (args.train_data_dir is None):
