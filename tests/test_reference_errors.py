@@ -190,3 +190,39 @@ def test_two_processes_each_read_their_own_pairs(live, tiny_sd_path, preference_
     assert logged_scalars(tmp_path / "two") == pytest.approx(logged_scalars(tmp_path / "one"), rel=1e-3)
     one, two = trained_weights(tmp_path / "one"), trained_weights(tmp_path / "two")
     assert max_abs_difference(one, two) < 1e-2 * max_movement(one)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_the_other_scripts_train_the_same_weights_with_precomputed_errors(family, tiny_sdxl_path,
+                                                                          preference_data_path, tmp_path):
+    """The pre-pass and the reference-free step are copied pieces; each script's own per-pair function takes the
+    passes: the same run with and without --reference_errors, LoRA and full."""
+    import importlib
+
+    from fixtures.tiny_models import build_tiny_flux, build_tiny_sd3
+
+    script = importlib.import_module({"sdxl": "train_diffusion_dpo_sdxl", "sd3": "train_diffusion_dpo_sd3",
+                                      "flux": "train_diffusion_dpo_flux"}[family])
+    base = {"sdxl": lambda: tiny_sdxl_path, "sd3": lambda: build_tiny_sd3(str(tmp_path / "base")),
+            "flux": lambda: build_tiny_flux(str(tmp_path / "base"))}[family]()
+    extra = ["--max_sequence_length", "32"] if family != "sdxl" else []
+    # The pre-pass forwards the training micro-batches as they are (2 pairs): the same kernels, so the same errors
+    # to the bit. Joined into larger forwards they differ by float noise, which Adam's first steps (lr * sign(g) for
+    # near-zero gradients) turn into lr-sized weight differences (the other tests compare with that in mind).
+    extra += ["--reference_batch_size", "2"]
+    for mode, flags in (("lora", ["--use_lora"]), ("full", ["--learning_rate", "1e-4"])):
+        common = run_args(base, preference_data_path, tmp_path / f"{mode}-live", *flags, *extra,
+                          "--max_train_steps", "2")
+        run_in_process(script, common)
+        run_in_process(script, [a.replace(f"{mode}-live", f"{mode}-pre") for a in common] + [
+            "--reference_errors", str(tmp_path / f"{mode}-errors")])
+        if mode == "lora":
+            live_weights = trained_weights(tmp_path / f"{mode}-live")
+            pre_weights = trained_weights(tmp_path / f"{mode}-pre")
+        else:
+            from safetensors.torch import load_file
+
+            folder = "unet" if family == "sdxl" else "transformer"
+            live_weights, pre_weights = (load_file(tmp_path / f"{mode}-{kind}" / folder /
+                                                   "diffusion_pytorch_model.safetensors") for kind in ("live", "pre"))
+        assert max_abs_difference(pre_weights, live_weights) < 1e-6, (family, mode)

@@ -515,10 +515,11 @@ def lora_run(tiny_sdxl_path, non_square_data_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_run(tiny_sdxl_path, preference_data_path, tmp_path_factory):
+    # In process (main() as a one-process launch runs it); the LoRA run above goes through accelerate launch
     output_dir = tmp_path_factory.mktemp("sdxl-full-run")
-    launch(SCRIPT, run_args(tiny_sdxl_path, preference_data_path, output_dir, "--max_train_steps", "4",
-                            "--learning_rate", "1e-4", "--num_validation_images", "1", "--validation_steps", "4",
-                            "--validation_num_inference_steps", "2", "--validation_prompts", "a green triangle"))
+    run_in_process(sdxl, run_args(tiny_sdxl_path, preference_data_path, output_dir, "--max_train_steps", "4",
+                                  "--learning_rate", "1e-4", "--num_validation_images", "1", "--validation_steps", "4",
+                                  "--validation_num_inference_steps", "2", "--validation_prompts", "a green triangle"))
     return output_dir
 
 
