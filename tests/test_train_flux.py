@@ -416,8 +416,6 @@ def test_resume_equals_an_uninterrupted_run(mode, lora_run, full_run, tiny_flux_
     assert max_abs_difference(trained_weights(tmp_path), trained_weights(run)) < 1e-6
 
 
-# Slow: the SD3 test runs the same copied DDP path and per-pair draws in the default suite
-@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(tiny_flux_path, pairs_path, tmp_path):
     # As in the SD test: a large Adam epsilon keeps Adam from magnifying float-summation noise in near-zero
     # gradients into lr-sized weight differences.
