@@ -522,6 +522,8 @@ def latent_cache_path(args, dataset, columns, vae, text_encoders, cache_dtype):
         "text_encoders": [weights_fingerprint(encoder) for encoder in text_encoders],
         "resolution": args.resolution, "hflip": not args.no_hflip, "dataset": dataset._fingerprint,
         "columns": columns, "dtype": str(cache_dtype),
+        # what else shapes the stored arrays: the T5 length of the flow scripts, the VAE's dtype (--upcast_vae)
+        "max_sequence_length": getattr(args, "max_sequence_length", None), "vae_dtype": str(vae.dtype),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return Path(args.latent_cache_dir) / digest
@@ -860,7 +862,7 @@ def build_parser():
                           "same inputs (a sweep over beta, loss type or learning rate). If the folder holds errors "
                           "whose key matches this run they are read, else computed first and written there; either "
                           "way the training step never runs the reference, and a full fine-tune keeps no copy of it.")
-    dpo.add_argument("--reference_batch_size", type=int, default=16,
+    dpo.add_argument("--reference_batch_size", type=int, default=8,
                      help="Pairs of one step per reference forward in the --reference_errors pre-pass.")
     dpo.add_argument("--reference_errors_on_mismatch", type=str, default="recompute", choices=["recompute", "refuse"],
                      help="When --reference_errors holds errors of another run (the log names the settings that "
@@ -1620,10 +1622,18 @@ def free_accelerator_memory():
 # Reference errors computed once (--reference_errors)
 # ----------------------------------------------------------------------------------------------------------------
 # Copied from train_diffusion_dpo.reference_errors_key
-def reference_errors_key(args, run, models, dataset):
+def reference_errors_key(args, accelerator, run, models, dataset):
     """What a run's reference errors depend on: every flag but those below (so a flag added later counts until it
     is known not to), the launch (processes, precision, steps), the data, and the frozen weights (the reference's
-    without LoRA adapters, the VAE's, the text encoders')."""
+    without LoRA adapters, the VAE's, the text encoders'). None without --reference_errors.
+
+    Taken before a resume loads the checkpoint: a full fine-tune's policy is the reference only until it trains.
+    """
+    if args.reference_errors is None:
+        return None
+    if weights_are_sharded(accelerator):
+        raise ValueError("--reference_errors does not run under FSDP or ZeRO-3 yet (the pre-pass needs the whole "
+                         "reference on every process); drop it, or train with DDP or ZeRO-2.")
     # Flags that change neither a pair's inputs nor the reference's output: runs that differ from the one that
     # computed the errors only here reuse them (a sweep over beta, loss type, learning rate, optimizer, rank).
     free_flags = frozenset({
@@ -1640,8 +1650,8 @@ def reference_errors_key(args, run, models, dataset):
     encoders = text_encoders if isinstance(text_encoders, (tuple, list)) else [text_encoders]
     digest = hashlib.sha256()
     for name, tensor in unet_module(unet).state_dict().items():
-        if "lora_" not in name:
-            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        if "lora_" not in name:  # the base weights, named as without adapters (PEFT adds .base_layer)
+            digest.update(f"{name.replace('.base_layer', '')}{tuple(tensor.shape)}".encode())
             digest.update(tensor.detach().flatten()[:8].float().cpu().numpy().tobytes())
     key = {
         "format": 1, "script": Path(__file__).name,
@@ -1697,28 +1707,28 @@ def compute_reference_errors(args, accelerator, run, models, noise_scheduler, we
     for batch in training_batches(args, accelerator, shadow):
         # accumulate() decides where an optimizer step ends exactly as in training (epoch ends included)
         with accelerator.accumulate(shadow.unet):
+            if pending and sum(b["index"].shape[0] for b in pending + [batch]) > args.reference_batch_size:
+                flush(shadow.global_step)
             pending.append(batch)
-            if accelerator.sync_gradients or sum(b["index"].shape[0] for b in pending) >= args.reference_batch_size:
+            if accelerator.sync_gradients:
                 flush(shadow.global_step)
             if accelerator.sync_gradients:
                 shadow.global_step += 1
                 progress.update(1)
     progress.close()
     accelerator.step = 0  # the training loop counts its micro-batches from the start again
-    return np.array(steps, dtype=np.int64), np.array(indices, dtype=np.int64), torch.cat(errors).numpy()
+    errors = torch.cat(errors).numpy() if errors else np.zeros((0, 2), dtype=np.float32)  # resumed at the end
+    return np.array(steps, dtype=np.int32), np.array(indices, dtype=np.int32), errors
 
 
 # Copied from train_diffusion_dpo.prepare_reference_errors
-def prepare_reference_errors(args, accelerator, run, models, noise_scheduler, weight_dtype, dataset):
-    """--reference_errors: this process's ReferenceErrors, read from the folder when its key matches the run, else
-    computed by the pre-pass and written there atomically (key.json last) first; None without the flag."""
+def prepare_reference_errors(args, accelerator, run, models, noise_scheduler, weight_dtype, key):
+    """--reference_errors: this process's ReferenceErrors, read from the folder when its key matches the run's `key`
+    (reference_errors_key), else computed by the pre-pass and written there atomically (key.json last) first; None
+    without the flag. The folder must be one every process sees, as --output_dir is."""
     if args.reference_errors is None:
         return None
-    if weights_are_sharded(accelerator):
-        raise ValueError("--reference_errors does not run under FSDP or ZeRO-3 yet (the pre-pass needs the whole "
-                         "reference on every process); drop it, or train with DDP or ZeRO-2.")
     folder = Path(args.reference_errors)
-    key = reference_errors_key(args, run, models, dataset)
     rank_file = folder / f"errors_rank{accelerator.process_index}.npz"
     saved = json.loads((folder / "key.json").read_text()) if (folder / "key.json").exists() else None
     if saved is not None and saved["key"] == key and saved["first_step"] <= run.global_step:
@@ -2351,10 +2361,11 @@ def main(args):
                                      counts)
     train_dataset, train_dataloader = build_dataloader(args, accelerator, dataset, columns, tokenizers, cache)
     run = prepare_training(args, accelerator, unet, train_dataset, train_dataloader)
-    start_run(args, accelerator, run, counts, noise_scheduler)
     models = (run.unet, ref_unet, vae, text_encoders)
+    reference_key = reference_errors_key(args, accelerator, run, models, dataset)  # before a resume loads weights
+    start_run(args, accelerator, run, counts, noise_scheduler)
     run.reference_errors = prepare_reference_errors(args, accelerator, run, models, noise_scheduler, weight_dtype,
-                                                    dataset)
+                                                    reference_key)
     faults, stop_request = InjectedFaults.from_environment(), StopRequest()
     progress_bar = tqdm(range(run.max_train_steps), initial=run.global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)

@@ -7,12 +7,14 @@ import shutil
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 
 import train_diffusion_dpo as sd
 from launch_utils import launch, logged_scalars, max_abs_difference, max_movement, run_in_process, trained_weights
 
 SCRIPT = "train_diffusion_dpo.py"
-CPU = type("CPU", (), {"device": torch.device("cpu")})()  # build_models asks the accelerator for its device only
+# build_models asks the accelerator for its device only; the key, whether the weights are sharded
+CPU = type("CPU", (), {"device": torch.device("cpu"), "distributed_type": DistributedType.NO})()
 
 
 def run_args(model, data, output_dir, *extra):
@@ -110,6 +112,25 @@ def test_a_resumed_run_reads_the_rows_of_its_remaining_steps(precomputed, tiny_s
         run_in_process(sd, full + ["--reference_errors", tmp_path / "none", "--resume_from_checkpoint", "latest"])
 
 
+def test_a_resumed_full_fine_tune_reads_the_folder_it_started_with(live, tiny_sd_path, preference_data_path,
+                                                                   tmp_path, caplog):
+    # The key is taken before the checkpoint's (trained) weights are loaded, so the resumed run matches its folder.
+    # Before that fix the resumed policy's fingerprint never matched and the run refused to start.
+    full = ["--learning_rate", "1e-4", "--reference_errors", tmp_path / "errors"]
+    run_in_process(sd, run_args(tiny_sd_path, preference_data_path, tmp_path / "first", *full))
+    shutil.copytree(tmp_path / "first" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    with caplog.at_level(logging.INFO):
+        run_in_process(sd, run_args(tiny_sd_path, preference_data_path, tmp_path / "resumed", *full,
+                                    "--resume_from_checkpoint", "latest"))
+    assert "Reading the reference errors" in caplog.text
+    assert max_abs_difference(trained_weights(tmp_path / "resumed"), trained_weights(tmp_path / "first")) < 1e-6
+    # resumed at the very end, with a folder of another run: nothing is left to compute, and nothing crashes
+    run_in_process(sd, run_args(tiny_sd_path, preference_data_path, tmp_path / "lora", "--use_lora"))
+    run_in_process(sd, run_args(tiny_sd_path, preference_data_path, tmp_path / "lora", "--use_lora",
+                                "--reference_errors", tmp_path / "fresh", "--resume_from_checkpoint", "latest"))
+    assert json.loads((tmp_path / "fresh" / "key.json").read_text())["first_step"] == 4
+
+
 KEY_CHANGES = [["--seed", "1"], ["--resolution", "32"], ["--proportion_empty_prompts", "0.5"], ["--no_hflip"],
                ["--random_crop"], ["--train_batch_size", "1"], ["--gradient_accumulation_steps", "1"],
                ["--max_train_steps", "6"], ["--max_train_samples", "10"], ["--use_lora"], ["--prediction_type",
@@ -117,9 +138,10 @@ KEY_CHANGES = [["--seed", "1"], ["--resolution", "32"], ["--proportion_empty_pro
 
 
 def key_of(args, models, dataset, run_settings=None):
+    args.reference_errors = args.reference_errors or "the folder"  # a key exists only with the flag
     run = type("Run", (), {"num_processes": 1, "mixed_precision": "no", "max_train_steps": args.max_train_steps or 4,
                            "train_dataset": dataset, **(run_settings or {})})()
-    return sd.reference_errors_key(args, run, models, dataset)
+    return sd.reference_errors_key(args, CPU, run, models, dataset)
 
 
 @pytest.mark.parametrize("change", KEY_CHANGES, ids=lambda change: change[0])
@@ -151,6 +173,15 @@ def test_launch_data_and_weights_change_the_key_and_sweep_flags_do_not(tiny_sd_p
                  ["--use_adafactor"], ["--output_dir", str(tmp_path / "elsewhere")]):
         swept = sd.parse_args(run_args(tiny_sd_path, preference_data_path, tmp_path) + flag)
         assert key_of(swept, bundle, dataset) == key_of(args, bundle, dataset), flag
+
+
+def test_lora_targets_rank_and_alpha_leave_the_key_alone(tiny_sd_path, preference_data_path, tmp_path):
+    keys = []
+    for flags in ([], ["--lora_target_modules", "to_q,to_v", "--rank", "4", "--lora_alpha", "16"]):
+        args = sd.parse_args(run_args(tiny_sd_path, preference_data_path, tmp_path, "--use_lora", *flags))
+        models = sd.build_models(args, CPU, torch.float32)
+        keys.append(key_of(args, (models[4], models[5], models[3], models[2]), sd.load_preference_dataset(args)[0]))
+    assert keys[0] == keys[1]
 
 
 def test_a_mismatched_key_is_named_then_recomputed_or_refused(precomputed, tiny_sd_path, preference_data_path,

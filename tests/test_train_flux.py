@@ -472,3 +472,15 @@ def test_streaming_sft_adafactor_checkpointing_run(tiny_flux_path, pairs_path, t
     assert all_finite(tuned) and sum(not torch.equal(base[k], tuned[k]) for k in base) > 0.9 * len(base)
     assert Image.open(tmp_path / "validation_grid.png").size == (128, 64)
     assert "FluxTransformer2DModel.from_pretrained" in (tmp_path / "README.md").read_text()
+
+
+def test_sigma_sqrt_weights_stay_finite_in_fp16(tiny_flux_path, pairs_path):
+    # FLUX.1-dev's shifted sigmas reach ~0.0016 at 64 px: sigma^-2 ~ 4e5, far past fp16's 65504 (see the SD3 test)
+    from test_train_sd3 import flux_or_sd3_sigma
+
+    args, batch, models, noise_scheduler = step_inputs(tiny_flux_path, pairs_path, "--use_lora", "--weighting_scheme",
+                                                       "sigma_sqrt", weight_dtype=torch.float16, pairs=1)
+    step = next(step for step in range(100000) if flux_or_sd3_sigma(args, noise_scheduler, step, 16) < 0.0039)
+    with torch.autocast("cpu", dtype=torch.float16):
+        model_losses, ref_losses = flux.dpo_step_losses(args, batch, models, noise_scheduler, step, torch.float16)
+    assert torch.isfinite(model_losses).all() and torch.isfinite(ref_losses).all()

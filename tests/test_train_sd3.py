@@ -431,3 +431,34 @@ def test_streaming_sft_adafactor_checkpointing_run(tiny_sd3_path, pairs_path, tm
     assert all_finite(tuned) and sum(not torch.equal(base[k], tuned[k]) for k in base) > 0.9 * len(base)
     assert Image.open(tmp_path / "validation_grid.png").size == (128, 64)
     assert "SD3Transformer2DModel.from_pretrained" in (tmp_path / "README.md").read_text()
+
+
+def test_sigma_sqrt_weights_stay_finite_in_fp16(tiny_sd3_path, pairs_path):
+    # sigma_sqrt weights an error by sigma^-2: for SD3's smallest sigmas (~0.003) that is ~1e5, past fp16's 65504.
+    # The weighting is taken from the float32 sigmas; before, it was computed in fp16 and the loss came out inf.
+    args, batch, models, noise_scheduler = step_inputs(tiny_sd3_path, pairs_path, "--use_lora", "--weighting_scheme",
+                                                       "sigma_sqrt", weight_dtype=torch.float16, pairs=1)
+    step = next(step for step in range(100000) if flux_or_sd3_sigma(args, noise_scheduler, step) < 0.0039)
+    with torch.autocast("cpu", dtype=torch.float16):
+        model_losses, ref_losses = sd3.dpo_step_losses(args, batch, models, noise_scheduler, step, torch.float16)
+    assert torch.isfinite(model_losses).all() and torch.isfinite(ref_losses).all()
+
+
+def flux_or_sd3_sigma(args, noise_scheduler, step, *image_seq_len):
+    """The sigma pair 0 draws at `step` (SD3's draw; FLUX's takes the packed image length too)."""
+    script = sd3 if not image_seq_len else __import__("train_diffusion_dpo_flux")
+    return script.draw_flow_timesteps([script.pair_generator(args.seed, step, 0)], noise_scheduler, args,
+                                      *image_seq_len)[1].item()
+
+
+def test_the_latent_cache_key_follows_the_t5_length_and_the_vae_dtype(tiny_sd3_path, pairs_path):
+    # The cached text arrays are --max_sequence_length long and the posteriors come from the VAE in its dtype: a run
+    # that changes either must not reuse another's cache (before, both were missing from the key)
+    keys = set()
+    for extra, dtype in (([], torch.float32), (["--max_sequence_length", "32"], torch.float32),
+                         (["--upcast_vae"], torch.bfloat16), ([], torch.bfloat16)):
+        args = data_args(pairs_path, "--pretrained_model_name_or_path", tiny_sd3_path, *extra)
+        _, _, text_encoders, vae, _, _ = sd3.build_models(args, CPU, dtype)
+        dataset, columns, _ = sd3.load_preference_dataset(args)
+        keys.add(sd3.latent_cache_path(args, dataset, columns, vae, text_encoders, np.float32))
+    assert len(keys) == 4
