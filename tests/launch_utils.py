@@ -52,12 +52,13 @@ def run_in_process(script, args):
 
 
 def trained_weights(output_dir):
-    """The trained tensors of a result: the LoRA file if there is one, else the saved UNet."""
+    """The trained tensors of a result: the LoRA file if there is one, else the saved UNet (SD3, FLUX: transformer)."""
     output_dir = Path(output_dir)
     lora = output_dir / "pytorch_lora_weights.safetensors"
     if lora.exists():
         return load_file(lora)
-    return load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    denoiser = "unet" if (output_dir / "unet").is_dir() else "transformer"
+    return load_file(output_dir / denoiser / "diffusion_pytorch_model.safetensors")
 
 
 def max_abs_difference(first, second):

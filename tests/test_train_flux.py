@@ -4,8 +4,6 @@ runs on a tiny FLUX.1-dev."""
 import argparse
 import json
 import math
-import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,7 +16,9 @@ import train_diffusion_dpo as sd
 import train_diffusion_dpo_flux as flux
 from fixtures.make_preference_data import make_preference_dataset
 from fixtures.tiny_models import build_tiny_flux
-from launch_utils import all_finite, launch, logged_scalars, max_abs_difference, max_movement, summary
+from flow_checks import (check_cached_run_trains_like_the_uncached_run, check_resume_equals_an_uninterrupted_run,
+                         check_streaming_sft_adafactor_checkpointing_run, check_two_process_ddp_equals_one_process)
+from launch_utils import all_finite, launch, logged_scalars, max_abs_difference, summary, trained_weights
 from launch_utils import run_in_process as run_script_in_process
 from test_train_sdxl import Recorder, copied_pieces, unmarked_shared_definitions
 
@@ -38,17 +38,6 @@ def pairs_path(tmp_path_factory):
     """Pick-a-Pic-layout parquet: 12 pairs, 2 ties, images of other sizes than the training resolution."""
     return make_preference_dataset(str(tmp_path_factory.mktemp("flux-pairs")), num_pairs=12, num_ties=2,
                                    non_square=True)
-
-
-def trained_weights(output_dir):
-    """The trained tensors of a FLUX result: the LoRA file if there is one, else the saved transformer."""
-    from safetensors.torch import load_file
-
-    output_dir = Path(output_dir)
-    lora = output_dir / "pytorch_lora_weights.safetensors"
-    if lora.exists():
-        return load_file(lora)
-    return load_file(output_dir / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,72 +395,23 @@ def test_full_bf16_run_saves_a_flux_pipeline_with_the_base_frozen_parts(full_run
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_resume_equals_an_uninterrupted_run(mode, lora_run, full_run, tiny_flux_path, pairs_path, tmp_path):
-    """Steps 3-4 again from the launched run's own step-2 checkpoint, in process, in a new folder."""
     run, extra = {"lora": (lora_run, ["--use_lora", "--random_crop"]),
                   "full": (full_run, ["--learning_rate", "1e-4", "--mixed_precision", "bf16"])}[mode]
-    shutil.copytree(run / "checkpoint-2", tmp_path / "checkpoint-2")
-    run_in_process(*run_args(tiny_flux_path, pairs_path, tmp_path, *extra, "--max_train_steps", "4",
-                             "--resume_from_checkpoint", "latest"))
-    assert (tmp_path / "checkpoint-4").is_dir()
-    assert max_abs_difference(trained_weights(tmp_path), trained_weights(run)) < 1e-6
+    check_resume_equals_an_uninterrupted_run(flux, run_args, tiny_flux_path, pairs_path, run, extra, tmp_path)
 
 
 def test_two_process_ddp_equals_one_process(tiny_flux_path, pairs_path, tmp_path):
-    # As in the SD test: a large Adam epsilon keeps Adam from magnifying float-summation noise in near-zero
-    # gradients into lr-sized weight differences.
-    common = ["--use_lora", "--max_train_steps", "2", "--checkpointing_steps", "100", "--adam_epsilon", "1e-4"]
-    run_in_process(*run_args(tiny_flux_path, pairs_path, tmp_path / "one", *common))  # 1 process x 2 pairs
-    launch(SCRIPT, run_args(tiny_flux_path, pairs_path, tmp_path / "two", *common, "--train_batch_size", "1"),
-           num_processes=2)  # 2 processes x 1 pair
-    assert logged_scalars(tmp_path / "one") == pytest.approx(logged_scalars(tmp_path / "two"), rel=1e-3)
-    one, two = trained_weights(tmp_path / "one"), trained_weights(tmp_path / "two")
-    assert max_abs_difference(one, two) < 1e-3 * max_movement(one)
+    check_two_process_ddp_equals_one_process(flux, run_args, tiny_flux_path, pairs_path, tmp_path)
 
 
 def test_cached_run_trains_like_the_uncached_run_and_reuses_its_cache(tiny_flux_path, pairs_path, tmp_path):
-    common = ["--use_lora", "--max_train_steps", "2", "--checkpointing_steps", "100", "--adam_epsilon", "1e-4",
-              "--latent_cache_dir", tmp_path / "cache", "--proportion_empty_prompts", "0.3"]
-    for name, extra in (("uncached", []), ("cached", ["--cache_latents"]), ("reused", ["--cache_latents"])):
-        run_in_process(*run_args(tiny_flux_path, pairs_path, tmp_path / name, *common, *extra))
-    assert logged_scalars(tmp_path / "cached") == pytest.approx(logged_scalars(tmp_path / "uncached"), rel=1e-4)
-    cached, uncached = trained_weights(tmp_path / "cached"), trained_weights(tmp_path / "uncached")
-    assert max_abs_difference(cached, uncached) < 1e-2 * max_movement(uncached)
-    stats = json.loads((tmp_path / "cached" / "latent_cache_stats.json").read_text())
-    # every prompt once through both encoders: T5's 32 token states and CLIP-L's pooled output
-    cache_dir = Path(stats["cache_dir"])
-    assert np.load(cache_dir / "text_prompt_embeds.npy", mmap_mode="r").shape[1:] == (32, 96)
-    assert np.load(cache_dir / "text_pooled_prompt_embeds.npy", mmap_mode="r").shape[1:] == (32,)
-    reused = json.loads((tmp_path / "reused" / "latent_cache_stats.json").read_text())
-    assert reused["reused"] and reused["images_encoded"] == 0 and reused["prompts_encoded"] == 0
-    assert max_abs_difference(trained_weights(tmp_path / "reused"), cached) == 0
+    check_cached_run_trains_like_the_uncached_run(flux, run_args, tiny_flux_path, pairs_path, tmp_path,
+                                                  {"prompt_embeds": (32, 96), "pooled_prompt_embeds": (32,)})
 
 
 def test_streaming_sft_adafactor_checkpointing_run(tiny_flux_path, pairs_path, tmp_path):
-    """The other paths in one run: a stream, the sft loss with a full fine-tune (validation then reloads the base
-    transformer), Adafactor, gradient checkpointing, the mode density, and a NaN injected at step 2."""
-    import os
-
-    os.environ["DIFFUSION_DPO_TEST_NAN_STEPS"] = "2"
-    try:
-        run_in_process(*run_args(tiny_flux_path, pairs_path, tmp_path, "--streaming", "--max_train_steps", "3",
-                                 "--loss_type", "sft", "--use_adafactor", "--gradient_checkpointing",
-                                 "--learning_rate", "1e-4", "--weighting_scheme", "mode", "--save_transformer_only",
-                                 "--num_validation_images", "1", "--validation_num_inference_steps", "2",
-                                 "--validation_prompts", "a red circle"))
-    finally:
-        del os.environ["DIFFUSION_DPO_TEST_NAN_STEPS"]
-    assert (tmp_path / "checkpoint-2" / "stream_state_0.json").exists()
-    assert summary(tmp_path)["nonfinite_steps"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(("checkpoint", "logs",
-                                                                                               "validation"))) == [
-        "transformer"]
-    from safetensors.torch import load_file
-
-    base = load_file(f"{tiny_flux_path}/transformer/diffusion_pytorch_model.safetensors")
-    tuned = trained_weights(tmp_path)
-    assert all_finite(tuned) and sum(not torch.equal(base[k], tuned[k]) for k in base) > 0.9 * len(base)
-    assert Image.open(tmp_path / "validation_grid.png").size == (128, 64)
-    assert "FluxTransformer2DModel.from_pretrained" in (tmp_path / "README.md").read_text()
+    check_streaming_sft_adafactor_checkpointing_run(flux, run_args, tiny_flux_path, pairs_path, tmp_path,
+                                                    "FluxTransformer2DModel")
 
 
 def test_sigma_sqrt_weights_stay_finite_in_fp16(tiny_flux_path, pairs_path):
