@@ -1018,21 +1018,30 @@ def meta_transformer_activation_memory(config, latent_size, pairs, lora, gradien
                                        lora_targets):
     """meta_activation_memory for SD3's transformer: peak bytes of one policy forward + backward beyond the weights
     (meta device, bf16), on [2 * pairs] latents and a joint text sequence of `text_tokens` tokens."""
+    def sd3_inputs(images):
+        return {"hidden_states": torch.randn(images, config["in_channels"], latent_size, latent_size,
+                                             dtype=torch.bfloat16),
+                "timestep": torch.full((images,), 500.0),
+                "encoder_hidden_states": torch.randn(images, text_tokens, config["joint_attention_dim"],
+                                                     dtype=torch.bfloat16),
+                "pooled_projections": torch.randn(images, config["pooled_projection_dim"], dtype=torch.bfloat16)}
+
+    return meta_flow_activation_memory(SD3Transformer2DModel, config, lora, gradient_checkpointing, lora_targets,
+                                       sd3_inputs, 2 * pairs)
+
+
+def meta_flow_activation_memory(model_class, config, lora, gradient_checkpointing, lora_targets, make_inputs, images):
+    """The meta-device pass shared by the SD3 and FLUX estimates: the model (LoRA rank 8 on `lora_targets` when
+    `lora`), its inputs from make_inputs(images), and the peak bytes of forward + backward beyond the weights."""
     with torch.device("meta"):
-        transformer = SD3Transformer2DModel(**config).to(torch.bfloat16)
+        transformer = model_class(**config).to(torch.bfloat16)
         if lora:
             from peft import LoraConfig
 
             transformer.requires_grad_(False)
             transformer.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
                                                target_modules=lora_targets))
-        images = 2 * pairs
-        inputs = {"hidden_states": torch.randn(images, config["in_channels"], latent_size, latent_size,
-                                               dtype=torch.bfloat16),
-                  "timestep": torch.full((images,), 500.0),
-                  "encoder_hidden_states": torch.randn(images, text_tokens, config["joint_attention_dim"],
-                                                       dtype=torch.bfloat16),
-                  "pooled_projections": torch.randn(images, config["pooled_projection_dim"], dtype=torch.bfloat16)}
+        inputs = make_inputs(images)
     transformer.train()
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -1110,7 +1119,6 @@ def flux_dev_memory_estimate(resolution=1024, pairs=1, max_sequence_length=512):
     GPU): 1 pair, bf16, gradient checkpointing, the script's default LoRA targets at rank 8. Parameter-sized terms
     from the real config on the meta device; activations from a forward+backward on the meta device."""
     from accelerate import init_empty_weights
-    from peft import LoraConfig
 
     import train_diffusion_dpo_flux as flux_script
 
@@ -1120,42 +1128,22 @@ def flux_dev_memory_estimate(resolution=1024, pairs=1, max_sequence_length=512):
         encoders = [CLIPTextModel(clip_vit_l_text_config()), T5EncoderModel(t5_xxl_config())]
         vae = AutoencoderKL(**flux_vae_config())
     latent_size = resolution // 8
-    tokens = (latent_size // 2) ** 2
+    tokens = (latent_size // 2) ** 2  # packed 2x2 patches
 
-    def activations(gradient_checkpointing):
-        with torch.device("meta"):
-            transformer = FluxTransformer2DModel(**config).to(torch.bfloat16)
-            transformer.requires_grad_(False)
-            transformer.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
-                                               target_modules=targets))
-            images = 2 * pairs
-            inputs = {"hidden_states": torch.randn(images, tokens, 64, dtype=torch.bfloat16),
-                      "encoder_hidden_states": torch.randn(images, max_sequence_length, 4096, dtype=torch.bfloat16),
-                      "pooled_projections": torch.randn(images, 768, dtype=torch.bfloat16),
-                      "timestep": torch.full((images,), 0.5), "guidance": torch.full((images,), 3.5),
-                      "txt_ids": torch.zeros(max_sequence_length, 3),
-                      "img_ids": torch.zeros(tokens, 3)}
-        transformer.train()
-        if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        params = sum(p.numel() for p in transformer.parameters() if not p.requires_grad)
-        lora = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
-        known = [t.untyped_storage()._cdata for t in [*transformer.parameters(), *transformer.buffers(),
-                                                       *inputs.values()]]
-        tracker = LiveMemory(known, grad_scale=1)
-        hooks = [p.register_post_accumulate_grad_hook(tracker.mark_grad) for p in transformer.parameters()
-                 if p.requires_grad]
-        with flash_attention_on_meta(), tracker:
-            loss = transformer(**inputs).sample.float().pow(2).mean()
-            tracker.sweep()
-            loss.backward()
-            tracker.sweep()
-        for hook in hooks:
-            hook.remove()
-        return tracker.peak, params, lora
+    def flux_inputs(images):
+        return {"hidden_states": torch.randn(images, tokens, 64, dtype=torch.bfloat16),
+                "encoder_hidden_states": torch.randn(images, max_sequence_length, 4096, dtype=torch.bfloat16),
+                "pooled_projections": torch.randn(images, 768, dtype=torch.bfloat16),
+                "timestep": torch.full((images,), 0.5), "guidance": torch.full((images,), 3.5),
+                "txt_ids": torch.zeros(max_sequence_length, 3), "img_ids": torch.zeros(tokens, 3)}
 
-    peak, params, lora_params = activations(True)
-    no_ckpt_peak, _, _ = activations(False)
+    peak, no_ckpt_peak = (meta_flow_activation_memory(FluxTransformer2DModel, config, True, checkpointing, targets,
+                                                      flux_inputs, 2 * pairs) for checkpointing in (True, False))
+    with init_empty_weights():
+        transformer = FluxTransformer2DModel(**config)
+        params = sum(p.numel() for p in transformer.parameters())
+    lora_params = sum(8 * (module.in_features + module.out_features) for name, module in transformer.named_modules()
+                      if isinstance(module, torch.nn.Linear) and any(name.endswith("." + t) for t in targets))
     encoder_bytes = 2 * sum(p.numel() for module in (*encoders, vae) for p in module.parameters())
     gb = lambda n: n / 1e9  # noqa: E731
     parts = {"base_bf16": gb(2 * params), "lora_weights_grads_adam_fp32": gb(16 * lora_params),
