@@ -400,6 +400,8 @@ def test_resume_equals_an_uninterrupted_run(mode, lora_run, full_run, tiny_flux_
     check_resume_equals_an_uninterrupted_run(flux, run_args, tiny_flux_path, pairs_path, run, extra, tmp_path)
 
 
+# Slow: the SD3 test runs the same check (the copied DDP path, the same per-pair draws) in the default suite
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(tiny_flux_path, pairs_path, tmp_path):
     check_two_process_ddp_equals_one_process(flux, run_args, tiny_flux_path, pairs_path, tmp_path)
 
