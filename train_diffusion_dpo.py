@@ -442,10 +442,14 @@ ROW_USABLE, ROW_MISSING_IMAGE, ROW_UNDECODABLE_IMAGE = 1, 2, 3
 ROW_STATUS_REASONS = {ROW_MISSING_IMAGE: "missing_image", ROW_UNDECODABLE_IMAGE: "undecodable_image"}
 
 
-def weights_fingerprint(model):
-    """A cheap digest of a model's weights (names, shapes and first values of every tensor)."""
+def weights_fingerprint(model, without_adapters=False):
+    """A cheap digest of a model's weights (names, shapes and first values of every tensor). without_adapters: of
+    the base weights alone, named as without LoRA (PEFT adds .base_layer), so any adapters give the same digest."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
+        if without_adapters and "lora_" in name:
+            continue
+        name = name.replace(".base_layer", "") if without_adapters else name
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().flatten()[:8].float().cpu().numpy().tobytes())
     return digest.hexdigest()
@@ -1444,17 +1448,13 @@ def reference_errors_key(args, accelerator, run, models, dataset):
     })
     unet, _, vae, text_encoders = models
     encoders = text_encoders if isinstance(text_encoders, (tuple, list)) else [text_encoders]
-    digest = hashlib.sha256()
-    for name, tensor in unet_module(unet).state_dict().items():
-        if "lora_" not in name:  # the base weights, named as without adapters (PEFT adds .base_layer)
-            digest.update(f"{name.replace('.base_layer', '')}{tuple(tensor.shape)}".encode())
-            digest.update(tensor.detach().flatten()[:8].float().cpu().numpy().tobytes())
     key = {
         "format": 1, "script": Path(__file__).name,
         "args": {name: value for name, value in sorted(vars(args).items()) if name not in free_flags},
         "num_processes": run.num_processes, "mixed_precision": run.mixed_precision,
         "max_train_steps": run.max_train_steps, "pairs": len(run.train_dataset),
-        "dataset": getattr(dataset, "_fingerprint", None), "reference": digest.hexdigest(),
+        "dataset": getattr(dataset, "_fingerprint", None),
+        "reference": weights_fingerprint(unet_module(unet), without_adapters=True),
         "vae": weights_fingerprint(vae), "text_encoders": [weights_fingerprint(encoder) for encoder in encoders],
     }
     return json.loads(json.dumps(key, default=str))  # as it reads back from key.json
