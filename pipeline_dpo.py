@@ -158,6 +158,7 @@ LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "unet_lora_adapter.safe
 LORA_KEY_PREFIXES = {"unet.": "unet", "lora_unet_": "unet", "transformer.": "transformer", "text_encoder.": None,
                      "text_encoder_2.": None, "lora_te": None}
 DENOISER_WEIGHTS = "diffusion_pytorch_model"
+RUN_RESULT = "run_result.json"  # which run wrote a training output folder's results (its run_id, its last step)
 TRAINING_ARGS = "training_args.json"  # the training scripts' record of their flags: {"args": {...}, "run": {...}}
 CHECKPOINT_NAME = re.compile(r"^checkpoint-\d+$")
 WHAT_WE_LOOK_FOR = (
@@ -339,6 +340,28 @@ def _find_training_args(folder):
     return next((str(c / TRAINING_ARGS) for c in candidates if (c / TRAINING_ARGS).is_file()), None)
 
 
+def _refuse_weights_of_another_run(folder):
+    """A training output folder whose training_args.json is of a run that has not finished (it failed, or is still
+    running) holds another run's weights, or none: refused, instead of loading them under the new run's flags. The
+    scripts record the run in training_args.json and, once the results are written, in run_result.json."""
+    try:
+        started = json.loads((folder / TRAINING_ARGS).read_text())["run"]["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not a training output folder, or one of a version that did not record its runs
+    try:
+        result = json.loads((folder / RUN_RESULT).read_text())
+    except (OSError, ValueError):
+        result = {}
+    if result.get("run_id") == started:
+        return
+    written = (f"the weights there are from run {result.get('run_id')}, which finished at step "
+               f"{result.get('global_step')}" if result else "no run has finished writing weights there")
+    raise DpoResultError(
+        f"{str(folder)!r}: the run recorded in its {TRAINING_ARGS} (run {started}) did not finish (it failed or is "
+        f"still running), and {written}. Let that run finish (--resume_from_checkpoint latest), load one of its "
+        "checkpoint-N folders, or train into a fresh --output_dir.")
+
+
 def result_training_args(result):
     """The flags the result was trained with (the "args" of its training_args.json), or {} where it has none."""
     if result is None or result.training_args_file is None:
@@ -368,6 +391,7 @@ def resolve_dpo_result(dpo, variant=None):
         def read_json(name):
             return json.loads((path / name).read_text())
 
+        _refuse_weights_of_another_run(path)
         return _classify(files, read_json, str(path), on_hub=False, variant=variant,
                          training_args_file=_find_training_args(path))
     if not HUB_ID.match(dpo) or dpo.endswith(".safetensors"):

@@ -50,9 +50,12 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -250,6 +253,11 @@ def load_pil_image(value):
         value = value.get("bytes") or value.get("path")
     if value is None or (isinstance(value, (bytes, bytearray, str)) and len(value) == 0):
         raise UnusableImage("missing_image", "the image cell is empty")
+    if isinstance(value, str) and not os.path.isfile(value):
+        # Only regular files are opened: a FIFO or a device would block the run forever, a folder is no image.
+        if not os.path.exists(value):
+            raise UnusableImage("missing_image", f"the image file {value!r} does not exist")
+        raise UnusableImage("undecodable_image", f"{value!r} is not a regular file")
     try:
         if isinstance(value, Image.Image):
             image = value
@@ -282,26 +290,30 @@ def load_pil_image(value):
 def preprocess_pair(winner, loser, resolution, random_crop, hflip, rng):
     """Resize, crop and flip a winner/loser pair *jointly*, and return normalized tensors.
 
-    The loser is first brought to the winner's size, then both get the same resize (short side = resolution),
-    the same crop and the same flip, so that neither image of a pair is favoured by augmentation.
+    Both images get the same resize (short side = resolution, the loser as if brought to the winner's size first),
+    the same crop and the same flip, so that neither image of a pair is favoured by augmentation. Only the crop is
+    resampled, from its box in each image's own pixels: the work is resolution^2 pixels whatever the aspect ratio
+    (resizing the whole image first made a 1 x 20000 PNG of 256 bytes into resolution x 20000*resolution pixels).
 
-    Returns (winner [3,R,R] in [-1,1], loser likewise, original_size (h, w), crop_top_left (top, left)).
+    Returns (winner [3,R,R] in [-1,1], loser likewise, original_size (h, w), crop_top_left (top, left)) with the
+    crop's corner in the resized winner's coordinates, as SDXL's micro-conditioning expects.
     """
     original_size = (winner.height, winner.width)
-    if loser.size != winner.size:
-        loser = loser.resize(winner.size, resample=Image.BICUBIC)
     scale = resolution / min(winner.width, winner.height)
     resized = (max(resolution, round(winner.width * scale)), max(resolution, round(winner.height * scale)))
-    winner = winner.resize(resized, resample=Image.BILINEAR)
-    loser = loser.resize(resized, resample=Image.BILINEAR)
     if random_crop:
         top = rng.randint(0, resized[1] - resolution)
         left = rng.randint(0, resized[0] - resolution)
     else:
         top = (resized[1] - resolution) // 2
         left = (resized[0] - resolution) // 2
-    box = (left, top, left + resolution, top + resolution)
-    winner, loser = winner.crop(box), loser.crop(box)
+
+    def crop(image):
+        x_scale, y_scale = image.width / resized[0], image.height / resized[1]
+        box = (left * x_scale, top * y_scale, (left + resolution) * x_scale, (top + resolution) * y_scale)
+        return image.resize((resolution, resolution), resample=Image.BILINEAR, box=box)
+
+    winner, loser = crop(winner), crop(loser)
     if hflip and rng.random() < 0.5:
         winner = winner.transpose(Image.FLIP_LEFT_RIGHT)
         loser = loser.transpose(Image.FLIP_LEFT_RIGHT)
@@ -311,6 +323,16 @@ def preprocess_pair(winner, loser, resolution, random_crop, hflip, rng):
         return pixels.float().div(127.5).sub(1.0)
 
     return to_tensor(winner), to_tensor(loser), original_size, (top, left)
+
+
+# Copied from train_diffusion_dpo.preference_label
+def preference_label(value):
+    """A label as a number, whether stored as one or as a string ("1", "0.5"); NaN (an invalid label) otherwise.
+    The map-style filter and the streamed rows both read labels through this, so they keep the same rows."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 # Copied from train_diffusion_dpo.load_preference_dataset
@@ -358,9 +380,9 @@ def load_preference_dataset(args):
     keep &= has_caption
     if args.chosen_column is None:
         # Read only the two label columns (no image decoding) to choose the rows to keep.
-        labels = dataset.select_columns([columns["label_0"], columns["label_1"]]).with_format("numpy")
-        label_0 = np.asarray(labels[columns["label_0"]], dtype=np.float64)
-        label_1 = np.asarray(labels[columns["label_1"]], dtype=np.float64)
+        labels = dataset.select_columns([columns["label_0"], columns["label_1"]])
+        label_0 = np.fromiter(map(preference_label, labels[columns["label_0"]]), dtype=np.float64, count=len(dataset))
+        label_1 = np.fromiter(map(preference_label, labels[columns["label_1"]]), dtype=np.float64, count=len(dataset))
         is_tie = (label_0 == 0.5) & (label_1 == 0.5)
         is_decided = ((label_0 == 1) & (label_1 == 0)) | ((label_0 == 0) & (label_1 == 1))
         # Each dropped row is counted once, under its first reason in the order caption, tie, labels.
@@ -415,13 +437,12 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         image_0 = load_pil_image(row[self.columns["image_0"]])
         image_1 = load_pil_image(row[self.columns["image_1"]])
         # Rows were filtered to labels (1, 0) or (0, 1): the winner is the image labelled 1.
-        return (image_0, image_1) if float(row[self.columns["label_0"]]) == 1.0 else (image_1, image_0)
+        return (image_0, image_1) if preference_label(row[self.columns["label_0"]]) == 1.0 else (image_1, image_0)
 
     # Copied from train_diffusion_dpo.PreferencePairDataset.__getitem__
     def __getitem__(self, index):
         skipped = []
-        for offset in range(len(self.dataset)):
-            row_index = (index + offset) % len(self.dataset)
+        for row_index in replacement_rows(self.seed, self.epoch, index, len(self.dataset)):
             row = self.dataset[row_index]
             try:
                 winner, loser = self.decode_pair(row)
@@ -429,7 +450,7 @@ class PreferencePairDataset(torch.utils.data.Dataset):
             except UnusableImage as error:
                 skipped.append((row_index, error.reason))
         else:
-            raise ValueError("No row of the dataset has usable images: every image is missing or undecodable.")
+            raise ValueError(no_usable_rows_message(skipped))
         example = self.make_example(row, None, decoded=(winner, loser), index=index)
         example.update(skipped=skipped, truncated=[row_index] if example["truncated"] else [])
         return example
@@ -470,6 +491,28 @@ class PreferencePairDataset(torch.utils.data.Dataset):
     # Copied from train_diffusion_dpo_sd3.PreferencePairDataset.prompt_truncated
     def prompt_truncated(self, caption):
         return any(tokenize_caption(tokenizer, caption)[1] for tokenizer in self.tokenizers)
+
+
+MAX_REPLACEMENT_DRAWS = 1000
+
+
+# Copied from train_diffusion_dpo.replacement_rows
+def replacement_rows(seed, epoch, index, num_rows):
+    """The row at sampler position `index`, then, while rows are unusable, rows drawn uniformly from (seed, epoch,
+    index): a block of bad rows spreads its replacements over the dataset instead of making the next usable row
+    fill it (2000 bad rows once made one pair 2001 of 2010 draws of an epoch, found by a quadratic search)."""
+    yield index
+    rng = random.Random(f"{seed}/{epoch}/{index}/replacement")
+    for _ in range(MAX_REPLACEMENT_DRAWS - 1):
+        yield rng.randrange(num_rows)
+
+
+# Copied from train_diffusion_dpo.no_usable_rows_message
+def no_usable_rows_message(skipped):
+    reasons = sorted({reason for _, reason in skipped})
+    return (f"{len(skipped)} rows drawn in a row had no usable images ({', '.join(reasons)}; "
+            f"{len({row for row, _ in skipped})} distinct rows): almost no row of the dataset can be decoded. Check "
+            "the image columns (--image_0_column/--image_1_column or --chosen_column/--rejected_column).")
 
 
 # Copied from train_diffusion_dpo.tokenize_caption
@@ -518,14 +561,37 @@ def weights_fingerprint(model, without_adapters=False):
     return digest.hexdigest()
 
 
+# Copied from train_diffusion_dpo.dataset_content_digest
+def dataset_content_digest(dataset, columns):
+    """A digest of what the cache is built from: every row's caption, labels and image bytes, in the dataset's order.
+
+    `datasets` fingerprints local files by path and modification time, so data rewritten in place with its mtime kept
+    (an `rsync -a`), or another machine's data at the same path under a shared cache folder, had the same key as
+    the latents stored for the old data. Reading the bytes costs a pass over the files (no decoding; about 1 GB/s),
+    small beside encoding them."""
+    digest = hashlib.blake2b(digest_size=16)
+    names = sorted(set(columns.values()))
+    for batch in dataset.select_columns(names).with_format("arrow").iter(batch_size=256):
+        for name in names:
+            for value in batch.column(name).to_pylist():
+                if isinstance(value, dict):  # a datasets Image cell: its bytes, or its path when it has none
+                    value = value.get("bytes") or value.get("path")
+                value = value if isinstance(value, bytes) else repr(value).encode()
+                digest.update(len(value).to_bytes(8, "little"))
+                digest.update(value)
+    return digest.hexdigest()
+
+
 # Copied from train_diffusion_dpo.latent_cache_path
-def latent_cache_path(args, dataset, columns, vae, text_encoders, cache_dtype):
-    """Cache folder for these inputs: any change of model weights, resolution, flip, data or dtype gives a new key."""
+def latent_cache_path(args, dataset, columns, vae, text_encoders, cache_dtype, data_digest=None):
+    """Cache folder for these inputs: any change of model weights, resolution, flip, data or dtype gives a new key.
+    The data enters by its content (`dataset_content_digest`, computed here unless given), not by its file names."""
     key = {
-        "format": 1, "model": args.pretrained_model_name_or_path, "revision": args.revision,
+        "format": 2, "model": args.pretrained_model_name_or_path, "revision": args.revision,
         "variant": args.variant, "vae": weights_fingerprint(vae), "vae_config": dict(vae.config),
         "text_encoders": [weights_fingerprint(encoder) for encoder in text_encoders],
-        "resolution": args.resolution, "hflip": not args.no_hflip, "dataset": dataset._fingerprint,
+        "resolution": args.resolution, "hflip": not args.no_hflip,
+        "data": data_digest if data_digest is not None else dataset_content_digest(dataset, columns),
         "columns": columns, "dtype": str(cache_dtype),
         # what else shapes the stored arrays: the T5 length of the flow scripts, the VAE's dtype (--upcast_vae)
         "max_sequence_length": getattr(args, "max_sequence_length", None), "vae_dtype": str(vae.dtype),
@@ -544,13 +610,102 @@ def build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_t
     the same key reuses it without loading a pixel. Returns (LatentCache, stats of what this run encoded).
     """
     cache_dtype = np.float16 if weight_dtype == torch.float16 else np.float32  # bf16 is stored exactly as fp32
-    cache_dir = latent_cache_path(args, dataset, columns, vae, text_encoders, cache_dtype)
-    stats = {"cache_dir": str(cache_dir), "reused": (cache_dir / "meta.json").exists(),
-             "images_encoded": 0, "prompts_encoded": 0}
-    if stats["reused"]:
-        logger.info(f"Reusing the latent cache {cache_dir}")
-        return LatentCache(cache_dir), stats
+    from accelerate.utils import broadcast_object_list
 
+    # the data is read once, by the main process, and its digest shared
+    data_digest = broadcast_object_list(
+        [dataset_content_digest(dataset, columns) if accelerator.is_main_process else None])[0]
+    cache_dir = latent_cache_path(args, dataset, columns, vae, text_encoders, cache_dtype, data_digest)
+    with cache_build_lock(accelerator, cache_dir):
+        if accelerator.is_main_process:
+            _clear_damaged_cache(cache_dir)
+        accelerator.wait_for_everyone()
+        stats = {"cache_dir": str(cache_dir), "reused": (cache_dir / "meta.json").exists(),
+                 "images_encoded": 0, "prompts_encoded": 0}
+        if stats["reused"]:
+            logger.info(f"Reusing the latent cache {cache_dir}")
+            return LatentCache(cache_dir), stats
+        building = cache_dir.with_name(f".building-{cache_dir.name}")  # private: published by a rename when complete
+        _encode_into(args, accelerator, dataset, columns, pairs, vae, encode_text, cache_dtype, building, stats)
+        if accelerator.is_main_process:
+            os.replace(building, cache_dir)
+            logger.info(f"Latent cache complete: {cache_dir}")
+        accelerator.wait_for_everyone()
+    return LatentCache(cache_dir), stats
+
+
+# Copied from train_diffusion_dpo.cache_build_lock
+@contextlib.contextmanager
+def cache_build_lock(accelerator, cache_dir):
+    """One job at a time builds or checks a cache folder: jobs sharing --latent_cache_dir (its default is one per
+    user) wait for a cache another job is building, then reuse it. The main process holds the lock; the others wait
+    for it at the barriers inside."""
+    if not accelerator.is_main_process:
+        yield
+        return
+    import fcntl
+
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir.with_name(f"{cache_dir.name}.lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info(f"Another job is building the latent cache {cache_dir}; waiting for it to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# Copied from train_diffusion_dpo.cache_problem
+def cache_problem(cache_dir):
+    """Why a published cache folder cannot be used (files missing, cut short or of the wrong shape, rows never
+    written), or None. Cheap: array headers, the small status arrays and a sample of rows, no full read."""
+    try:
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        rows, prompts, flips = meta["rows"], meta["prompts"], meta["flips"]
+        expected = {"posteriors": (rows, 2, flips), "row_prompt": (rows,), "row_status": (rows,),
+                    "prompt_truncated": (prompts,)}
+        expected.update({f"text_{name}": (prompts,) for name in meta["text"]})
+        expected.update({f"row_{name}": (rows, flips) for name in meta["row_extras"]})
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"meta.json cannot be read ({error})"
+    arrays = {}
+    for name, leading in expected.items():
+        try:
+            arrays[name] = np.load(cache_dir / f"{name}.npy", mmap_mode="r")
+        except (OSError, ValueError) as error:
+            return f"{name}.npy cannot be read ({error})"
+        if arrays[name].shape[:len(leading)] != leading:
+            return f"{name}.npy has shape {arrays[name].shape}, expected {leading} first"
+    status = np.asarray(arrays["row_status"])
+    if (status == 0).any():
+        return f"{int((status == 0).sum())} rows were never written"
+    usable = np.flatnonzero(status == ROW_USABLE)
+    sample = usable[np.linspace(0, len(usable) - 1, min(len(usable), 64)).astype(int)] if len(usable) else usable
+    if len(sample) and not np.asarray(arrays["posteriors"][sample]).any(axis=tuple(range(1, 6))).all():
+        return "posteriors.npy holds rows of zeros (it was overwritten while being built)"
+    return None
+
+
+# Copied from train_diffusion_dpo._clear_damaged_cache
+def _clear_damaged_cache(cache_dir):
+    """Move a damaged cache folder out of the way (then delete it), saying why: it is built again."""
+    if not cache_dir.exists():
+        return
+    problem = cache_problem(cache_dir)
+    if problem is None:
+        return
+    logger.warning(f"The latent cache {cache_dir} is damaged ({problem}); rebuilding it.")
+    damaged = cache_dir.with_name(f".damaged-{cache_dir.name}-{os.getpid()}")
+    os.replace(cache_dir, damaged)
+    shutil.rmtree(damaged, ignore_errors=True)
+
+
+# Copied from train_diffusion_dpo._encode_into
+def _encode_into(args, accelerator, dataset, columns, pairs, vae, encode_text, cache_dtype, cache_dir, stats):
+    """Every process encodes its share of rows and prompts into the folder `cache_dir`, which ends complete."""
     num_rows = len(dataset)
     flips = 2 if not args.no_hflip else 1
     latent_size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
@@ -560,7 +715,11 @@ def build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_t
     prompt_ids = {prompt: i for i, prompt in enumerate(prompts)}
     with torch.no_grad():
         text_shapes = {name: tuple(t.shape[1:]) for name, t in encode_text([""]).items()}
-    probe_row = next(r for r in range(num_rows) if _decodable(pairs, dataset[r]))
+    probe_row = next((r for r in range(num_rows) if _decodable(pairs, dataset[r])), None)
+    if probe_row is None:
+        raise ValueError(f"No row of the dataset has usable images ({num_rows} rows, every image missing or "
+                         "undecodable): check the image columns (--image_0_column/--image_1_column or "
+                         "--chosen_column/--rejected_column).")
     _, extras = pairs.cache_views(*pairs.decode_pair(dataset[probe_row]))
     if accelerator.is_main_process:
         logger.info(f"Building the latent cache {cache_dir}: {num_rows} pairs, {len(prompts)} unique prompts")
@@ -570,6 +729,7 @@ def build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_t
                        for name, value in extras.items()})
         _allocate_cache_files(cache_dir, arrays, np.array([prompt_ids[c] for c in captions], dtype=np.int64))
     accelerator.wait_for_everyone()
+    pause = InjectedFaults.from_environment().cache_pause  # a test's second job arrives while this one builds
 
     posteriors = np.load(cache_dir / "posteriors.npy", mmap_mode="r+")
     text_arrays = {name: np.load(cache_dir / f"text_{name}.npy", mmap_mode="r+") for name in text_shapes}
@@ -603,6 +763,7 @@ def build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_t
             params = params.float().cpu().numpy().astype(cache_dtype).reshape((len(rows), flips, 2) + posterior_shape)
             posteriors[rows] = params.swapaxes(1, 2)
             stats["images_encoded"] += params.shape[0] * flips * 2
+            time.sleep(pause)
         stats["prompts_encoded"] += _encode_prompts(pairs, encode_text, prompts, range(rank, len(prompts), world),
                                                     chunk, text_arrays, truncated)
     for array in [posteriors, *text_arrays.values(), *extra_arrays.values()]:
@@ -610,7 +771,6 @@ def build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_t
     _publish_cache(accelerator, cache_dir, status, truncated, {
         "rows": num_rows, "prompts": len(prompts), "flips": flips, "text": sorted(text_shapes),
         "row_extras": sorted(extras)})
-    return LatentCache(cache_dir), stats
 
 
 # Copied from train_diffusion_dpo._encode_prompts
@@ -628,8 +788,16 @@ def _encode_prompts(pairs, encode_text, prompts, my_prompt_ids, chunk, text_arra
 
 # Copied from train_diffusion_dpo._allocate_cache_files
 def _allocate_cache_files(cache_dir, arrays, row_prompt):
-    """The cache's memory-mapped .npy files at their full size ({name: (shape, dtype)}), and each row's prompt id."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    """The cache's memory-mapped .npy files at their full size ({name: (shape, dtype)}), and each row's prompt id,
+    in a fresh folder. The space is checked first: a memory map on a full disk dies of SIGBUS, with no message."""
+    shutil.rmtree(cache_dir, ignore_errors=True)  # what an interrupted build left
+    cache_dir.mkdir(parents=True)
+    needed = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in arrays.values())
+    free = shutil.disk_usage(cache_dir).free
+    if needed > free:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        raise OSError(f"The latent cache needs {needed / 1e9:.2f} GB in {cache_dir.parent}, which has "
+                      f"{free / 1e9:.2f} GB free. Free some space or point --latent_cache_dir at a larger disk.")
     for name, (shape, dtype) in arrays.items():
         np.lib.format.open_memmap(cache_dir / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
     np.save(cache_dir / "row_prompt.npy", row_prompt)
@@ -637,7 +805,7 @@ def _allocate_cache_files(cache_dir, arrays, row_prompt):
 
 # Copied from train_diffusion_dpo._publish_cache
 def _publish_cache(accelerator, cache_dir, status, truncated, meta):
-    """Unite every process's row status and truncated prompts, then write meta.json: the cache is complete."""
+    """Unite every process's row status and truncated prompts, then write meta.json: the folder is complete."""
     rank, world = accelerator.process_index, accelerator.num_processes
     np.save(cache_dir / f"status-{rank}.npy", status)
     np.save(cache_dir / f"truncated-{rank}.npy", truncated)
@@ -703,13 +871,12 @@ class CachedPairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         skipped = []
-        for offset in range(len(self)):  # an unusable row is replaced by the next usable one, as when decoding
-            row = (index + offset) % len(self)
+        for row in replacement_rows(self.seed, self.epoch, index, len(self)):  # as when decoding
             if self.cache.row_status[row] == ROW_USABLE:
                 break
             skipped.append((row, ROW_STATUS_REASONS[int(self.cache.row_status[row])]))
         else:
-            raise ValueError("No row of the dataset has usable images: every image is missing or undecodable.")
+            raise ValueError(no_usable_rows_message(skipped))
         # the same draws, in the same order, as PreferencePairDataset.make_example with a centre crop
         rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
         prompt = 0 if rng.random() < self.proportion_empty_prompts else int(self.cache.row_prompt[row])
@@ -743,7 +910,7 @@ def row_label_problem(row, columns):
         return "bad_caption"
     if "winner" in columns:
         return None
-    labels = (row[columns["label_0"]], row[columns["label_1"]])
+    labels = (preference_label(row[columns["label_0"]]), preference_label(row[columns["label_1"]]))
     if labels == (0.5, 0.5):
         return "ties"
     if labels not in ((1, 0), (0, 1)):
@@ -1025,7 +1192,8 @@ def build_parser():
                         help="Upload the final weights, model card and grid (never checkpoints or logs).")
     output.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id; default: the output folder name.")
     output.add_argument("--hub_token", type=str, default=None,
-                        help="Hub token; prefer `huggingface-cli login`. Never written to logs or files.")
+                        help="Not accepted (a failed launch prints its command line): log in with `huggingface-cli "
+                             "login` or set HF_TOKEN; --push_to_hub uses that login.")
     return parser
 
 
@@ -1103,13 +1271,28 @@ def validate_args(parser, args):
                          "from a dataset on disk, or drop --reference_errors.")
     if args.reference_batch_size < 1:
         parser.error("--reference_batch_size must be at least 1.")
+    refuse_unsafe_outputs(parser, args)
+    if args.lora_alpha is None:
+        args.lora_alpha = args.rank
+
+
+# Copied from train_diffusion_dpo.refuse_unsafe_outputs
+def refuse_unsafe_outputs(parser, args):
+    """The output folder must be writable and not the base model's; the hub token stays off the command line."""
     output_parent = Path(args.output_dir).resolve()
     while not output_parent.exists():
         output_parent = output_parent.parent
     if not os.access(output_parent, os.W_OK):
         parser.error(f"--output_dir {args.output_dir!r} is not writable ({output_parent} is read-only).")
-    if args.lora_alpha is None:
-        args.lora_alpha = args.rank
+    base = Path(args.pretrained_model_name_or_path).expanduser()
+    if base.is_dir() and base.resolve() == Path(args.output_dir).resolve():
+        parser.error(f"--output_dir {args.output_dir!r} is the base model's folder: the results would overwrite the "
+                     "base model. Choose another folder.")
+    if args.hub_token is not None:
+        # `accelerate launch` prints the whole command line of a run that fails: a token there ends up in job logs
+        parser.error("--hub_token is not accepted (accelerate launch prints the command line of a failed run, token "
+                     "included). Log in once with `huggingface-cli login`, or set HF_TOKEN in the job's "
+                     "environment; --push_to_hub uses that login.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1415,41 +1598,93 @@ def exchange_through_files(output_dir, accelerator, report):
     return reports
 
 
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_RECORD = "dpo_checkpoint.json"  # written last into a checkpoint: its step, run, settings and file sizes
+RUN_RESULT = "run_result.json"  # written after the results: which run wrote them, and at which step
+
+
 # Copied from train_diffusion_dpo.checkpoint_dirs
 def checkpoint_dirs(output_dir):
-    """Complete checkpoints in output_dir, oldest first (temporary folders of interrupted saves are ignored)."""
+    """The checkpoint folders this script writes (checkpoint-<step>) in output_dir, oldest first. Temporary folders of
+    interrupted saves and folders of other names (a user's checkpoint-best-1) are not ours: never resumed or pruned."""
     if not os.path.isdir(output_dir):
         return []
-    names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[-1].isdigit()]
-    return sorted(names, key=lambda name: int(name.split("-")[-1]))
+    names = [d for d in os.listdir(output_dir) if CHECKPOINT_NAME.match(d)]
+    return sorted(names, key=lambda name: int(name.split("-")[1]))
+
+
+# Copied from train_diffusion_dpo.write_failure
+def write_failure(folder, error):
+    """An OSError naming the folder a write failed in and the free space of its disk (a full disk reads as
+    "basic_ios::clear" from torch.save, or SIGBUS from a memory map)."""
+    existing = Path(folder).resolve()
+    while not existing.exists():
+        existing = existing.parent
+    free = f"{shutil.disk_usage(existing).free / 1e9:.2f} GB free"
+    return OSError(f"Could not write {folder} ({type(error).__name__}: {error}); its disk has {free}. Free some space "
+                   "or choose another --output_dir.")
+
+
+# Copied from train_diffusion_dpo.checkpoint_problem
+def checkpoint_problem(path):
+    """Why a checkpoint folder cannot be resumed, or None when it is whole: every file its record lists is there at
+    the size it was saved with (a truncated copy, a missing adapter and an empty folder all fail this)."""
+    try:
+        files = json.loads((Path(path) / CHECKPOINT_RECORD).read_text())["files"]
+    except FileNotFoundError:
+        return (f"it has no {CHECKPOINT_RECORD} (an empty folder, an interrupted copy, or a checkpoint of an older "
+                "version of this script)")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its {CHECKPOINT_RECORD} cannot be read ({error})"
+    for name, size in files.items():
+        file = Path(path) / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} when it was saved"
+    return None
 
 
 # Copied from train_diffusion_dpo.save_checkpoint
-def save_checkpoint(args, accelerator, global_step, stream_state=None, faults=None):
-    """Save a resumable state atomically: written to a temporary folder, renamed when complete.
+def save_checkpoint(args, accelerator, run, faults=None):
+    """Save a resumable state atomically: written to a temporary folder, renamed when complete, and only then are
+    old checkpoints pruned (a kill during the save leaves the previous one).
 
-    With --streaming each process also records how far into its shard it has read (`stream_state`).
+    Each process adds its run state (data position, bad rows found, non-finite counts); the main process adds the
+    record that `checkpoint_problem` checks and a resume reads its step and settings from.
     """
-    final_dir = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    temp_dir = os.path.join(args.output_dir, f".tmp-checkpoint-{global_step}")
+    final_dir = os.path.join(args.output_dir, f"checkpoint-{run.global_step}")
+    temp_dir = os.path.join(args.output_dir, f".tmp-checkpoint-{run.global_step}")
     if accelerator.is_main_process:
         shutil.rmtree(temp_dir, ignore_errors=True)
-        if args.checkpoints_total_limit is not None:
-            existing = checkpoint_dirs(args.output_dir)
-            for name in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-                shutil.rmtree(os.path.join(args.output_dir, name))
     accelerator.wait_for_everyone()
-    accelerator.save_state(temp_dir)
-    if stream_state is not None:
-        with open(os.path.join(temp_dir, f"stream_state_{accelerator.process_index}.json"), "w") as f:
-            json.dump(list(stream_state), f)
+    try:
+        accelerator.save_state(temp_dir)
+        with open(os.path.join(temp_dir, f"run_state_{accelerator.process_index}.json"), "w") as f:
+            json.dump(run.resumable_state(), f)
+    except (OSError, RuntimeError) as error:
+        raise write_failure(temp_dir, error) from error
     accelerator.wait_for_everyone()
     if faults is not None:  # a test's crash here: the checkpoint is written but not yet renamed
-        faults.crash_if_saving(global_step)
+        faults.crash_if_saving(run.global_step)
     if accelerator.is_main_process:
+        files = {str(f.relative_to(temp_dir)): f.stat().st_size for f in Path(temp_dir).rglob("*") if f.is_file()}
+        record = {"global_step": run.global_step, "run_id": run.run_id, "settings": run.settings,
+                  "learning_rate": run.learning_rate, "learning_rate_changes": run.learning_rate_changes,
+                  "files": files}
+        try:
+            with open(os.path.join(temp_dir, CHECKPOINT_RECORD), "w") as f:
+                json.dump(record, f, indent=2)
+        except OSError as error:
+            raise write_failure(temp_dir, error) from error
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(temp_dir, final_dir)
         logger.info(f"Saved checkpoint {final_dir}")
+        if args.checkpoints_total_limit is not None:  # the newest kept are this one and the highest steps
+            older = [name for name in checkpoint_dirs(args.output_dir) if name != os.path.basename(final_dir)]
+            for name in older[: max(0, len(older) - args.checkpoints_total_limit + 1)]:
+                shutil.rmtree(os.path.join(args.output_dir, name))
+    run.last_checkpoint = os.path.basename(final_dir)
     accelerator.wait_for_everyone()
 
 
@@ -1509,12 +1744,110 @@ def register_checkpoint_hooks(args, accelerator):
 
 # Copied from train_diffusion_dpo.resolve_resume_dir
 def resolve_resume_dir(args):
+    """The checkpoint folder to resume, or None. 'latest' is the newest intact checkpoint-<step> of output_dir; the
+    damaged ones it passes over are named in the log, and a folder whose checkpoints are all damaged is refused."""
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint != "latest":
+        problem = checkpoint_problem(args.resume_from_checkpoint)
+        if problem is not None:
+            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint} cannot be resumed: {problem}. "
+                             "Pass another checkpoint, or 'latest'.")
         return args.resume_from_checkpoint
-    existing = checkpoint_dirs(args.output_dir)
-    return os.path.join(args.output_dir, existing[-1]) if existing else None
+    damaged = []
+    for name in reversed(checkpoint_dirs(args.output_dir)):
+        problem = checkpoint_problem(os.path.join(args.output_dir, name))
+        if problem is None:
+            if damaged:
+                logger.warning(f"Resuming from {name}, the newest intact checkpoint; passed over: "
+                               + "; ".join(f"{bad} ({why})" for bad, why in damaged))
+            return os.path.join(args.output_dir, name)
+        damaged.append((name, problem))
+    if damaged:
+        raise ValueError(f"No checkpoint in {args.output_dir} can be resumed: "
+                         + "; ".join(f"{bad} ({why})" for bad, why in damaged)
+                         + ". Move them away to start the run anew.")
+    return None
+
+
+# What a checkpoint's state depends on: resumed with other values, the run would go on as another run than the one
+# saved (or fail on a raw size mismatch). The learning rate and the step count may change (see resume_from).
+RESUME_SETTINGS = ("pretrained_model_name_or_path", "train_batch_size", "gradient_accumulation_steps", "use_lora",
+                   "rank", "lora_alpha", "lora_target_modules", "resolution", "seed", "loss_type", "beta_dpo",
+                   "streaming", "max_train_samples", "no_hflip", "random_crop", "proportion_empty_prompts")
+
+
+# Copied from train_diffusion_dpo.resume_settings
+def resume_settings(args, run, counts):
+    settings = {name: getattr(args, name, None) for name in RESUME_SETTINGS}
+    settings.update(num_processes=run.num_processes, pairs=counts.get("pairs"), data=counts.get("data_digest"))
+    return json.loads(json.dumps(settings, default=str))  # as it reads back from the checkpoint
+
+
+# Copied from train_diffusion_dpo.apply_learning_rate
+def apply_learning_rate(run, learning_rate):
+    """Put a new base learning rate into the restored optimizer and schedule, at the schedule's current point (the
+    restored state would otherwise keep the saved rate, whatever the flags say)."""
+    scheduler = getattr(run.lr_scheduler, "scheduler", run.lr_scheduler)  # accelerate wraps the LambdaLR
+    scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
+    for group, lr_lambda in zip(run.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
+
+
+# Copied from train_diffusion_dpo.resume_from
+def resume_from(args, accelerator, run, resume_dir):
+    """Restore a checkpoint: its settings checked against the flags first, then the state, the step and run from its
+    record, and each process's run state (data position, bad rows found, non-finite counts)."""
+    record = json.loads((Path(resume_dir) / CHECKPOINT_RECORD).read_text())
+    changed = [f"{name}: saved {record['settings'].get(name)}, now {value}" for name, value in run.settings.items()
+               if record["settings"].get(name) != value]
+    if changed:
+        raise ValueError(
+            f"{resume_dir} was saved by a run with other settings ({'; '.join(changed)}). Resume with the saved "
+            "values (the learning rate and --max_train_steps may change on resume), or start a new run in another "
+            "--output_dir.")
+    logger.info(f"Resuming from {resume_dir} (step {record['global_step']})")
+    accelerator.load_state(resume_dir)
+    run.global_step, run.run_id = record["global_step"], record["run_id"]
+    run.last_checkpoint = os.path.basename(os.path.normpath(resume_dir))
+    with open(os.path.join(resume_dir, f"run_state_{accelerator.process_index}.json")) as f:
+        state = json.load(f)
+    for reason, rows in state["row_problems"].items():
+        run.row_problems.setdefault(reason, set()).update(rows)
+    run.nonfinite_steps, run.nonfinite_in_a_row = state["nonfinite_steps"], state["nonfinite_in_a_row"]
+    run.learning_rate_changes = record["learning_rate_changes"]
+    if not math.isclose(record["learning_rate"], run.learning_rate, rel_tol=1e-9):
+        apply_learning_rate(run, run.learning_rate)
+        run.learning_rate_changes = run.learning_rate_changes + [[run.global_step, run.learning_rate]]
+        logger.warning(f"The learning rate changed on resume: {record['learning_rate']:.0e} when saved, now "
+                       f"{run.learning_rate:.0e}, applied from step {run.global_step + 1}.")
+    if args.streaming:
+        run.train_dataset.start_state = tuple(state["stream_state"])
+    else:
+        run.first_epoch = run.global_step // run.steps_per_epoch
+        run.resume_batches = (run.global_step % run.steps_per_epoch) * args.gradient_accumulation_steps
+
+
+# Copied from train_diffusion_dpo.run_already_finished
+def run_already_finished(args):
+    """True when a requeued job (--resume_from_checkpoint) finds its run finished in output_dir: the run recorded in
+    training_args.json wrote the results, for the steps these flags ask for. It is then a no-op."""
+    if args.resume_from_checkpoint is None:
+        return False
+    try:
+        result = json.loads(Path(args.output_dir, RUN_RESULT).read_text())
+        started = json.loads(Path(args.output_dir, "training_args.json").read_text())["run"]["run_id"]
+        requested = {"max_train_steps": args.max_train_steps, "num_train_epochs": args.num_train_epochs}
+        finished = (result["run_id"] == started and result["requested"] == requested
+                    and result["global_step"] >= result["max_train_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if finished:
+        logger.info(f"{args.output_dir} holds the results of run {started}, already finished at step "
+                    f"{result['global_step']}: nothing to do.")
+    return finished
 
 
 # Copied from train_diffusion_dpo_sd3.sampling_scheduler with SD3->FLUX
@@ -1926,11 +2259,10 @@ pipe = load_dpo_pipeline("{args.pretrained_model_name_or_path}", "{repo_id}")
 def push_to_hub(args):
     from huggingface_hub import create_repo, upload_folder
 
-    repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
-                          token=args.hub_token).repo_id
+    repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True).repo_id
     allow, ignore = hub_upload_patterns(args)
     upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="Diffusion-DPO final weights",
-                  allow_patterns=allow, ignore_patterns=ignore, token=args.hub_token)
+                  allow_patterns=allow, ignore_patterns=ignore)
     logger.info(f"Pushed the final artifacts to https://huggingface.co/{repo_id}")
 
 
@@ -1964,9 +2296,27 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
-        import signal
-
         signal.signal(signal.SIGTERM, self.request)
+        self.stop_with_the_launcher()
+
+    @staticmethod
+    def stop_with_the_launcher():
+        """A one-process `accelerate launch` runs the script as its child and does not pass SIGTERM on: killed, it
+        left the trainer training on, orphaned, with no checkpoint. Where the parent is accelerate's launcher, Linux
+        is asked to send this process SIGTERM when the parent exits, which checkpoints and stops it."""
+        try:
+            with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+                parent = f.read()
+        except OSError:  # not Linux
+            return
+        if b"accelerate" not in parent:
+            return
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() == 1:  # the launcher died before the request: act on it now
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def request(self, signum, frame):
         self.requested = True
@@ -1979,12 +2329,14 @@ class InjectedFaults:
     and nowhere else; all off in normal use. NAN_STEPS: optimizer steps whose loss is NaN ("2,3"); OVERFLOW_STEPS:
     steps whose loss is multiplied by 1e35, finite in float32 but with fp16-scaled gradients that overflow (what a
     GradScaler must survive); STEP_DELAY: seconds added to every micro-batch; CRASH_IN_SAVE: the step whose
-    checkpoint is written but never renamed (the process dies)."""
+    checkpoint is written but never renamed (the process dies); CACHE_PAUSE: seconds of sleep after each chunk
+    of a latent cache build (a second job arrives meanwhile)."""
 
     nan_steps: frozenset = frozenset()
     overflow_steps: frozenset = frozenset()
     step_delay: float = 0.0
     crash_in_save: int | None = None
+    cache_pause: float = 0.0
 
     @classmethod
     def from_environment(cls):
@@ -1995,7 +2347,8 @@ class InjectedFaults:
             return frozenset(int(step) for step in read(name).split(",") if step)
 
         return cls(nan_steps=steps("NAN_STEPS"), overflow_steps=steps("OVERFLOW_STEPS"),
-                   step_delay=float(read("STEP_DELAY") or 0), crash_in_save=int(read("CRASH_IN_SAVE") or 0) or None)
+                   step_delay=float(read("STEP_DELAY") or 0), crash_in_save=int(read("CRASH_IN_SAVE") or 0) or None,
+                   cache_pause=float(read("CACHE_PAUSE") or 0))
 
     def crash_if_saving(self, global_step):
         if self.crash_in_save == global_step:
@@ -2037,11 +2390,23 @@ class TrainingRun:
     grid_path: str | None = None
     reference_images: list | None = None
     reference_errors: object = None  # ReferenceErrors with --reference_errors
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # kept across resumes; names who wrote what
+    settings: dict = field(default_factory=dict)  # resume_settings: what a checkpoint of this run depends on
+    last_checkpoint: str | None = None  # the newest checkpoint folder this run wrote or resumed from
+    checkpoint_stream_state: tuple | None = None  # the stream's position at the last optimizer step
+    learning_rate_changes: list = field(default_factory=list)  # [step, rate] for each change on a resume
 
     def record(self):
-        return {"learning_rate": self.learning_rate, "num_processes": self.num_processes,
+        return {"run_id": self.run_id, "learning_rate": self.learning_rate,
+                "learning_rate_changes": self.learning_rate_changes, "num_processes": self.num_processes,
                 "mixed_precision": self.mixed_precision, "max_train_steps": self.max_train_steps,
                 "num_train_epochs": self.num_train_epochs}
+
+    def resumable_state(self):
+        """What this process's part of a checkpoint holds beside accelerate's state."""
+        return {"stream_state": self.checkpoint_stream_state,
+                "row_problems": {reason: sorted(rows) for reason, rows in self.row_problems.items()},
+                "nonfinite_steps": self.nonfinite_steps, "nonfinite_in_a_row": self.nonfinite_in_a_row}
 
 
 # Copied from train_diffusion_dpo.setup_accelerator
@@ -2082,6 +2447,9 @@ def load_data(args, accelerator):
     model is loaded. data_summary.json is rewritten at the end with the image problems found while training."""
     with accelerator.main_process_first():
         dataset, columns, counts = load_preference_dataset(args)
+    if not args.streaming:  # which pairs, by content: a resume checks it (the images are not read here)
+        counts["data_digest"] = dataset_content_digest(
+            dataset, {role: name for role, name in columns.items() if role in ("caption", "label_0", "label_1")})
     if not args.streaming:
         logger.info(f"Preference pairs: {counts['pairs']} of {counts['rows']} rows (dropped: {counts['ties']} ties, "
                     f"{counts['invalid_labels']} invalid labels, {counts['bad_caption']} missing captions)")
@@ -2177,25 +2545,23 @@ def prepare_training(args, accelerator, transformer, train_dataset, train_datalo
 
 # Copied from train_diffusion_dpo.start_run
 def start_run(args, accelerator, run, counts, noise_scheduler):
-    """Trackers and the run's record, then the resume position: --resume_from_checkpoint restores the state and
-    the step; the data continues where that step left it (the stream's own position when streaming)."""
-    if accelerator.is_main_process:
-        write_run_info(args, run)
-        accelerator.init_trackers(args.tracker_project_name, config={**public_config(args), **run.record()})
-        accelerator.log({f"data/{name}": value for name, value in counts.items()}, step=0)
+    """The resume position, then trackers and the run's record: --resume_from_checkpoint restores the state, the
+    step and the run's counts; the data continues where that step left it (the stream's own position when
+    streaming)."""
     resume_dir = resolve_resume_dir(args)
+    run.settings = resume_settings(args, run, counts)
     if args.resume_from_checkpoint is not None and resume_dir is None:
         logger.info("No checkpoint found in --output_dir; starting a new run.")
     if resume_dir is not None:
-        logger.info(f"Resuming from {resume_dir}")
-        accelerator.load_state(resume_dir)
-        run.global_step = int(os.path.basename(os.path.normpath(resume_dir)).split("-")[-1])
-        if args.streaming:
-            with open(os.path.join(resume_dir, f"stream_state_{accelerator.process_index}.json")) as f:
-                run.train_dataset.start_state = tuple(json.load(f))
-        else:
-            run.first_epoch = run.global_step // run.steps_per_epoch
-            run.resume_batches = (run.global_step % run.steps_per_epoch) * args.gradient_accumulation_steps
+        resume_from(args, accelerator, run, resume_dir)
+    elif accelerator.is_main_process and os.path.exists(os.path.join(args.output_dir, RUN_RESULT)):
+        logger.warning(f"{args.output_dir} holds the results of an earlier run; this run replaces them when it "
+                       "finishes (until then pipeline_dpo.py refuses the folder: its weights are not this run's).")
+    if accelerator.is_main_process:
+        write_run_info(args, run)
+        scalars = {k: v for k, v in run.record().items() if k != "learning_rate_changes"}  # trackers take scalars
+        accelerator.init_trackers(args.tracker_project_name, config={**public_config(args), **scalars})
+        accelerator.log({f"data/{name}": value for name, value in counts.items() if name != "data_digest"}, step=0)
     total_batch_size = args.train_batch_size * run.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Diffusion-DPO ({args.loss_type}, beta_dpo={args.beta_dpo}, "
                 f"{'LoRA' if args.use_lora else 'full'}) *****")
@@ -2302,6 +2668,7 @@ def optimizer_step(args, accelerator, run, stop_requested=False):
     run.optimizer.zero_grad(set_to_none=True)
     run.step_metrics, run.micro_steps = {}, 0
     run.global_step += 1
+    run.checkpoint_stream_state = run.stream_state
     logs.update({"lr": run.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                  "nonfinite_steps": run.nonfinite_steps})
     logs.update({f"rows_{reason}": len(rows) for reason, rows in run.row_problems.items()})
@@ -2310,18 +2677,27 @@ def optimizer_step(args, accelerator, run, stop_requested=False):
 
 # Copied from train_diffusion_dpo.after_step with tokenizer->tokenizers, text_encoder->text_encoders
 def after_step(args, accelerator, run, logs, stop, models, tokenizers, weight_dtype, faults=InjectedFaults()):
-    """Log the step, stop a diverged run, checkpoint, stop on SIGTERM, validate; True when the run ends here."""
+    """Log the step, stop a diverged run, checkpoint, stop on SIGTERM, validate; True when the run ends here.
+
+    No checkpoint is written while steps are non-finite: the weights may have diverged, and with a total limit the
+    good checkpoints would be pruned for them.
+    """
     accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=run.global_step)
     if run.nonfinite_in_a_row > args.max_nonfinite_steps:
         accelerator.end_training()
         raise RuntimeError(
-            f"{run.nonfinite_in_a_row} optimizer steps in a row had a NaN/Inf loss or gradient; stopping. The last "
-            "checkpoint is intact. Likely causes: an fp16 VAE overflowing (use fp32 or a fixed VAE), a learning rate "
-            "too high, or a beta_dpo so large that the sigmoid saturates.")
+            f"{run.nonfinite_in_a_row} optimizer steps in a row had a NaN/Inf loss or gradient; stopping. "
+            f"{checkpoint_before_streak(run)} Likely causes: an fp16 VAE overflowing (use fp32 or a fixed VAE), a "
+            "learning rate too high, or a beta_dpo so large that the sigmoid saturates.")
     if run.global_step % args.checkpointing_steps == 0 or stop:
-        save_checkpoint(args, accelerator, run.global_step, run.stream_state, faults)
+        if run.nonfinite_in_a_row:
+            logger.warning(f"Step {run.global_step}: no checkpoint while steps are non-finite "
+                           f"({run.nonfinite_in_a_row} in a row). {checkpoint_before_streak(run)}")
+        else:
+            save_checkpoint(args, accelerator, run, faults)
     if stop:
-        logger.warning(f"SIGTERM: saved checkpoint-{run.global_step}; resume with --resume_from_checkpoint latest")
+        logger.warning(f"SIGTERM: stopped after step {run.global_step}; the newest checkpoint is "
+                       f"{run.last_checkpoint}. Resume with --resume_from_checkpoint latest")
         accelerator.end_training()
         return True
     # Under FSDP / ZeRO-3 every process holds a shard of the transformer, so every process takes part in sampling
@@ -2330,6 +2706,38 @@ def after_step(args, accelerator, run, logs, stop, models, tokenizers, weight_dt
         run.grid_path, run.reference_images = safe_validation(args, accelerator, models, tokenizers, weight_dtype,
                                                               run.global_step, run.reference_images, run.grid_path)
     return False
+
+
+# Copied from train_diffusion_dpo.checkpoint_before_streak
+def checkpoint_before_streak(run):
+    if run.last_checkpoint is None:
+        return "No checkpoint was written before the non-finite steps."
+    return (f"The last checkpoint written before the non-finite steps is {run.last_checkpoint}: resume from it "
+            "with a lower --learning_rate.")
+
+
+# Copied from train_diffusion_dpo.stop_mid_step
+def stop_mid_step(args, accelerator, run, stop_requested):
+    """SIGTERM inside a step's gradient accumulation: stop at this micro-batch, not at the step's end, which with
+    many accumulation steps can be minutes away, past a launcher's grace (torch elastic SIGKILLs its workers 30 s
+    after passing SIGTERM on). The checkpoint is the state after the last completed step; resuming it runs this
+    step's micro-batches again, exactly. Every process decides at the same micro-batch. True when the run stops."""
+    if accelerator.num_processes > 1:
+        flag = torch.tensor(float(stop_requested), device=accelerator.device)
+        stop_requested = accelerator.reduce(flag, reduction="sum").item() > 0
+    if not stop_requested:
+        return False
+    # Back to the state at the last step's end: no gradients, and accelerate's micro-batch count (saved, and on
+    # resume the phase of the accumulation) at that step's boundary.
+    run.optimizer.zero_grad(set_to_none=True)
+    accelerator.step -= run.micro_steps
+    run.step_metrics, run.micro_steps = {}, 0
+    if run.global_step > 0 and run.last_checkpoint != f"checkpoint-{run.global_step}" and not run.nonfinite_in_a_row:
+        save_checkpoint(args, accelerator, run)
+    logger.warning(f"SIGTERM: stopped inside step {run.global_step + 1}; the newest checkpoint is "
+                   f"{run.last_checkpoint}. Resume with --resume_from_checkpoint latest")
+    accelerator.end_training()
+    return True
 
 
 # Copied from train_diffusion_dpo.finish_run with tokenizer->tokenizers, text_encoder->text_encoders
@@ -2341,7 +2749,10 @@ def finish_run(args, accelerator, run, models, tokenizers, weight_dtype, counts,
                                                               run.global_step, run.reference_images, run.grid_path)
     full_state = accelerator.get_state_dict(run.transformer) if weights_are_sharded(accelerator) else None  # all processes
     if accelerator.is_main_process:
-        save_results(args, run.transformer, full_state)
+        try:
+            save_results(args, run.transformer, full_state)
+        except (OSError, RuntimeError) as error:
+            raise write_failure(args.output_dir, error) from error
     # Rows with problems, united over processes (a row may have gone to another process in another epoch)
     reports = exchange_through_files(args.output_dir, accelerator, {
         "problems": {reason: sorted(rows) for reason, rows in run.row_problems.items()}, "cache_stats": cache_stats})
@@ -2358,6 +2769,10 @@ def finish_run(args, accelerator, run, models, tokenizers, weight_dtype, counts,
         with open(os.path.join(args.output_dir, "data_summary.json"), "w") as f:
             json.dump(counts, f, indent=2)
         write_model_card(args, run, counts, run.grid_path)
+        with open(os.path.join(args.output_dir, RUN_RESULT), "w") as f:  # which run wrote the results
+            json.dump({"run_id": run.run_id, "global_step": run.global_step, "max_train_steps": run.max_train_steps,
+                       "requested": {"max_train_steps": args.max_train_steps,
+                                     "num_train_epochs": args.num_train_epochs}}, f, indent=2)
         if args.push_to_hub:
             push_to_hub(args)
         logger.info(f"Done: {run.global_step} steps; results in {args.output_dir}")
@@ -2375,6 +2790,8 @@ def finish_run(args, accelerator, run, models, tokenizers, weight_dtype, counts,
 # Copied from train_diffusion_dpo.main with tokenizer->tokenizers, text_encoder->text_encoders
 def main(args):
     accelerator = setup_accelerator(args)
+    if run_already_finished(args):
+        return  # a requeued job whose run has finished
     dataset, columns, counts = load_data(args, accelerator)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     noise_scheduler, tokenizers, text_encoders, vae, transformer, ref_transformer = build_models(args, accelerator, weight_dtype)
@@ -2399,6 +2816,8 @@ def main(args):
             if stepped:
                 logs, stop = optimizer_step(args, accelerator, run, stop_request.requested)
         if not stepped:
+            if stop_mid_step(args, accelerator, run, stop_request.requested):
+                return  # stopped on SIGTERM inside a step, the last step's checkpoint written
             continue
         progress_bar.update(1)
         progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}",

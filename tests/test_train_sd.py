@@ -288,7 +288,8 @@ def lora_run(tiny_sd_path, preference_data_path, tmp_path_factory):
                             "--rank", "4", "--lora_alpha", "8",
                             "--num_validation_images", "1", "--validation_steps", "2",
                             "--validation_num_inference_steps", "2", "--validation_prompts", "a red circle",
-                            "a blue square", "--hub_token", "hf_SECRETtoken123"))
+                            "a blue square"),
+           env={"HF_TOKEN": "hf_SECRETtoken123"})  # the login a run may use: never written anywhere
     return output_dir
 
 
