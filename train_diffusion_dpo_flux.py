@@ -764,6 +764,7 @@ def _encode_into(args, accelerator, dataset, columns, pairs, vae, encode_text, c
             posteriors[rows] = params.swapaxes(1, 2)
             stats["images_encoded"] += params.shape[0] * flips * 2
             time.sleep(pause)
+            pause = 0.0
         stats["prompts_encoded"] += _encode_prompts(pairs, encode_text, prompts, range(rank, len(prompts), world),
                                                     chunk, text_arrays, truncated)
     for array in [posteriors, *text_arrays.values(), *extra_arrays.values()]:
@@ -2329,8 +2330,8 @@ class InjectedFaults:
     and nowhere else; all off in normal use. NAN_STEPS: optimizer steps whose loss is NaN ("2,3"); OVERFLOW_STEPS:
     steps whose loss is multiplied by 1e35, finite in float32 but with fp16-scaled gradients that overflow (what a
     GradScaler must survive); STEP_DELAY: seconds added to every micro-batch; CRASH_IN_SAVE: the step whose
-    checkpoint is written but never renamed (the process dies); CACHE_PAUSE: seconds of sleep after each chunk
-    of a latent cache build (a second job arrives meanwhile)."""
+    checkpoint is written but never renamed (the process dies); CACHE_PAUSE: seconds of sleep after the first
+    chunk of a latent cache build (a second job arrives meanwhile)."""
 
     nan_steps: frozenset = frozenset()
     overflow_steps: frozenset = frozenset()

@@ -10,13 +10,17 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --time=48:00:00
 #SBATCH --output=%x-%j.out
-#SBATCH --signal=TERM@120            # SIGTERM 2 minutes before the time limit: the scripts save a checkpoint and exit
+#SBATCH --signal=TERM@120            # SIGTERM to every process of the job step 2 minutes before the time limit:
+                                     # the trainers stop at the next micro-batch, save a checkpoint and exit
 
 set -euo pipefail
 # Node 0 is the rendezvous point; any free port works if every node uses the same one.
 export MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MAIN_PROCESS_PORT=29500
 export NUM_PROCESSES=$((SLURM_NNODES * 8))
+# torch elastic (inside accelerate launch) SIGKILLs its workers this many seconds after passing SIGTERM on (default
+# 30): leave the trainers time to write a checkpoint, within the 120 s SLURM gives before the time limit.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=110
 
 # Single quotes: $SLURM_NODEID must be expanded on each node (0 or 1), not once by the batch shell.
 srun --kill-on-bad-exit=1 bash -c 'accelerate launch \

@@ -49,6 +49,7 @@ def preference_data_path(tmp_path_factory):
 # end) would run alone at the end while the other worker idles. Seconds of work on 2 cores, measured.
 LONGEST_FIRST = ("test_toy.py",  # ~100
                  "test_configs.py",  # ~190
+                 "test_reliability_two.py",  # ~130
                  "test_reliability.py", "test_train_sd3.py", "test_train_sd.py", "test_train_flux.py",
                  "test_reference_errors.py", "test_train_sdxl.py", "test_bench.py")
 

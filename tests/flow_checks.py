@@ -58,8 +58,8 @@ def check_cached_run_trains_like_the_uncached_run(script, run_args, base, data, 
 def check_streaming_sft_adafactor_checkpointing_run(script, run_args, base, data, tmp_path, transformer_class):
     """The other paths in one run: a stream, the sft loss with a full fine-tune (validation then reloads the base
     transformer), Adafactor, gradient checkpointing, the mode density, --save_transformer_only, and a NaN injected at
-    step 2."""
-    os.environ["DIFFUSION_DPO_TEST_NAN_STEPS"] = "2"
+    step 3 (after checkpoint-2, which holds the stream's position)."""
+    os.environ["DIFFUSION_DPO_TEST_NAN_STEPS"] = "3"
     try:
         run_in_process(script, run_args(base, data, tmp_path, "--streaming", "--max_train_steps", "3", "--loss_type",
                                         "sft", "--use_adafactor", "--gradient_checkpointing", "--learning_rate",
@@ -68,7 +68,7 @@ def check_streaming_sft_adafactor_checkpointing_run(script, run_args, base, data
                                         "--validation_prompts", "a red circle"))
     finally:
         del os.environ["DIFFUSION_DPO_TEST_NAN_STEPS"]
-    assert (tmp_path / "checkpoint-2" / "stream_state_0.json").exists()
+    assert json.loads((tmp_path / "checkpoint-2" / "run_state_0.json").read_text())["stream_state"][1] > 0
     assert summary(tmp_path)["nonfinite_steps"] == 1
     folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir()
                      and not p.name.startswith(("checkpoint", "logs", "validation")))

@@ -126,6 +126,7 @@ def test_a_resumed_full_fine_tune_reads_the_folder_it_started_with(live, tiny_sd
     assert max_abs_difference(trained_weights(tmp_path / "resumed"), trained_weights(tmp_path / "first")) < 1e-6
     # resumed at the very end, with a folder of another run: nothing is left to compute, and nothing crashes
     run_in_process(sd, run_args(tiny_sd_path, preference_data_path, tmp_path / "lora", "--use_lora"))
+    (tmp_path / "lora" / sd.RUN_RESULT).unlink()  # killed after its last checkpoint: not finished, so it resumes
     run_in_process(sd, run_args(tiny_sd_path, preference_data_path, tmp_path / "lora", "--use_lora",
                                 "--reference_errors", tmp_path / "fresh", "--resume_from_checkpoint", "latest"))
     assert json.loads((tmp_path / "fresh" / "key.json").read_text())["first_step"] == 4

@@ -285,13 +285,19 @@ def noise_pairs_path(tmp_path_factory):
     return str(path)
 
 
-def find_window(pixels, image):
-    """(top, left) of the RESOLUTION-square window of `image` (PIL) whose pixels are `pixels` ([3,R,R] in [-1,1])."""
+def find_crop(pixels, image, resized, mirrored=False):
+    """(top, left) of the one window of `image` resized to `resized` whose crop equals `pixels` (None if not one)."""
     target = np.rint((pixels.permute(1, 2, 0).numpy() + 1.0) * 127.5).astype(np.uint8)
-    array = np.asarray(image)
-    hits = [(top, left) for top in range(array.shape[0] - RESOLUTION + 1)
-            for left in range(array.shape[1] - RESOLUTION + 1)
-            if np.array_equal(array[top:top + RESOLUTION, left:left + RESOLUTION], target)]
+    x_scale, y_scale = image.width / resized[0], image.height / resized[1]
+    hits = []
+    for top in range(resized[1] - RESOLUTION + 1):
+        for left in range(resized[0] - RESOLUTION + 1):
+            box = (left * x_scale, top * y_scale, (left + RESOLUTION) * x_scale, (top + RESOLUTION) * y_scale)
+            crop = image.convert("RGB").resize((RESOLUTION, RESOLUTION), Image.BILINEAR, box=box)
+            if mirrored:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if np.array_equal(np.asarray(crop), target):
+                hits.append((top, left))
     return hits[0] if len(hits) == 1 else None
 
 
@@ -314,19 +320,18 @@ def test_time_ids_are_the_real_size_and_the_crop_seen_and_both_images_flip_toget
                                                                                                  row["jpg_0"])
             winner, loser = Image.open(io.BytesIO(winner_bytes)), Image.open(io.BytesIO(loser_bytes))
             assert winner.size == (width, height)
-            # Redo the resize by hand: short side to RESOLUTION; the loser first to the winner's size.
+            # Redo the crop by hand: a window of the image resized to short side RESOLUTION (the loser as if brought
+            # to the winner's size first), resampled from its box in each image's own pixels.
             scale = RESOLUTION / min(width, height)
             resized = (round(width * scale), round(height * scale))
-            winner_resized = winner.resize(resized, Image.BILINEAR)
-            loser_resized = loser.resize(winner.size, Image.BICUBIC).resize(resized, Image.BILINEAR)
-            mirror = Image.Transpose.FLIP_LEFT_RIGHT
-            plain = find_window(example["pixels_w"], winner_resized)
-            flipped = find_window(example["pixels_w"], winner_resized.transpose(mirror))
+            plain = find_crop(example["pixels_w"], winner, resized)
+            flipped = find_crop(example["pixels_w"], winner, resized, mirrored=True)
             assert (plain is None) != (flipped is None), "the winner is one unique window of its resized image"
-            # The crop as the model sees it: in the mirrored image when the pair was flipped.
             top, left = plain if plain is not None else flipped
-            loser_frame = loser_resized if plain is not None else loser_resized.transpose(mirror)
-            assert find_window(example["pixels_l"], loser_frame) == (top, left), "the loser got the same crop/flip"
+            assert find_crop(example["pixels_l"], loser, resized, mirrored=plain is None) == (top, left), (
+                "the loser got the same crop/flip")
+            if plain is None:  # the crop as the model sees it: in the mirrored image when the pair was flipped
+                left = resized[0] - RESOLUTION - left
             assert example["time_ids"].tolist() == [height, width, top, left, RESOLUTION, RESOLUTION]
             seen["flipped" if plain is None else "unflipped"] += 1
             seen["crops"].add((index, top, left))
