@@ -116,8 +116,12 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint_for_latest(uninterru
     # with a total limit of 1: checkpoint-2 is pruned only once checkpoint-3 exists, so the crash leaves it
     args = run_args(tiny_sd_path, preference_data_path, tmp_path, "--checkpointing_steps", "1",
                     "--checkpoints_total_limit", "1")
-    crashed = launch(SCRIPT, args, env={"DIFFUSION_DPO_TEST_CRASH_IN_SAVE": "3"}, check=False)
-    assert crashed.returncode != 0
+    # the hub login in the job's environment, as the README says to pass it: a failed launch prints its command
+    # line and its output, and neither may show the token
+    crashed = launch(SCRIPT, args, env={"DIFFUSION_DPO_TEST_CRASH_IN_SAVE": "3", "HF_TOKEN": "hf_NEVERprinted"},
+                     check=False)
+    assert crashed.returncode != 0 and "CalledProcessError" in crashed.stdout
+    assert "hf_NEVERprinted" not in crashed.stdout
     assert (tmp_path / ".tmp-checkpoint-3").exists() and not (tmp_path / "checkpoint-3").exists()
     assert sd.checkpoint_dirs(str(tmp_path)) == ["checkpoint-2"]
     assert sd.resolve_resume_dir(argparse_namespace(tmp_path)).endswith("checkpoint-2")
