@@ -491,19 +491,22 @@ MAX_REPLACEMENT_DRAWS = 1000
 def replacement_rows(seed, epoch, index, num_rows):
     """The row at sampler position `index`, then, while rows are unusable, rows drawn uniformly from (seed, epoch,
     index): a block of bad rows spreads its replacements over the dataset instead of making the next usable row
-    fill it (2000 bad rows once made one pair 2001 of 2010 draws of an epoch, found by a quadratic search)."""
+    fill it (2000 bad rows once made one pair 2001 of 2010 draws of an epoch, found by a quadratic search). After
+    MAX_REPLACEMENT_DRAWS draws, every row in turn: a dataset with any usable row always yields one."""
     yield index
     rng = random.Random(f"{seed}/{epoch}/{index}/replacement")
     for _ in range(MAX_REPLACEMENT_DRAWS - 1):
         yield rng.randrange(num_rows)
+    for offset in range(1, num_rows + 1):
+        yield (index + offset) % num_rows
 
 
 # Copied from train_diffusion_dpo.no_usable_rows_message
 def no_usable_rows_message(skipped):
     reasons = sorted({reason for _, reason in skipped})
-    return (f"{len(skipped)} rows drawn in a row had no usable images ({', '.join(reasons)}; "
-            f"{len({row for row, _ in skipped})} distinct rows): almost no row of the dataset can be decoded. Check "
-            "the image columns (--image_0_column/--image_1_column or --chosen_column/--rejected_column).")
+    return (f"No row of the dataset has usable images ({len({row for row, _ in skipped})} rows tried: "
+            f"{', '.join(reasons)}). Check the image columns (--image_0_column/--image_1_column or "
+            "--chosen_column/--rejected_column).")
 
 
 # Copied from train_diffusion_dpo.tokenize_caption
@@ -563,11 +566,14 @@ def dataset_content_digest(dataset, columns):
     on a 2-core CPU), small beside encoding them."""
     digest = hashlib.blake2b(digest_size=16)
     names = sorted(set(columns.values()))
+    image_columns = {name for role, name in columns.items() if role not in ("caption", "label_0", "label_1")}
     for batch in dataset.select_columns(names).with_format("arrow").iter(batch_size=256):
         for name in names:
             for value in batch.column(name).to_pylist():
                 if isinstance(value, dict):  # a datasets Image cell: its bytes, or its path when it has none
                     value = value.get("bytes") or value.get("path")
+                if name in image_columns and isinstance(value, str) and os.path.isfile(value):
+                    value = Path(value).read_bytes()  # an image stored as a path: its file's content
                 value = value if isinstance(value, bytes) else repr(value).encode()
                 digest.update(len(value).to_bytes(8, "little"))
                 digest.update(value)
@@ -612,8 +618,9 @@ def build_latent_cache(args, accelerator, dataset, columns, pairs, vae, encode_t
         if accelerator.is_main_process:
             _clear_damaged_cache(cache_dir)
         accelerator.wait_for_everyone()
-        stats = {"cache_dir": str(cache_dir), "reused": (cache_dir / "meta.json").exists(),
-                 "images_encoded": 0, "prompts_encoded": 0}
+        # the main process decides for all (on a network file system the others may see its folder late)
+        reused = broadcast_object_list([(cache_dir / "meta.json").exists() if accelerator.is_main_process else None])[0]
+        stats = {"cache_dir": str(cache_dir), "reused": reused, "images_encoded": 0, "prompts_encoded": 0}
         if stats["reused"]:
             logger.info(f"Reusing the latent cache {cache_dir}")
             return LatentCache(cache_dir), stats
@@ -1589,6 +1596,23 @@ def checkpoint_dirs(output_dir):
     return sorted(names, key=lambda name: int(name.split("-")[1]))
 
 
+# Copied from train_diffusion_dpo.is_record_less_checkpoint
+def is_record_less_checkpoint(path):
+    """A checkpoint of this script's versions before the record: accelerate's state and the trained weights are
+    there. It is resumed (a run under way survives an upgrade), with its step from its folder's name and no checks."""
+    path = Path(path)
+    weights = [CHECKPOINT_LORA_NAME, "transformer", "transformer"]
+    return (path / "random_states_0.pkl").is_file() and any((path / name).exists() for name in weights)
+
+
+# Copied from train_diffusion_dpo.is_write_failure
+def is_write_failure(error):
+    """An OSError, or a RuntimeError of torch's file writer (a full disk reads "basic_ios::clear"), not an out-of-memory
+    or a collective's error raised while gathering weights to save."""
+    return isinstance(error, OSError) or any(
+        text in str(error) for text in ("basic_ios", "PytorchStreamWriter", "file write failed", "No space left"))
+
+
 # Copied from train_diffusion_dpo.write_failure
 def write_failure(folder, error):
     """An OSError naming the folder a write failed in and the free space of its disk (a full disk reads as
@@ -1608,8 +1632,9 @@ def checkpoint_problem(path):
     try:
         files = json.loads((Path(path) / CHECKPOINT_RECORD).read_text())["files"]
     except FileNotFoundError:
-        return (f"it has no {CHECKPOINT_RECORD} (an empty folder, an interrupted copy, or a checkpoint of an older "
-                "version of this script)")
+        if is_record_less_checkpoint(path):
+            return None
+        return f"it has no {CHECKPOINT_RECORD} (an empty folder or an interrupted copy)"
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"its {CHECKPOINT_RECORD} cannot be read ({error})"
     for name, size in files.items():
@@ -1639,6 +1664,8 @@ def save_checkpoint(args, accelerator, run, faults=None):
         with open(os.path.join(temp_dir, f"run_state_{accelerator.process_index}.json"), "w") as f:
             json.dump(run.resumable_state(), f)
     except (OSError, RuntimeError) as error:
+        if not is_write_failure(error):
+            raise
         raise write_failure(temp_dir, error) from error
     accelerator.wait_for_everyone()
     if faults is not None:  # a test's crash here: the checkpoint is written but not yet renamed
@@ -1660,7 +1687,7 @@ def save_checkpoint(args, accelerator, run, faults=None):
             older = [name for name in checkpoint_dirs(args.output_dir) if name != os.path.basename(final_dir)]
             for name in older[: max(0, len(older) - args.checkpoints_total_limit + 1)]:
                 shutil.rmtree(os.path.join(args.output_dir, name))
-    run.last_checkpoint = os.path.basename(final_dir)
+    run.last_checkpoint = os.path.abspath(final_dir)
     accelerator.wait_for_everyone()
 
 
@@ -1775,6 +1802,9 @@ def apply_learning_rate(run, learning_rate):
 def resume_from(args, accelerator, run, resume_dir):
     """Restore a checkpoint: its settings checked against the flags first, then the state, the step and run from its
     record, and each process's run state (data position, bad rows found, non-finite counts)."""
+    if not (Path(resume_dir) / CHECKPOINT_RECORD).exists():
+        resume_record_less(args, accelerator, run, resume_dir)
+        return
     record = json.loads((Path(resume_dir) / CHECKPOINT_RECORD).read_text())
     changed = [f"{name}: saved {record['settings'].get(name)}, now {value}" for name, value in run.settings.items()
                if record["settings"].get(name) != value]
@@ -1786,7 +1816,7 @@ def resume_from(args, accelerator, run, resume_dir):
     logger.info(f"Resuming from {resume_dir} (step {record['global_step']})")
     accelerator.load_state(resume_dir)
     run.global_step, run.run_id = record["global_step"], record["run_id"]
-    run.last_checkpoint = os.path.basename(os.path.normpath(resume_dir))
+    run.last_checkpoint = os.path.abspath(resume_dir)
     with open(os.path.join(resume_dir, f"run_state_{accelerator.process_index}.json")) as f:
         state = json.load(f)
     for reason, rows in state["row_problems"].items():
@@ -1796,10 +1826,26 @@ def resume_from(args, accelerator, run, resume_dir):
     if not math.isclose(record["learning_rate"], run.learning_rate, rel_tol=1e-9):
         apply_learning_rate(run, run.learning_rate)
         run.learning_rate_changes = run.learning_rate_changes + [[run.global_step, run.learning_rate]]
-        logger.warning(f"The learning rate changed on resume: {record['learning_rate']:.0e} when saved, now "
-                       f"{run.learning_rate:.0e}, applied from step {run.global_step + 1}.")
+        logger.warning(f"The learning rate changed on resume: {record['learning_rate']:g} when saved, now "
+                       f"{run.learning_rate:g}, applied from step {run.global_step + 1}.")
     if args.streaming:
         run.train_dataset.start_state = tuple(state["stream_state"])
+    else:
+        run.first_epoch = run.global_step // run.steps_per_epoch
+        run.resume_batches = (run.global_step % run.steps_per_epoch) * args.gradient_accumulation_steps
+
+
+# Copied from train_diffusion_dpo.resume_record_less
+def resume_record_less(args, accelerator, run, resume_dir):
+    """Resume a checkpoint written before checkpoints had a record (see is_record_less_checkpoint)."""
+    logger.warning(f"{resume_dir} has no {CHECKPOINT_RECORD} (written by an earlier version): resuming it with the "
+                   "step of its folder's name, without checking the settings it was saved with.")
+    accelerator.load_state(resume_dir)
+    run.global_step = int(os.path.basename(os.path.normpath(resume_dir)).split("-")[-1])
+    run.last_checkpoint = os.path.abspath(resume_dir)
+    if args.streaming:
+        with open(os.path.join(resume_dir, f"stream_state_{accelerator.process_index}.json")) as f:
+            run.train_dataset.start_state = tuple(json.load(f))
     else:
         run.first_epoch = run.global_step // run.steps_per_epoch
         run.resume_batches = (run.global_step % run.steps_per_epoch) * args.gradient_accumulation_steps
@@ -2273,18 +2319,19 @@ class StopRequest:
         """A one-process `accelerate launch` runs the script as its child and does not pass SIGTERM on: killed, it
         left the trainer training on, orphaned, with no checkpoint. Where the parent is accelerate's launcher, Linux
         is asked to send this process SIGTERM when the parent exits, which checkpoints and stops it."""
+        parent = os.getppid()
         try:
-            with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-                parent = f.read()
+            with open(f"/proc/{parent}/cmdline", "rb") as f:
+                command = f.read()
         except OSError:  # not Linux
             return
-        if b"accelerate" not in parent:
+        if b"accelerate" not in command:
             return
         import ctypes
 
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-        if os.getppid() == 1:  # the launcher died before the request: act on it now
+        if os.getppid() != parent:  # the launcher died before the request: act on it now
             os.kill(os.getpid(), signal.SIGTERM)
 
     def request(self, signum, frame):
@@ -2361,7 +2408,7 @@ class TrainingRun:
     reference_errors: object = None  # ReferenceErrors with --reference_errors
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # kept across resumes; names who wrote what
     settings: dict = field(default_factory=dict)  # resume_settings: what a checkpoint of this run depends on
-    last_checkpoint: str | None = None  # the newest checkpoint folder this run wrote or resumed from
+    last_checkpoint: str | None = None  # the path of the newest checkpoint this run wrote or resumed from
     checkpoint_stream_state: tuple | None = None  # the stream's position at the last optimizer step
     learning_rate_changes: list = field(default_factory=list)  # [step, rate] for each change on a resume
 
@@ -2517,7 +2564,10 @@ def start_run(args, accelerator, run, counts, noise_scheduler):
     """The resume position, then trackers and the run's record: --resume_from_checkpoint restores the state, the
     step and the run's counts; the data continues where that step left it (the stream's own position when
     streaming)."""
-    resume_dir = resolve_resume_dir(args)
+    from accelerate.utils import broadcast_object_list
+
+    # the main process chooses for all: every process must resume the same checkpoint
+    resume_dir = broadcast_object_list([resolve_resume_dir(args) if accelerator.is_main_process else None])[0]
     run.settings = resume_settings(args, run, counts)
     if args.resume_from_checkpoint is not None and resume_dir is None:
         logger.info("No checkpoint found in --output_dir; starting a new run.")
@@ -2701,7 +2751,8 @@ def stop_mid_step(args, accelerator, run, stop_requested):
     run.optimizer.zero_grad(set_to_none=True)
     accelerator.step -= run.micro_steps
     run.step_metrics, run.micro_steps = {}, 0
-    if run.global_step > 0 and run.last_checkpoint != f"checkpoint-{run.global_step}" and not run.nonfinite_in_a_row:
+    saved = os.path.abspath(os.path.join(args.output_dir, f"checkpoint-{run.global_step}"))
+    if run.global_step > 0 and run.last_checkpoint != saved and not run.nonfinite_in_a_row:
         save_checkpoint(args, accelerator, run)
     logger.warning(f"SIGTERM: stopped inside step {run.global_step + 1}; the newest checkpoint is "
                    f"{run.last_checkpoint}. Resume with --resume_from_checkpoint latest")
@@ -2721,6 +2772,8 @@ def finish_run(args, accelerator, run, models, tokenizers, weight_dtype, counts,
         try:
             save_results(args, run.transformer, full_state)
         except (OSError, RuntimeError) as error:
+            if not is_write_failure(error):
+                raise
             raise write_failure(args.output_dir, error) from error
     # Rows with problems, united over processes (a row may have gone to another process in another epoch)
     reports = exchange_through_files(args.output_dir, accelerator, {

@@ -126,6 +126,20 @@ def test_the_cache_key_follows_the_data_not_its_path_and_mtime(tiny_sd_path, tmp
     assert cache_stats(tmp_path / "a")["cache_dir"] != cache_stats(tmp_path / "b")["cache_dir"]
 
 
+def test_images_stored_as_paths_enter_the_key_by_their_files_content(tmp_path):
+    from datasets import Dataset
+
+    image = tmp_path / "winner.jpg"
+    image.write_bytes(jpeg("red"))
+    dataset = Dataset.from_dict({"caption": ["c"], "jpg_0": [str(image)], "jpg_1": [str(image)], "label_0": [1.0],
+                                 "label_1": [0.0]})
+    columns = {"caption": "caption", "image_0": "jpg_0", "image_1": "jpg_1", "label_0": "label_0",
+               "label_1": "label_1"}
+    before = sd.dataset_content_digest(dataset, columns)
+    image.write_bytes(jpeg("blue"))  # the same path, another image
+    assert sd.dataset_content_digest(dataset, columns) != before
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3-4. Which checkpoint `latest` resumes, and from which step
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,6 +180,18 @@ def test_the_step_comes_from_the_checkpoint_and_bad_row_counts_carry_across_a_re
     finished_counts = summary(finished_run)
     assert finished_counts["missing_image"] + finished_counts["undecodable_image"] > 0  # the test has teeth
     assert summary(output_dir) == finished_counts
+
+
+def test_a_checkpoint_of_the_version_before_records_still_resumes(finished_run, tiny_sd_path, hostile_data, tmp_path,
+                                                                   caplog):
+    # A run under way when the scripts gained checkpoint records: its checkpoints have none, and must still resume.
+    output_dir = copy_run(finished_run, tmp_path, "checkpoint-2")
+    for name in (sd.CHECKPOINT_RECORD, "run_state_0.json"):
+        (output_dir / "checkpoint-2" / name).unlink()
+    with caplog.at_level(logging.WARNING):
+        run_in_process(sd, run_args(tiny_sd_path, hostile_data, output_dir, "--resume_from_checkpoint", "latest"))
+    assert "earlier version" in caplog.text
+    assert max_abs_difference(trained_weights(output_dir), trained_weights(finished_run)) < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -290,7 +316,7 @@ def test_a_new_learning_rate_on_resume_is_applied_and_recorded(finished_run, tin
     with caplog.at_level(logging.INFO):
         run_in_process(sd, run_args(tiny_sd_path, hostile_data, output_dir, "--resume_from_checkpoint", "latest",
                                     "--learning_rate", "2e-4"))
-    assert re.search(r"learning rate.*1e-03.*2e-04", caplog.text, re.IGNORECASE), caplog.text[-2000:]
+    assert re.search(r"learning rate changed.*0\.001 when saved, now 0\.0002", caplog.text), caplog.text[-2000:]
     assert logged_scalars(output_dir, "train/lr")[-1] == pytest.approx(2e-4)
     record = json.loads((output_dir / "training_args.json").read_text())["run"]
     assert record["learning_rate"] == 2e-4 and record["learning_rate_changes"] == [[2, 2e-4]]
@@ -369,6 +395,8 @@ def test_a_block_of_bad_rows_does_not_make_one_pair_fill_the_epoch(tiny_sd_path,
         assert all(reason == "undecodable_image" for _, reason in example["skipped"])
     assert sum(used.values()) == 50 and len(used) == 10
     assert max(used.values()) <= 12, used  # replacements spread over the usable rows (41 draws on one before)
+    # after the random draws, every row in turn: a dataset with a usable row always yields one
+    assert list(sd.replacement_rows(0, 0, 1, 3))[sd.MAX_REPLACEMENT_DRAWS:] == [2, 0, 1]
 
 
 def test_the_hub_token_flag_is_refused_with_how_to_log_in(preference_data_path, capsys):
