@@ -76,6 +76,11 @@ logger = get_logger(__name__, log_level="INFO")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "sft")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+# accelerate's trackers (accelerate.utils.LoggerType), listed here so --help needs none of them imported
+REPORT_TO = ("tensorboard", "wandb", "all", "none", "aim", "trackio", "comet_ml", "mlflow", "clearml", "dvclive",
+             "swanlab")
+DEFAULT_FULL_LEARNING_RATE = 1e-8  # per pair, with --scale_lr: the authors' 2.048e-5 at 2048 pairs
+DEFAULT_LORA_LEARNING_RATE = 5e-5  # LoRA adapters start at zero: at the full fine-tune's rate they barely move
 DEFAULT_VALIDATION_PROMPTS = [
     "a photo of an astronaut riding a horse on mars",
     "a cute corgi wearing a red scarf, studio portrait",
@@ -918,6 +923,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Diffusion-DPO fine-tuning of Stable Diffusion 1.x/2.x on preference pairs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # --validation_prompt must not quietly become --validation_prompts
     )
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
@@ -1019,14 +1025,19 @@ def build_parser():
                        help="Micro-batches per optimizer step. Effective batch = processes x batch x this.")
     train.add_argument("--gradient_checkpointing", action="store_true",
                        help="Recompute activations in backward: less memory, about 20-30%% slower.")
-    train.add_argument("--learning_rate", type=float, default=1e-8,
-                       help="Learning rate (per pair of the effective batch when --scale_lr is given). The "
-                            "authors: 1e-8 with --scale_lr, i.e. 2.048e-5 at 2048 pairs. LoRA wants ~1e-5..1e-4.")
+    train.add_argument("--learning_rate", type=float, default=None,
+                       help="Learning rate (per pair of the effective batch when --scale_lr is given). Default: "
+                            f"{DEFAULT_FULL_LEARNING_RATE:g} for a full fine-tune (the authors' SD/SDXL rate with "
+                            f"--scale_lr, i.e. 2.048e-5 at 2048 pairs), {DEFAULT_LORA_LEARNING_RATE:g} with --use_lora "
+                            "(LoRA trains at 1e-5..1e-4).")
     train.add_argument("--scale_lr", action="store_true",
                        help="Multiply the learning rate by processes x batch size x accumulation steps.")
     train.add_argument("--lr_scheduler", type=str, default="constant_with_warmup", choices=LR_SCHEDULERS,
                        help="Learning-rate schedule (diffusers.optimization.get_scheduler).")
     train.add_argument("--lr_warmup_steps", type=int, default=0, help="Warmup optimizer steps.")
+    train.add_argument("--lr_num_cycles", type=int, default=1,
+                       help="Hard restarts of the cosine_with_restarts schedule.")
+    train.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
     train.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit: optimizer state in 8 bit.")
     train.add_argument("--use_adafactor", action="store_true",
                        help="transformers Adafactor (the authors' SDXL optimizer): factored second moments.")
@@ -1056,6 +1067,9 @@ def build_parser():
     validation = parser.add_argument_group("validation")
     validation.add_argument("--validation_prompts", type=str, nargs="+", default=DEFAULT_VALIDATION_PROMPTS,
                             help="Prompts for the paired reference-vs-trained validation grid.")
+    validation.add_argument("--validation_prompts_file", type=str, default=None,
+                            help="A text file of validation prompts, one per line (blank lines skipped); replaces "
+                                 "--validation_prompts.")
     validation.add_argument("--validation_steps", type=int, default=200,
                             help="Run validation every this many optimizer steps (and always at the end).")
     validation.add_argument("--num_validation_images", type=int, default=2,
@@ -1068,8 +1082,9 @@ def build_parser():
     output.add_argument("--save_unet_only", action="store_true",
                         help="Full fine-tune: save only unet/ instead of the complete pipeline folder.")
     output.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, relative to --output_dir.")
-    output.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "all"],
-                        help="Tracker for metrics and validation grids (wandb is imported only when asked).")
+    output.add_argument("--report_to", type=str, default="tensorboard", choices=REPORT_TO,
+                        help="Tracker for metrics and validation grids: one accelerate supports, 'all' of those "
+                             "installed, or 'none' (trackers are imported only when asked).")
     output.add_argument("--tracker_project_name", type=str, default="diffusion-dpo", help="Tracker project name.")
     output.add_argument("--push_to_hub", action="store_true",
                         help="Upload the final weights, model card and grid (never checkpoints or logs).")
@@ -1127,6 +1142,7 @@ def validate_args(parser, args):
             parser.error(f"--{name} must be at least 1 when given.")
     if args.num_validation_images < 0 or args.dataloader_num_workers < 0 or args.lr_warmup_steps < 0:
         parser.error("--num_validation_images, --dataloader_num_workers and --lr_warmup_steps must be >= 0.")
+    resolve_validation_and_rate_flags(parser, args)
     if not args.learning_rate > 0:
         parser.error("--learning_rate must be > 0.")
     if not args.max_grad_norm > 0:
@@ -1145,6 +1161,22 @@ def validate_args(parser, args):
     refuse_unsafe_outputs(parser, args)
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
+
+
+def resolve_validation_and_rate_flags(parser, args):
+    """--validation_prompts_file into the prompt list; the learning rate's default by training mode."""
+    if args.validation_prompts_file is not None:
+        try:
+            lines = Path(args.validation_prompts_file).read_text().splitlines()
+        except OSError as error:
+            parser.error(f"--validation_prompts_file cannot be read: {error}")
+        args.validation_prompts = [line.strip() for line in lines if line.strip()]
+        if not args.validation_prompts:
+            parser.error(f"--validation_prompts_file {args.validation_prompts_file!r} holds no prompt.")
+    if args.learning_rate is None:
+        args.learning_rate = DEFAULT_LORA_LEARNING_RATE if args.use_lora else DEFAULT_FULL_LEARNING_RATE
+    if args.lr_num_cycles < 1 or not args.lr_power > 0:
+        parser.error("--lr_num_cycles must be at least 1 and --lr_power > 0.")
 
 
 def refuse_unsafe_outputs(parser, args):
@@ -1807,7 +1839,8 @@ def reference_errors_key(args, accelerator, run, models, dataset):
         "resume_from_checkpoint", "validation_prompts", "validation_steps", "num_validation_images",
         "validation_num_inference_steps", "validation_guidance_scale", "push_to_hub", "hub_model_id", "hub_token",
         "save_unet_only", "dataloader_num_workers", "cache_dir", "latent_cache_dir",
-        "reference_errors", "reference_batch_size", "reference_errors_on_mismatch",
+        "reference_errors", "reference_batch_size", "reference_errors_on_mismatch", "lr_num_cycles", "lr_power",
+        "validation_prompts_file",
     })
     unet, _, vae, text_encoders = models
     encoders = text_encoders if isinstance(text_encoders, (tuple, list)) else [text_encoders]
@@ -2194,7 +2227,7 @@ def setup_accelerator(args):
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
+        log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
     )
     if args.report_to in ("wandb", "all"):
@@ -2294,7 +2327,8 @@ def prepare_training(args, accelerator, unet, train_dataset, train_dataloader):
             len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes)
+                                 num_training_steps=max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
     if args.streaming:  # one endless pass: the stream itself moves from epoch to epoch
         if accelerator.distributed_type == DistributedType.DEEPSPEED:  # it reads the micro-batch off a DataLoader
             accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
@@ -2343,6 +2377,12 @@ def start_run(args, accelerator, run, counts, noise_scheduler):
     logger.info(f"  Pairs = {'streamed' if args.streaming else len(run.train_dataset)}, epochs = "
                 f"{'endless' if args.streaming else run.num_train_epochs}, effective batch = "
                 f"{total_batch_size} pairs, optimizer steps = {run.max_train_steps}")
+    default = {DEFAULT_LORA_LEARNING_RATE: " (the LoRA default; --learning_rate chooses)",
+               DEFAULT_FULL_LEARNING_RATE: " (the full fine-tune's default; --learning_rate chooses)"}
+    logger.info(f"  Learning rate = {run.learning_rate:g}{default.get(args.learning_rate, '')}")
+    if args.use_lora and run.learning_rate < 1e-6:
+        logger.warning(f"LoRA at a learning rate of {run.learning_rate:g}: its adapters start at zero and barely move "
+                       "at this rate; LoRA DPO trains at 1e-5 to 1e-4.")
     few_steps = getattr(noise_scheduler, "training_timesteps", None)  # SDXL's --is_turbo sets it
     logger.info(f"  Timesteps = {'0..T-1' if few_steps is None else f'the few-step schedule {few_steps.tolist()}'}")
 

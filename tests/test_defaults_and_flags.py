@@ -1,0 +1,96 @@
+"""Defaults and flags a diffusers user expects (issue "Defaults, flags, model cards and pictures"): the parts done so
+far. A LoRA run trains at its own default rate, `--report_to none`, no silent flag abbreviations, a prompts file,
+the schedule's cycles and power."""
+
+import logging
+
+import pytest
+import torch
+
+import train_diffusion_dpo as sd
+import train_diffusion_dpo_flux as flux
+import train_diffusion_dpo_sd3 as sd3
+import train_diffusion_dpo_sdxl as sdxl
+from launch_utils import max_movement, run_in_process, trained_weights
+
+SCRIPTS = (sd, sdxl, sd3, flux)
+
+
+def test_a_lora_run_without_a_learning_rate_trains_and_report_to_none_writes_no_logs(tiny_sd_path,
+                                                                                     preference_data_path, tmp_path,
+                                                                                     caplog):
+    with caplog.at_level(logging.INFO):
+        run_in_process(sd, ["--pretrained_model_name_or_path", tiny_sd_path, "--train_data_dir", preference_data_path,
+                            "--output_dir", tmp_path, "--resolution", "64", "--train_batch_size", "2", "--use_lora",
+                            "--max_train_steps", "3", "--num_validation_images", "0", "--report_to", "none"])
+    assert max_movement(trained_weights(tmp_path)) > 1e-5  # at the full fine-tune's 1e-8 it moved by ~3e-8
+    assert f"Learning rate = {sd.DEFAULT_LORA_LEARNING_RATE:g} (the LoRA default" in caplog.text
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda module: module.__name__)
+def test_the_default_rate_follows_the_mode_and_report_to_takes_every_accelerate_tracker(script, preference_data_path):
+    from accelerate.utils import LoggerType
+
+    base = ["--pretrained_model_name_or_path", "unused", "--train_data_dir", preference_data_path]
+    assert script.parse_args(base).learning_rate == script.DEFAULT_FULL_LEARNING_RATE == 1e-8
+    assert script.parse_args(base + ["--use_lora"]).learning_rate == script.DEFAULT_LORA_LEARNING_RATE
+    assert script.parse_args(base + ["--use_lora", "--learning_rate", "1e-4"]).learning_rate == 1e-4
+    assert set(script.REPORT_TO) == {tracker.value for tracker in LoggerType} | {"none"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda module: module.__name__)
+def test_no_flag_is_silently_abbreviated(script, preference_data_path, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", "unused", "--train_data_dir", preference_data_path,
+                           "--validation_prompt", "a red circle"])
+    assert "unrecognized arguments: --validation_prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda module: module.__name__)
+def test_validation_prompts_come_from_a_file(script, preference_data_path, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\n  a blue square  \n")
+    base = ["--pretrained_model_name_or_path", "unused", "--train_data_dir", preference_data_path,
+            "--validation_prompts_file"]
+    assert script.parse_args(base + [str(prompts)]).validation_prompts == ["a red circle", "a blue square"]
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(SystemExit):
+        script.parse_args(base + [str(tmp_path / "empty.txt")])
+    assert "holds no prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("schedule, flags, expected_keyword", [
+    ("cosine_with_restarts", ["--lr_num_cycles", "2"], "num_cycles"),
+    ("polynomial", ["--lr_power", "2.0"], "power"),
+])
+def test_the_schedule_takes_its_cycles_and_power(schedule, flags, expected_keyword, preference_data_path):
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    args = sd.parse_args(["--pretrained_model_name_or_path", "unused", "--train_data_dir", preference_data_path,
+                          "--learning_rate", "1e-3", "--lr_scheduler", schedule, "--max_train_steps", "8", *flags])
+    model = torch.nn.Linear(2, 2)
+    dataset = list(range(16))
+    run = sd.prepare_training(args, Accelerator(cpu=True), model, dataset, torch.utils.data.DataLoader(dataset))
+    by_hand = get_scheduler(schedule, optimizer=torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3),
+                            num_warmup_steps=0, num_training_steps=8,
+                            **{expected_keyword: float(flags[1]) if expected_keyword == "power" else int(flags[1])})
+    default = get_scheduler(schedule, optimizer=torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3),
+                            num_warmup_steps=0, num_training_steps=8)
+    ours, hand, plain = [], [], []
+    for _ in range(8):
+        ours.append(run.lr_scheduler.get_last_lr()[0])
+        hand.append(by_hand.get_last_lr()[0])
+        plain.append(default.get_last_lr()[0])
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        by_hand.step()
+        default.step()
+    assert ours == pytest.approx(hand) and ours != pytest.approx(plain)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
