@@ -169,6 +169,8 @@ WHAT_WE_LOOK_FOR = (
 )
 # PEFT-format LoRA keys of a transformer (what the SD3 and FLUX scripts save): the module and the matrix, A or B.
 TRANSFORMER_LORA_KEY = re.compile(r"^transformer\.(?P<module>.+)\.lora_(?P<matrix>[AB])(\.[^.]+)?\.weight$")
+# A UNet's in the diffusers format: lora.down / lora.up (A / B), or PEFT's lora_A / lora_B
+UNET_LORA_KEY = re.compile(r"^unet\.(?P<module>.+)\.(lora\.(?P<direction>down|up)|lora_(?P<matrix>[AB]))(\.[^.]+)?\.weight$")
 # Only FLUX's transformer has single-stream blocks: LoRA keys under them are FLUX's, whatever the base.
 FLUX_ONLY_MODULES = "single_transformer_blocks."
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -501,12 +503,12 @@ def load_result_scheduler(result):
 @dataclass(frozen=True)
 class LoraFile:
     """A LoRA result's file, read as far as its header: where it is, which denoiser its keys are for ("unet",
-    "transformer", or None for text-encoder adapters alone), and for a transformer the shapes of each module's
-    A and B matrices ({module: {"A": shape, "B": shape}})."""
+    "transformer", or None for text-encoder adapters alone), and the shapes of each denoiser module's A and B
+    matrices ({module: {"A": shape, "B": shape}})."""
 
     path: str
     denoiser: str | None
-    transformer_modules: dict
+    modules: dict
 
 
 def _lora_file(result):
@@ -522,12 +524,12 @@ def _lora_file(result):
         file = os.path.join(result.location, result.weight_name)
     with safe_open(file, framework="pt") as weights:
         keys = list(weights.keys())
-        transformer_modules = {}
+        modules = {}
         for key in keys:
-            match = TRANSFORMER_LORA_KEY.match(key)
+            match = TRANSFORMER_LORA_KEY.match(key) or UNET_LORA_KEY.match(key)
             if match:
-                transformer_modules.setdefault(match["module"], {})[match["matrix"]] = weights.get_slice(
-                    key).get_shape()
+                matrix = match["matrix"] or {"down": "A", "up": "B"}[match.groupdict().get("direction")]
+                modules.setdefault(match["module"], {})[matrix] = weights.get_slice(key).get_shape()
     if not any("lora" in key for key in keys):
         raise DpoResultError(f"{file!r} holds no LoRA weights (keys such as {', '.join(keys[:3])}). A whole "
                              "denoiser must come as a folder with config.json (UNet2DConditionModel, "
@@ -539,14 +541,14 @@ def _lora_file(result):
                              "lora_alpha. Load the checkpoint folder instead: its pytorch_lora_weights.safetensors "
                              "holds the same adapter with its config.")
     denoiser = next((LORA_KEY_PREFIXES[p] for p in prefixes if p and LORA_KEY_PREFIXES[p]), None)
-    return LoraFile(file, denoiser, transformer_modules)
+    return LoraFile(file, denoiser, modules)
 
 
 def _transformer_lora_family(lora, result):
     """The pipeline class name a transformer LoRA was trained for, where it can be told before loading: FLUX where it
     adapts single-stream blocks (only FLUX's transformer has them), else the family of the base its run's
     training_args.json names, where that base is on this machine; None where neither says."""
-    if any(module.startswith(FLUX_ONLY_MODULES) for module in lora.transformer_modules):
+    if any(module.startswith(FLUX_ONLY_MODULES) for module in lora.modules):
         return "FluxPipeline"
     trained_from = result_training_args(result).get("pretrained_model_name_or_path")
     # A relative path was relative to the run's working directory, which is not known here.
@@ -560,13 +562,13 @@ def _transformer_lora_family(lora, result):
 
 
 def _lora_module_problems(lora, modules):
-    """What in a transformer LoRA does not fit the denoiser whose named modules are `modules`: modules it lacks, and
-    Linear layers whose input (A's columns) or output (B's rows) width differs."""
+    """What in a LoRA does not fit the denoiser whose named modules are `modules`: modules it lacks, and Linear layers
+    whose input (A's columns) or output (B's rows) width differs."""
     problems = []
-    for name, shapes in lora.transformer_modules.items():
+    for name, shapes in lora.modules.items():
         module = modules.get(name)
         if module is None:
-            problems.append(f"{name}: not in the base's transformer")
+            problems.append(f"{name}: not in the base's {lora.denoiser}")
             continue
         layer = getattr(module, "base_layer", module)  # a layer that carries adapters already wraps the Linear
         for matrix, axis, feature in (("A", 1, "in_features"), ("B", 0, "out_features")):
@@ -578,8 +580,9 @@ def _lora_module_problems(lora, modules):
 
 def _check_lora_fits(result, family, what, base_name, base_modules):
     """Refuse a LoRA for another family than the base's: UNet keys for a transformer base or the reverse, a FLUX LoRA
-    for an SD3 base or the reverse, or (transformers) modules or widths the base's transformer does not have.
-    base_modules: a callable giving the base denoiser's named modules."""
+    for an SD3 base or the reverse, or modules or widths the base's denoiser does not have (an SDXL LoRA on SD1.5,
+    which diffusers would stop with a raw size mismatch). base_modules: a callable giving the base denoiser's named
+    modules."""
     lora = _lora_file(result)
     if lora.denoiser is None:  # text-encoder adapters alone: load_lora_weights says whether they match
         return
@@ -588,11 +591,9 @@ def _check_lora_fits(result, family, what, base_name, base_modules):
         trained_for = [lora_family] if lora_family else [name for name, f in FAMILIES.items()
                                                          if f.denoiser == lora.denoiser]
         _refuse_other_family(what, FOLDER_LABELS[lora.denoiser], trained_for, family, base_name)
-    if lora.denoiser != "transformer":
-        return
     problems = _lora_module_problems(lora, base_modules())
     if problems:
-        others = [f.name for f in FAMILIES.values() if f.denoiser == "transformer" and f != family]
+        others = [f.name for f in FAMILIES.values() if f.denoiser == family.denoiser and f != family]
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise DpoResultError(
             f"{what} does not fit {base_name}, a {family.name} pipeline ({shown}). It was trained for another base: "

@@ -213,6 +213,9 @@ def test_other_unusable_inputs_get_clear_errors(sd_results, sdxl_results, tmp_pa
         load_dpo_pipeline(sd_results["base"], str(tmp_path / "missing" / "result"))
     with pytest.raises(DpoResultError, match="does not fit the base.*cross_attention_dim"):
         load_dpo_pipeline(sd_results["base"], sdxl_results["full"])
+    # a LoRA made for another base: named as the UNet path is, not diffusers' raw "size mismatch"
+    with pytest.raises(DpoResultError, match=r"does not fit the base .*in_features LoRA 64, base 32.*or SDXL"):
+        load_dpo_pipeline(sd_results["base"], sdxl_results["lora"])
     with pytest.raises(DpoResultError, match="model_index.json of the base"):
         load_dpo_pipeline(sd_results["full"] / "unet", sd_results["lora"])
     with pytest.raises(ValueError, match="apply to LoRA results"):
