@@ -2315,15 +2315,27 @@ pipe = load_dpo_pipeline("{args.pretrained_model_name_or_path}", "{repo_id}")
     card.save(os.path.join(args.output_dir, "README.md"))
 
 
+# Copied from train_diffusion_dpo.create_hub_repo
+def create_hub_repo(args, accelerator):
+    """--push_to_hub: the repo is created, and the login checked, before any model loads, so a bad token or repo id
+    fails at once rather than after the training. args.hub_model_id becomes the hub's own id (namespace/name), which
+    the card's snippets use."""
+    if args.push_to_hub and accelerator.is_main_process:
+        from huggingface_hub import create_repo
+
+        args.hub_model_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True).repo_id
+        logger.info(f"The results will be pushed to https://huggingface.co/{args.hub_model_id}")
+
+
 # Copied from train_diffusion_dpo.push_to_hub
 def push_to_hub(args):
-    from huggingface_hub import create_repo, upload_folder
+    """Upload the final artifacts to the repo create_hub_repo made."""
+    from huggingface_hub import upload_folder
 
-    repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True).repo_id
     allow, ignore = hub_upload_patterns(args)
-    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="Diffusion-DPO final weights",
+    upload_folder(repo_id=args.hub_model_id, folder_path=args.output_dir, commit_message="Diffusion-DPO final weights",
                   allow_patterns=allow, ignore_patterns=ignore)
-    logger.info(f"Pushed the final artifacts to https://huggingface.co/{repo_id}")
+    logger.info(f"Pushed the final artifacts to https://huggingface.co/{args.hub_model_id}")
 
 
 # Copied from train_diffusion_dpo.public_config
@@ -2865,6 +2877,7 @@ def main(args):
     accelerator = setup_accelerator(args)
     if run_already_finished(args):
         return  # a requeued job whose run has finished
+    create_hub_repo(args, accelerator)
     dataset, columns, counts = load_data(args, accelerator)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     noise_scheduler, tokenizers, text_encoders, vae, unet, ref_unet = build_models(args, accelerator, weight_dtype)

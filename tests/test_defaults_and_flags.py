@@ -94,3 +94,28 @@ def test_the_schedule_takes_its_cycles_and_power(schedule, flags, expected_keywo
     assert ours == pytest.approx(hand) and ours != pytest.approx(plain)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def test_the_hub_repo_is_created_before_any_model_loads_and_named_in_the_card(tiny_sd_path, preference_data_path,
+                                                                              tmp_path, monkeypatch):
+    import huggingface_hub
+
+    args = ["--pretrained_model_name_or_path", tiny_sd_path, "--train_data_dir", preference_data_path,
+            "--resolution", "64", "--train_batch_size", "2", "--use_lora", "--max_train_steps", "1",
+            "--num_validation_images", "0", "--push_to_hub", "--hub_model_id", "sd-dpo"]
+
+    def refused(repo_id, exist_ok):
+        raise ValueError(f"401: not logged in, cannot create {repo_id}")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", refused)
+    with pytest.raises(ValueError, match="not logged in"):
+        run_in_process(sd, args + ["--output_dir", tmp_path / "refused"])
+    assert not (tmp_path / "refused" / "data_summary.json").exists()  # failed before the data, let alone a model
+
+    uploads = []
+    monkeypatch.setattr(huggingface_hub, "create_repo",
+                        lambda repo_id, exist_ok: huggingface_hub.RepoUrl(f"https://huggingface.co/someone/{repo_id}"))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: uploads.append(kwargs))
+    run_in_process(sd, args + ["--output_dir", tmp_path / "pushed"])
+    assert [upload["repo_id"] for upload in uploads] == ["someone/sd-dpo"]
+    assert 'pipe.load_lora_weights("someone/sd-dpo")' in (tmp_path / "pushed" / "README.md").read_text()
