@@ -1197,6 +1197,7 @@ def build_parser():
     output.add_argument("--hub_token", type=str, default=None,
                         help="Not accepted (a failed launch prints its command line): log in with `huggingface-cli "
                              "login` or set HF_TOKEN; --push_to_hub uses that login.")
+    add_diffusers_flags(parser)
     return parser
 
 
@@ -1252,6 +1253,7 @@ def validate_args(parser, args):
             parser.error(f"--{name} must be at least 1 when given.")
     if args.num_validation_images < 0 or args.dataloader_num_workers < 0 or args.lr_warmup_steps < 0:
         parser.error("--num_validation_images, --dataloader_num_workers and --lr_warmup_steps must be >= 0.")
+    diffusers_flags_onto_ours(parser, args)
     resolve_validation_and_rate_flags(parser, args)
     if not args.learning_rate > 0:
         parser.error("--learning_rate must be > 0.")
@@ -1271,6 +1273,75 @@ def validate_args(parser, args):
     refuse_unsafe_outputs(parser, args)
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
+
+
+# Flags of diffusers' text-to-image examples that this script has no flag of that name for: a diffusers user's
+# command line gets the flag that does it here, or why it is not supported, never "unrecognized arguments".
+# None: accepted, with the diffusers meaning (see diffusers_flags_onto_ours).
+DIFFUSERS_FLAGS = {
+    "center_crop": None,  # the default here (--random_crop for random crops)
+    "random_flip": None,  # the default here (--no_hflip turns it off)
+    "tracker_name": None,  # diffusers' DPO example: --tracker_project_name
+    "local_rank": None,  # torch.distributed.launch passes it; accelerate sets the rank itself
+    "image_column": "a preference pair has two images: use --image_0_column/--image_1_column with "
+                    "--label_0_column/--label_1_column (Pick-a-Pic), or --chosen_column/--rejected_column",
+    "validation_prompt": "use --validation_prompts (one or more prompts) or --validation_prompts_file",
+    "validation_epochs": "use --validation_steps (in optimizer steps)",
+    "pretrained_vae_model_name_or_path": "not supported by this script (the SDXL script takes it, for SDXL's "
+                                         "fp16-fixed VAE)",
+    "prediction_type": "not supported by this script: flow-matching models (SD3, FLUX.1) are trained on the "
+                       "velocity (the SD and SDXL scripts take it)",
+    "image_interpolation_mode": "not supported: both images of a pair are resampled bilinearly",
+    "train_text_encoder": "not supported: Diffusion-DPO trains the denoiser; the text encoders stay frozen",
+    "use_ema": "not supported yet (an EMA of the trained weights is not in the paper)",
+    "offload_ema": "not supported yet (no --use_ema)", "foreach_ema": "not supported yet (no --use_ema)",
+    "non_ema_revision": "not supported yet (no --use_ema); --revision chooses the base's revision",
+    "snr_gamma": "not supported: the paper's loss weighs every timestep alike (Min-SNR is a supervised "
+                 "fine-tuning recipe)",
+    "noise_offset": "not supported: both models are scored on plain Gaussian noise, as in the paper",
+    "input_perturbation": "not supported: a supervised fine-tuning regulariser, not part of Diffusion-DPO",
+    "dream_training": "not supported: DREAM is a supervised fine-tuning method",
+    "dream_detail_preservation": "not supported (no DREAM training)",
+    "timestep_bias_strategy": "not supported: timesteps are drawn as the paper draws them",
+    "timestep_bias_multiplier": "not supported (no timestep bias)", "timestep_bias_begin": "not supported (no "
+    "timestep bias)", "timestep_bias_end": "not supported (no timestep bias)",
+    "timestep_bias_portion": "not supported (no timestep bias)",
+    "enable_npu_flash_attention": "not supported: attention is PyTorch SDPA, or xformers on CUDA",
+    "debug_loss": "not supported: the losses and errors are logged every step (train/loss, train/model_mse_w, ...)",
+}
+
+
+# Copied from train_diffusion_dpo.add_diffusers_flags
+def add_diffusers_flags(parser):
+    """Register DIFFUSERS_FLAGS that this script does not define itself, hidden from --help; each takes an optional
+    value (a diffusers switch and a diffusers flag with a value both parse), read by diffusers_flags_onto_ours."""
+    defined = {option for action in parser._actions for option in action.option_strings}
+    for flag in DIFFUSERS_FLAGS:
+        if f"--{flag}" not in defined:
+            parser.add_argument(f"--{flag}", dest=f"diffusers_{flag}", nargs="?", const=True, default=None,
+                                help=argparse.SUPPRESS)
+
+
+# Copied from train_diffusion_dpo.diffusers_flags_onto_ours
+def diffusers_flags_onto_ours(parser, args):
+    """Apply the diffusers flags accepted here, refuse the others with what to use; then drop them from args (the
+    saved flags hold this script's own)."""
+    for flag, refusal in DIFFUSERS_FLAGS.items():
+        dest = f"diffusers_{flag}"
+        if not hasattr(args, dest):
+            continue  # the script has a flag of that name
+        value = getattr(args, dest)
+        delattr(args, dest)
+        if value is None:
+            continue
+        if refusal is not None:
+            parser.error(f"--{flag} (from diffusers' training examples): {refusal}.")
+        if flag == "center_crop" and args.random_crop:
+            parser.error("--center_crop and --random_crop contradict each other; the centre crop is the default.")
+        if flag == "random_flip" and args.no_hflip:
+            parser.error("--random_flip and --no_hflip contradict each other; the flip is on by default.")
+        if flag == "tracker_name":
+            args.tracker_project_name = value
 
 
 # Copied from train_diffusion_dpo.resolve_validation_and_rate_flags

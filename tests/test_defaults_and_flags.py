@@ -3,6 +3,7 @@ far. A LoRA run trains at its own default rate, `--report_to none`, no silent fl
 the schedule's cycles and power."""
 
 import logging
+import re
 
 import pytest
 import torch
@@ -43,8 +44,58 @@ def test_the_default_rate_follows_the_mode_and_report_to_takes_every_accelerate_
 def test_no_flag_is_silently_abbreviated(script, preference_data_path, capsys):
     with pytest.raises(SystemExit):
         script.parse_args(["--pretrained_model_name_or_path", "unused", "--train_data_dir", preference_data_path,
-                           "--validation_prompt", "a red circle"])
-    assert "unrecognized arguments: --validation_prompt" in capsys.readouterr().err
+                           "--validation_prom", "a red circle"])
+    assert "unrecognized arguments: --validation_prom" in capsys.readouterr().err
+
+
+# Every flag of diffusers' examples/text_to_image/train_text_to_image{,_sdxl,_lora,_lora_sdxl}.py (diffusers main,
+# December 2026), and --tracker_name of its DPO research example; switches are marked True.
+DIFFUSERS_TEXT_TO_IMAGE_FLAGS = {
+    "input_perturbation": False, "pretrained_model_name_or_path": False, "revision": False, "variant": False,
+    "dataset_name": False, "dataset_config_name": False, "train_data_dir": False, "image_column": False,
+    "caption_column": False, "max_train_samples": False, "validation_prompts": False, "output_dir": False,
+    "cache_dir": False, "seed": False, "resolution": False, "center_crop": True, "random_flip": True,
+    "train_batch_size": False, "num_train_epochs": False, "max_train_steps": False,
+    "gradient_accumulation_steps": False, "gradient_checkpointing": True, "learning_rate": False, "scale_lr": True,
+    "lr_scheduler": False, "lr_warmup_steps": False, "snr_gamma": False, "dream_training": True,
+    "dream_detail_preservation": False, "use_8bit_adam": True, "allow_tf32": True, "use_ema": True,
+    "offload_ema": True, "foreach_ema": True, "non_ema_revision": False, "dataloader_num_workers": False,
+    "adam_beta1": False, "adam_beta2": False, "adam_weight_decay": False, "adam_epsilon": False,
+    "max_grad_norm": False, "push_to_hub": True, "hub_token": False, "prediction_type": False,
+    "hub_model_id": False, "logging_dir": False, "mixed_precision": False, "report_to": False, "local_rank": False,
+    "checkpointing_steps": False, "checkpoints_total_limit": False, "resume_from_checkpoint": False,
+    "enable_xformers_memory_efficient_attention": True, "noise_offset": False, "validation_epochs": False,
+    "tracker_project_name": False, "image_interpolation_mode": False, "pretrained_vae_model_name_or_path": False,
+    "validation_prompt": False, "num_validation_images": False, "proportion_empty_prompts": False,
+    "timestep_bias_strategy": False, "timestep_bias_multiplier": False, "timestep_bias_begin": False,
+    "timestep_bias_end": False, "timestep_bias_portion": False, "enable_npu_flash_attention": True, "rank": False,
+    "train_text_encoder": True, "debug_loss": True, "tracker_name": False,
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda module: module.__name__)
+def test_every_diffusers_text_to_image_flag_is_ours_or_answered_with_ours(script, preference_data_path, capsys):
+    ours = {option for action in script.build_parser()._actions for option in action.option_strings
+            if not action.dest.startswith("diffusers_")}
+    base = ["--pretrained_model_name_or_path", "unused", "--train_data_dir", preference_data_path]
+    for flag, switch in DIFFUSERS_TEXT_TO_IMAGE_FLAGS.items():
+        if f"--{flag}" in ours:
+            continue
+        given = [f"--{flag}"] if switch else [f"--{flag}", "1"]
+        if script.DIFFUSERS_FLAGS[flag] is None:  # accepted with the diffusers meaning
+            script.parse_args(base + given)
+            continue
+        with pytest.raises(SystemExit):
+            script.parse_args(base + given)
+        error = capsys.readouterr().err
+        assert f"--{flag} (from diffusers' training examples)" in error, flag
+        assert "not supported" in error or re.search(r"use --\w+", error), (flag, error)
+    # the accepted ones mean what they mean in diffusers
+    assert script.parse_args(base + ["--tracker_name", "my-runs"]).tracker_project_name == "my-runs"
+    assert not script.parse_args(base + ["--center_crop", "--random_flip"]).random_crop
+    with pytest.raises(SystemExit):
+        script.parse_args(base + ["--center_crop", "--random_crop"])
+    assert not any(name.startswith("diffusers_") for name in vars(script.parse_args(base)))
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda module: module.__name__)
