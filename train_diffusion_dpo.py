@@ -2076,14 +2076,18 @@ def write_model_card(args, run, counts, grid_path):
     repo_id = args.hub_model_id or Path(args.output_dir).name
     if grid_path is not None:
         shutil.copyfile(grid_path, os.path.join(args.output_dir, "validation_grid.png"))
+    # device and dtype set as in the SDXL script's card
     if args.use_lora:
-        usage = (f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
+        usage = (f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", '
+                 'dtype=torch.float16).to("cuda")\n'
                  f'pipe.load_lora_weights("{repo_id}")')
     elif args.save_unet_only:
-        usage = (f'unet = UNet2DConditionModel.from_pretrained("{repo_id}", subfolder="unet")\n'
-                 f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", unet=unet)')
+        usage = (f'unet = UNet2DConditionModel.from_pretrained("{repo_id}", subfolder="unet", '
+                 'dtype=torch.float16)\n'
+                 f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", unet=unet, '
+                 'dtype=torch.float16).to("cuda")')
     else:
-        usage = f'pipe = DiffusionPipeline.from_pretrained("{repo_id}")'
+        usage = f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", dtype=torch.float16).to("cuda")'
     if args.prediction_type is not None and (args.use_lora or args.save_unet_only):
         # trained for another prediction type than the base's: its scheduler travels with the result
         usage += (f'\npipe.scheduler = pipe.scheduler.from_pretrained("{repo_id}", subfolder="scheduler")  '
@@ -2100,6 +2104,8 @@ def write_model_card(args, run, counts, grid_path):
     grid_md = ("![reference (left) vs DPO (right), same seeds](./validation_grid.png)\n\nEach row is a prompt; the "
                "left half is the base model, the right half the DPO model, from the same seeds.\n"
                if grid_path is not None else "")
+    used = sorted(name for name in ("DiffusionPipeline", "UNet2DConditionModel") if name + "." in usage)
+    diffusers_import = f"from diffusers import {', '.join(used)}"
     body = f"""# Diffusion-DPO: {repo_id}
 
 {"LoRA adapters" if args.use_lora else "A UNet"} for `{args.pretrained_model_name_or_path}` aligned to human \
@@ -2108,7 +2114,8 @@ preference pairs from `{dataset}` with Diffusion-DPO ([Wallace et al., 2023](htt
 ## Use
 
 ```python
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+import torch
+{diffusers_import}
 
 {usage}
 image = pipe("a photo of an astronaut riding a horse on mars").images[0]
@@ -2132,13 +2139,34 @@ pipe = load_dpo_pipeline("{args.pretrained_model_name_or_path}", "{repo_id}")
 |---|---|
 """ + "".join(f"| {key} | {value} |\n" for key, value in settings.items())
     card_data = ModelCardData(
-        base_model=args.pretrained_model_name_or_path, library_name="diffusers", license="openrail",
+        **card_metadata(args, {"license": "creativeml-openrail-m"}), library_name="diffusers",
         datasets=[args.dataset_name] if args.dataset_name and not os.path.isdir(args.dataset_name) else None,
         tags=["diffusion-dpo", "dpo", "stable-diffusion", "text-to-image", "diffusers"] + (
             ["lora", "diffusers-training"] if args.use_lora else ["diffusers-training"]),
     )
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
     card.save(os.path.join(args.output_dir, "README.md"))
+
+
+def card_metadata(args, family_license):
+    """The card's base_model and license fields. base_model only for a hub id (a local folder names nothing on the
+    Hub); the license of the base's own card where it can be read (its folder, or the hub cache: nothing is
+    downloaded), else `family_license`, the license the family's weights are released under."""
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    base = args.pretrained_model_name_or_path
+    local = os.path.exists(base)
+    try:
+        card_file = (os.path.join(base, "README.md") if local else
+                     hf_hub_download(base, "README.md", revision=args.revision, local_files_only=True))
+        base_card = ModelCard.load(card_file).data if os.path.isfile(card_file) else None
+    except (OSError, ValueError):  # not in the cache, or no card: the family's license
+        base_card = None
+    fields = dict(family_license)
+    if base_card is not None and base_card.get("license"):
+        fields = {key: base_card.get(key) for key in ("license", "license_name", "license_link")
+                  if base_card.get(key)}
+    return {"base_model": None if local else base, **fields}
 
 
 def create_hub_repo(args, accelerator):

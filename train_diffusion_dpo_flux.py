@@ -2327,15 +2327,15 @@ def write_model_card(args, run, counts, grid_path):
         shutil.copyfile(grid_path, os.path.join(args.output_dir, "validation_grid.png"))
     if args.use_lora:
         usage = (f'pipe = FluxPipeline.from_pretrained("{args.pretrained_model_name_or_path}", '
-                 'torch_dtype=torch.bfloat16).to("cuda")\n'
+                 'dtype=torch.bfloat16).to("cuda")\n'
                  f'pipe.load_lora_weights("{repo_id}")')
     elif args.save_transformer_only:
         usage = (f'transformer = FluxTransformer2DModel.from_pretrained("{repo_id}", subfolder="transformer", '
-                 'torch_dtype=torch.bfloat16)\n'
+                 'dtype=torch.bfloat16)\n'
                  f'pipe = FluxPipeline.from_pretrained("{args.pretrained_model_name_or_path}", '
-                 'transformer=transformer, torch_dtype=torch.bfloat16).to("cuda")')
+                 'transformer=transformer, dtype=torch.bfloat16).to("cuda")')
     else:
-        usage = f'pipe = FluxPipeline.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16).to("cuda")'
+        usage = f'pipe = FluxPipeline.from_pretrained("{repo_id}", dtype=torch.bfloat16).to("cuda")'
     # The validation settings and the T5 length the model was trained with
     call = (f'pipe("a photo of an astronaut riding a horse on mars", '
             f'num_inference_steps={args.validation_num_inference_steps},\n'
@@ -2357,6 +2357,8 @@ def write_model_card(args, run, counts, grid_path):
     grid_md = ("![reference (left) vs DPO (right), same seeds](./validation_grid.png)\n\nEach row is a prompt; the "
                "left half is the base model, the right half the DPO model, from the same seeds.\n"
                if grid_path is not None else "")
+    used = sorted(name for name in ("FluxPipeline", "FluxTransformer2DModel") if name + "." in usage)
+    diffusers_import = f"from diffusers import {', '.join(used)}"
     body = f"""# Flow-DPO (FLUX.1): {repo_id}
 
 {"LoRA adapters" if args.use_lora else "A transformer"} for `{args.pretrained_model_name_or_path}` aligned to \
@@ -2367,7 +2369,7 @@ carried over to flow matching (Flow-DPO: the DPO loss on velocity errors with a 
 
 ```python
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+{diffusers_import}
 
 {usage}
 image = {call}
@@ -2397,13 +2399,35 @@ pipe = load_dpo_pipeline("{args.pretrained_model_name_or_path}", "{repo_id}")
         license_fields = {"license": "other", "license_name": "flux-1-dev-non-commercial-license",
                           "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"}
     card_data = ModelCardData(
-        base_model=args.pretrained_model_name_or_path, library_name="diffusers", **license_fields,
+        **card_metadata(args, license_fields), library_name="diffusers",
         datasets=[args.dataset_name] if args.dataset_name and not os.path.isdir(args.dataset_name) else None,
         tags=["diffusion-dpo", "dpo", "flow-dpo", "flux", "flux-diffusers", "text-to-image", "diffusers"]
         + (["lora", "diffusers-training"] if args.use_lora else ["diffusers-training"]),
     )
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
     card.save(os.path.join(args.output_dir, "README.md"))
+
+
+# Copied from train_diffusion_dpo.card_metadata
+def card_metadata(args, family_license):
+    """The card's base_model and license fields. base_model only for a hub id (a local folder names nothing on the
+    Hub); the license of the base's own card where it can be read (its folder, or the hub cache: nothing is
+    downloaded), else `family_license`, the license the family's weights are released under."""
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    base = args.pretrained_model_name_or_path
+    local = os.path.exists(base)
+    try:
+        card_file = (os.path.join(base, "README.md") if local else
+                     hf_hub_download(base, "README.md", revision=args.revision, local_files_only=True))
+        base_card = ModelCard.load(card_file).data if os.path.isfile(card_file) else None
+    except (OSError, ValueError):  # not in the cache, or no card: the family's license
+        base_card = None
+    fields = dict(family_license)
+    if base_card is not None and base_card.get("license"):
+        fields = {key: base_card.get(key) for key in ("license", "license_name", "license_link")
+                  if base_card.get(key)}
+    return {"base_model": None if local else base, **fields}
 
 
 # Copied from train_diffusion_dpo.create_hub_repo

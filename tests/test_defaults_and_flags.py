@@ -170,3 +170,21 @@ def test_the_hub_repo_is_created_before_any_model_loads_and_named_in_the_card(ti
     run_in_process(sd, args + ["--output_dir", tmp_path / "pushed"])
     assert [upload["repo_id"] for upload in uploads] == ["someone/sd-dpo"]
     assert 'pipe.load_lora_weights("someone/sd-dpo")' in (tmp_path / "pushed" / "README.md").read_text()
+
+
+def test_the_card_inherits_the_base_cards_license_and_names_no_local_base(tiny_sd_path, preference_data_path,
+                                                                         tmp_path):
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_sd_path, base)
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# a base with its own card\n")
+    run_in_process(sd, ["--pretrained_model_name_or_path", base, "--train_data_dir", preference_data_path,
+                        "--output_dir", tmp_path / "run", "--resolution", "64", "--train_batch_size", "2",
+                        "--use_lora", "--max_train_steps", "1", "--num_validation_images", "1",
+                        "--validation_num_inference_steps", "2", "--validation_prompts", "a red circle"])
+    card = ModelCard.load(tmp_path / "run" / "README.md")
+    assert card.data.license == "mit" and card.data.base_model is None
+    assert "![" in card.text and (tmp_path / "run" / "validation_grid.png").is_file()

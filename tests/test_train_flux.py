@@ -356,7 +356,7 @@ def test_lora_run_writes_card_grid_checkpoints_and_no_token(lora_run):
 
     card = ModelCard.load(lora_run / "README.md")
     assert {"diffusion-dpo", "flow-dpo", "flux", "lora"} <= set(card.data.tags)
-    assert card.data.base_model and card.data.license == "other"
+    assert card.data.base_model is None and card.data.license == "other"  # a local base names nothing on the Hub
     assert card.data.license_name == "flux-1-dev-non-commercial-license"  # a FLUX.1-dev derivative keeps its license
     assert "FluxPipeline" in card.text and "load_lora_weights" in card.text
     assert "guidance_scale=3.5" in card.text and "max_sequence_length=32" in card.text  # as trained and validated

@@ -331,7 +331,8 @@ def test_lora_run_writes_card_grid_checkpoints_and_no_token(lora_run):
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(lora_run / "README.md")
-    assert "diffusion-dpo" in card.data.tags and card.data.base_model
+    assert "diffusion-dpo" in card.data.tags and card.data.base_model is None  # a local base is no hub id
+    assert card.data.license == "creativeml-openrail-m"  # SD1.5's, where the base's own card does not say
     assert "load_lora_weights" in card.text and "validation_grid.png" in card.text
     grid = Image.open(lora_run / "validation_grid.png")
     assert grid.size == (2 * 64, 2 * 64)  # 2 prompts x (reference, trained) x 1 image

@@ -316,7 +316,7 @@ def test_lora_run_writes_card_grid_checkpoints_and_no_token(lora_run):
 
     card = ModelCard.load(lora_run / "README.md")
     assert {"diffusion-dpo", "flow-dpo", "sd3", "lora"} <= set(card.data.tags)
-    assert card.data.base_model and card.data.license == "other" and card.data.license_name
+    assert card.data.base_model is None and card.data.license == "other" and card.data.license_name
     assert "StableDiffusion3Pipeline" in card.text and "load_lora_weights" in card.text
     assert "max_sequence_length=77" in card.text  # the T5 length it was trained with, not the pipeline's 256
     assert Image.open(lora_run / "validation_grid.png").size == (2 * 64, 2 * 64)  # 2 prompts x (ref, DPO)

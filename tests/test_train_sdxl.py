@@ -558,7 +558,8 @@ def test_lora_run_writes_card_grid_checkpoints_and_no_token(lora_run):
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(lora_run / "README.md")
-    assert {"diffusion-dpo", "stable-diffusion-xl", "lora"} <= set(card.data.tags) and card.data.base_model
+    assert {"diffusion-dpo", "stable-diffusion-xl", "lora"} <= set(card.data.tags) and card.data.base_model is None
+    assert card.data.license == "openrail++"
     assert "load_lora_weights" in card.text and "validation_grid.png" in card.text
     assert Image.open(lora_run / "validation_grid.png").size == (2 * 64, 2 * 64)  # 2 prompts x (ref, DPO)
     assert sorted(p.name for p in lora_run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
