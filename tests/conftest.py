@@ -48,14 +48,13 @@ def preference_data_path(tmp_path_factory):
 # it is free, in collection order, so a long file collected last would run alone at the end while the other worker
 # idles. Longest first, the two end within a short file of each other. Seconds of work on 2 cores, measured
 # (`--durations=0`, summed per file); files not listed run last.
-LONGEST_FIRST = ("test_configs.py",  # ~160
-                 "test_toy.py",  # ~115
-                 "test_reliability_two.py",  # ~90
-                 "test_train_sd3.py", "test_reference_errors.py", "test_bench.py", "test_train_sd.py",  # ~75-85
+LONGEST_FIRST = ("test_toy.py",  # ~115
+                 "test_configs.py", "test_reliability_two.py",  # ~100
+                 "test_train_sd3.py", "test_reference_errors.py", "test_bench.py",  # ~75-85
                  "test_pipeline_dpo.py",  # ~60
-                 "test_relabel_evaluate.py", "test_reliability.py", "test_train_flux.py", "test_train_sdxl.py",
-                 "test_gpu_check.py", "test_users_path.py",  # ~30-40
-                 "test_cache.py", "test_tools.py", "test_streaming.py")
+                 "test_train_sd.py", "test_relabel_evaluate.py", "test_reliability.py", "test_train_flux.py",
+                 "test_train_sdxl.py", "test_gpu_check.py", "test_users_path.py",  # ~30-45
+                 "test_defaults_and_flags.py", "test_cache.py", "test_tools.py", "test_streaming.py")
 
 
 def pytest_collection_modifyitems(config, items):

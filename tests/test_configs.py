@@ -338,6 +338,9 @@ def test_ddp_config_trains_on_two_processes(ddp_lora_run):
     assert sorted(p.name for p in ddp_lora_run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
+# Slow: resume equal to an uninterrupted run (test_reliability*.py) times DDP equal to 1 process (test_train_sd3.py);
+# a 2-process checkpoint with each process's run state is checked in the default suite by the 2-process SIGTERM test.
+@pytest.mark.slow
 def test_two_process_save_and_resume_equals_an_uninterrupted_two_process_run(ddp_lora_run, tiny_sd_path,
                                                                           preference_data_path, tmp_path):
     half = run_args(tiny_sd_path, preference_data_path, tmp_path, *LORA_4_STEPS)

@@ -303,6 +303,11 @@ def test_sigterm_to_a_two_process_launcher_checkpoints_within_its_grace_period(t
     assert sd.checkpoint_dirs(str(output_dir)) == ["checkpoint-1"], log[-4000:]
     assert sd.checkpoint_problem(output_dir / "checkpoint-1") is None
     assert "SIGTERM" in log
+    # each process's run state beside accelerate's, and the process count a resume is checked against
+    assert {p.name for p in (output_dir / "checkpoint-1").glob("run_state_*.json")} == {"run_state_0.json",
+                                                                                         "run_state_1.json"}
+    record = json.loads((output_dir / "checkpoint-1" / sd.CHECKPOINT_RECORD).read_text())
+    assert record["settings"]["num_processes"] == 2 and record["global_step"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

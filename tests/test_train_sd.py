@@ -395,6 +395,9 @@ def test_full_resume_equals_an_uninterrupted_run(full_run, tiny_sd_path, prefere
     assert max_abs_difference(trained_weights(tmp_path), trained_weights(full_run)) < 1e-6
 
 
+# Slow: the SD3 script's test shows 2-process DDP equal to 1 process through the same copied loop in the default
+# suite, and the SD script's own 2-process runs are there too (test_configs.py, test_reliability_two.py).
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(tiny_sd_path, preference_data_path, tmp_path):
     # A large Adam epsilon keeps Adam from magnifying float-summation noise in near-zero gradients into
     # lr-sized weight differences (its first step is lr * sign(g) otherwise).
