@@ -170,7 +170,8 @@ WHAT_WE_LOOK_FOR = (
 # PEFT-format LoRA keys of a transformer (what the SD3 and FLUX scripts save): the module and the matrix, A or B.
 TRANSFORMER_LORA_KEY = re.compile(r"^transformer\.(?P<module>.+)\.lora_(?P<matrix>[AB])(\.[^.]+)?\.weight$")
 # A UNet's in the diffusers format: lora.down / lora.up (A / B), or PEFT's lora_A / lora_B
-UNET_LORA_KEY = re.compile(r"^unet\.(?P<module>.+)\.(lora\.(?P<direction>down|up)|lora_(?P<matrix>[AB]))(\.[^.]+)?\.weight$")
+UNET_LORA_KEY = re.compile(
+    r"^unet\.(?P<module>.+)\.(lora\.(?P<direction>down|up)|lora_(?P<matrix>[AB]))(\.[^.]+)?\.weight$")
 # Only FLUX's transformer has single-stream blocks: LoRA keys under them are FLUX's, whatever the base.
 FLUX_ONLY_MODULES = "single_transformer_blocks."
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")

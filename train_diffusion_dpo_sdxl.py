@@ -408,7 +408,7 @@ class PreferencePairDataset(torch.utils.data.Dataset):
     and flip, and the pair's micro-conditioning time ids.
 
     Augmentation randomness depends on (seed, epoch, index) only, so it is the same on every process count and
-    after a resume. A row whose images are missing or cannot be decoded is replaced by the next usable row and
+    after a resume. A row whose images are missing or cannot be decoded is replaced by a seeded random row and
     reported in the example (`skipped`: (row, reason) pairs), so batches keep their size and no process waits
     on another. Captions longer than a tokenizer's limit are truncated and reported (`truncated`).
     """
@@ -1939,8 +1939,14 @@ def resume_from(args, accelerator, run, resume_dir):
         run.learning_rate_changes = run.learning_rate_changes + [[run.global_step, run.learning_rate]]
         logger.warning(f"The learning rate changed on resume: {record['learning_rate']:g} when saved, now "
                        f"{run.learning_rate:g}, applied from step {run.global_step + 1}.")
+    continue_data_from(args, run, state["stream_state"])
+
+
+# Copied from train_diffusion_dpo.continue_data_from
+def continue_data_from(args, run, stream_state):
+    """The data position after run.global_step: the stream's own (a stream_state) or epoch and batch of the order."""
     if args.streaming:
-        run.train_dataset.start_state = tuple(state["stream_state"])
+        run.train_dataset.start_state = tuple(stream_state)
     else:
         run.first_epoch = run.global_step // run.steps_per_epoch
         run.resume_batches = (run.global_step % run.steps_per_epoch) * args.gradient_accumulation_steps
@@ -1954,12 +1960,11 @@ def resume_record_less(args, accelerator, run, resume_dir):
     accelerator.load_state(resume_dir)
     run.global_step = int(os.path.basename(os.path.normpath(resume_dir)).split("-")[-1])
     run.last_checkpoint = os.path.abspath(resume_dir)
+    stream_state = None
     if args.streaming:
         with open(os.path.join(resume_dir, f"stream_state_{accelerator.process_index}.json")) as f:
-            run.train_dataset.start_state = tuple(json.load(f))
-    else:
-        run.first_epoch = run.global_step // run.steps_per_epoch
-        run.resume_batches = (run.global_step % run.steps_per_epoch) * args.gradient_accumulation_steps
+            stream_state = json.load(f)
+    continue_data_from(args, run, stream_state)
 
 
 # Copied from train_diffusion_dpo.run_already_finished

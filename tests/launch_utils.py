@@ -13,8 +13,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
-def launch(script, args, num_processes=1, env=None, check=True, timeout=600):
-    """`accelerate launch` a training script on CPU; returns the CompletedProcess (stdout and stderr merged).
+def launch_command(script, args, num_processes=1, env=None):
+    """The `accelerate launch` command line of a training script on CPU, and its environment.
 
     Two processes use DDP over gloo. `accelerate launch --cpu --num_processes 2` would silently run one
     process, hence --multi_gpu with ACCELERATE_USE_CPU.
@@ -28,9 +28,15 @@ def launch(script, args, num_processes=1, env=None, check=True, timeout=600):
     else:
         command += ["--num_processes", "1"]
     run_env.update(env or {})
-    result = subprocess.run(command + [str(REPO_ROOT / script)] + [str(a) for a in args], cwd=REPO_ROOT,
-                            env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            timeout=timeout)
+    return command + [str(REPO_ROOT / script)] + [str(a) for a in args], run_env
+
+
+def launch(script, args, num_processes=1, env=None, check=True, timeout=600):
+    """`accelerate launch` a training script on CPU (launch_command); returns the CompletedProcess (stdout and
+    stderr merged)."""
+    command, run_env = launch_command(script, args, num_processes, env)
+    result = subprocess.run(command, cwd=REPO_ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-6000:]}")
     return result

@@ -363,17 +363,23 @@ def sample_sd3(pipe, prompt=PROMPT, seed=0, max_sequence_length=77, **kwargs):
 @pytest.fixture(scope="module")
 def sd3_stock_images(sd3_results):
     """What stock diffusers samples from the base and from each SD3 result, loaded as a user would without us."""
-    from diffusers import DiffusionPipeline, SD3Transformer2DModel
+    from diffusers import SD3Transformer2DModel
 
-    base = DiffusionPipeline.from_pretrained(sd3_results["base"])
-    lora = DiffusionPipeline.from_pretrained(sd3_results["base"])
-    lora.load_lora_weights(str(sd3_results["lora"]))
-    transformer_only = DiffusionPipeline.from_pretrained(sd3_results["base"])
-    transformer_only.transformer = SD3Transformer2DModel.from_pretrained(sd3_results["transformer-only"],
-                                                                         subfolder="transformer")
-    full = DiffusionPipeline.from_pretrained(sd3_results["full"])  # the saved pipeline folder, as it is
-    return {kind: sample_sd3(pipe) for kind, pipe in
-            (("base", base), ("lora", lora), ("transformer-only", transformer_only), ("full", full))}
+    return {kind: sample_sd3(pipe) for kind, pipe in stock_pipelines(sd3_results, SD3Transformer2DModel).items()}
+
+
+def stock_pipelines(results, transformer_class):
+    """The base and each transformer result (SD3, FLUX) loaded with diffusers' own calls, as a user would without us."""
+    from diffusers import DiffusionPipeline
+
+    base = DiffusionPipeline.from_pretrained(results["base"])
+    lora = DiffusionPipeline.from_pretrained(results["base"])
+    lora.load_lora_weights(str(results["lora"]))
+    transformer_only = DiffusionPipeline.from_pretrained(results["base"])
+    transformer_only.transformer = transformer_class.from_pretrained(results["transformer-only"],
+                                                                     subfolder="transformer")
+    full = DiffusionPipeline.from_pretrained(results["full"])  # the saved pipeline folder, as it is
+    return {"base": base, "lora": lora, "transformer-only": transformer_only, "full": full}
 
 
 SD3_FORMS = [
@@ -526,17 +532,9 @@ def sample_flux(pipe, prompt=PROMPT, seed=0, **kwargs):
 @pytest.fixture(scope="module")
 def flux_stock_images(flux_results):
     """What stock diffusers samples from the base and from each FLUX result, loaded as a user would without us."""
-    from diffusers import DiffusionPipeline, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
 
-    base = DiffusionPipeline.from_pretrained(flux_results["base"])
-    lora = DiffusionPipeline.from_pretrained(flux_results["base"])
-    lora.load_lora_weights(str(flux_results["lora"]))
-    transformer_only = DiffusionPipeline.from_pretrained(flux_results["base"])
-    transformer_only.transformer = FluxTransformer2DModel.from_pretrained(flux_results["transformer-only"],
-                                                                          subfolder="transformer")
-    full = DiffusionPipeline.from_pretrained(flux_results["full"])  # the saved pipeline folder, as it is
-    return {kind: sample_flux(pipe) for kind, pipe in
-            (("base", base), ("lora", lora), ("transformer-only", transformer_only), ("full", full))}
+    return {kind: sample_flux(pipe) for kind, pipe in stock_pipelines(flux_results, FluxTransformer2DModel).items()}
 
 
 # The FLUX script writes its results in the SD3 script's layouts, so the same forms apply.

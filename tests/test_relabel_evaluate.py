@@ -450,27 +450,30 @@ def test_sd3_implicit_accuracy_of_the_reference_is_one_half(tmp_path, tiny_sd3_p
     assert {row["outcome"] for row in read_outcomes(tmp_path)} == {"tie"}
 
 
-def test_sd3_implicit_accuracy_of_a_lora_result_is_reproducible(tmp_path, tiny_sd3_path, sd3_lora_path,
-                                                               preference_data_path):
-    first = evaluate.main(implicit_accuracy_args(tiny_sd3_path, sd3_lora_path, preference_data_path,
-                                                 tmp_path / "first"))
+def check_lora_implicit_accuracy_is_reproducible(base, lora, data, tmp_path, trained_settings):
+    """A flow LoRA result's implicit accuracy: every pair decided, the error settings it was trained with (its T5
+    length, sigma density and, for FLUX, guidance), and fixed draws (a second run gives the same per-pair values,
+    other batches the same up to float32 rounding)."""
+    first = evaluate.main(implicit_accuracy_args(base, lora, data, tmp_path / "first"))
     # The reference is the same transformer with its adapters off: the trained adapter moves every pair off zero.
     assert first["lora"] and first["n"] == 32 and first["ties"] == 0 and first["wins"] + first["losses"] == 32
-    # The errors are computed with the T5 length and sigma density the result was trained with.
-    assert {name: first["training_settings"][name] for name in SD3_LORA_SETTINGS} == SD3_LORA_SETTINGS
-    # Fixed draws: a second run gives the same per-pair values, and other batches the same up to float32 rounding.
-    second = evaluate.main(implicit_accuracy_args(tiny_sd3_path, sd3_lora_path, preference_data_path,
-                                                  tmp_path / "second"))
+    assert {name: first["training_settings"][name] for name in trained_settings} == trained_settings
+    second = evaluate.main(implicit_accuracy_args(base, lora, data, tmp_path / "second"))
     assert (tmp_path / "first" / "implicit_accuracy.csv").read_text() == (
         tmp_path / "second" / "implicit_accuracy.csv").read_text()
     assert second["accuracy"] == first["accuracy"]
-    rebatched = evaluate.main(implicit_accuracy_args(tiny_sd3_path, sd3_lora_path, preference_data_path,
-                                                     tmp_path / "rebatched", "--batch_size", "5"))
+    rebatched = evaluate.main(implicit_accuracy_args(base, lora, data, tmp_path / "rebatched", "--batch_size", "5"))
     first_rows, rebatched_rows = read_outcomes(tmp_path / "first"), read_outcomes(tmp_path / "rebatched")
     assert [row["outcome"] for row in first_rows] == [row["outcome"] for row in rebatched_rows]
     np.testing.assert_allclose([float(row["mean_inside"]) for row in rebatched_rows],
                                [float(row["mean_inside"]) for row in first_rows], rtol=0, atol=1e-3)
     assert rebatched["accuracy"] == first["accuracy"]
+
+
+def test_sd3_implicit_accuracy_of_a_lora_result_is_reproducible(tmp_path, tiny_sd3_path, sd3_lora_path,
+                                                               preference_data_path):
+    check_lora_implicit_accuracy_is_reproducible(tiny_sd3_path, sd3_lora_path, preference_data_path, tmp_path,
+                                                 SD3_LORA_SETTINGS)
 
 
 def test_sd3_win_rate_samples_with_sd3_defaults_and_the_trained_t5_length(tmp_path, tiny_sd3_path, sd3_lora_path,
@@ -562,25 +565,8 @@ def test_flux_implicit_accuracy_of_the_reference_is_one_half(tmp_path, tiny_flux
 
 def test_flux_implicit_accuracy_of_a_lora_result_is_reproducible(tmp_path, tiny_flux_path, flux_lora_path,
                                                                 preference_data_path):
-    first = evaluate.main(implicit_accuracy_args(tiny_flux_path, flux_lora_path, preference_data_path,
-                                                 tmp_path / "first"))
-    # The reference is the same transformer with its adapters off: the trained adapter moves every pair off zero.
-    assert first["lora"] and first["n"] == 32 and first["ties"] == 0 and first["wins"] + first["losses"] == 32
-    # The errors are computed with the T5 length, guidance and sigma density the result was trained with.
-    assert {name: first["training_settings"][name] for name in FLUX_LORA_SETTINGS} == FLUX_LORA_SETTINGS
-    # Fixed draws: a second run gives the same per-pair values, and other batches the same up to float32 rounding.
-    second = evaluate.main(implicit_accuracy_args(tiny_flux_path, flux_lora_path, preference_data_path,
-                                                  tmp_path / "second"))
-    assert (tmp_path / "first" / "implicit_accuracy.csv").read_text() == (
-        tmp_path / "second" / "implicit_accuracy.csv").read_text()
-    assert second["accuracy"] == first["accuracy"]
-    rebatched = evaluate.main(implicit_accuracy_args(tiny_flux_path, flux_lora_path, preference_data_path,
-                                                     tmp_path / "rebatched", "--batch_size", "5"))
-    first_rows, rebatched_rows = read_outcomes(tmp_path / "first"), read_outcomes(tmp_path / "rebatched")
-    assert [row["outcome"] for row in first_rows] == [row["outcome"] for row in rebatched_rows]
-    np.testing.assert_allclose([float(row["mean_inside"]) for row in rebatched_rows],
-                               [float(row["mean_inside"]) for row in first_rows], rtol=0, atol=1e-3)
-    assert rebatched["accuracy"] == first["accuracy"]
+    check_lora_implicit_accuracy_is_reproducible(tiny_flux_path, flux_lora_path, preference_data_path, tmp_path,
+                                                 FLUX_LORA_SETTINGS)
 
 
 def test_flux_implicit_accuracy_follows_the_guidance_the_run_recorded(tmp_path, tiny_flux_path, flux_lora_path,

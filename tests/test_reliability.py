@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import train_diffusion_dpo as sd
-from launch_utils import ACCELERATE, REPO_ROOT, launch, max_abs_difference, run_in_process, summary, trained_weights
+from launch_utils import (REPO_ROOT, launch, launch_command, max_abs_difference, run_in_process, summary,
+                          trained_weights)
 from fixtures.make_hostile_data import ODD_KINDS, make_hostile_dataset
 
 SCRIPT = "train_diffusion_dpo.py"
@@ -82,10 +83,9 @@ def test_odd_but_usable_images_are_repaired(tiny_sd_path, tmp_path):
 # Kills and resumes
 # ---------------------------------------------------------------------------------------------------------------
 def start(args, env=None):
-    command = ACCELERATE + ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-                            "--dynamo_backend", "no", str(REPO_ROOT / SCRIPT)] + [str(a) for a in args]
-    return subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    command, run_env = launch_command(SCRIPT, args, env=env)
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=run_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def wait_for(path, process, timeout=120):

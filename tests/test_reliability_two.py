@@ -22,7 +22,7 @@ from PIL import Image
 import train_diffusion_dpo as sd
 from fixtures.make_hostile_data import make_hostile_dataset
 from fixtures.make_preference_data import make_preference_dataset
-from launch_utils import ACCELERATE, REPO_ROOT, max_abs_difference, run_in_process, summary, trained_weights
+from launch_utils import REPO_ROOT, launch_command, max_abs_difference, run_in_process, summary, trained_weights
 
 SCRIPT = "train_diffusion_dpo.py"
 
@@ -229,16 +229,10 @@ def test_the_output_dir_may_not_be_the_base_model(tiny_sd_path, preference_data_
 # 7. SIGTERM through `accelerate launch`, with an optimizer step slower than the launcher's grace period
 # ---------------------------------------------------------------------------------------------------------------
 def start_launch(args, log_path, num_processes, env):
-    command = ACCELERATE + ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    run_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env}
-    if num_processes > 1:
-        command += ["--multi_gpu", "--num_processes", str(num_processes)]
-        run_env["ACCELERATE_USE_CPU"] = "1"
-    else:
-        command += ["--num_processes", "1"]
+    command, run_env = launch_command(SCRIPT, args, num_processes, {"OMP_NUM_THREADS": "1", **env})
     log = open(log_path, "w")
-    return subprocess.Popen(command + [str(REPO_ROOT / SCRIPT)] + [str(a) for a in args], cwd=REPO_ROOT,
-                            env=run_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=run_env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def wait_for_text(log_path, pattern, process, timeout=180):
@@ -388,7 +382,8 @@ def test_a_block_of_bad_rows_does_not_make_one_pair_fill_the_epoch(tiny_sd_path,
              "label_1": 0.0} for i in range(10)]
     data = write_rows(tmp_path / "data", bad + good)
     args = sd.parse_args(["--pretrained_model_name_or_path", tiny_sd_path, "--train_data_dir", data,
-                          "--resolution", "64", "--output_dir", str(tmp_path / "out"), "--proportion_empty_prompts", "0"])
+                          "--resolution", "64", "--output_dir", str(tmp_path / "out"),
+                          "--proportion_empty_prompts", "0"])
     dataset, columns, _ = sd.load_preference_dataset(args)
     pairs = sd.PreferencePairDataset(dataset, columns, CLIPTokenizer.from_pretrained(tiny_sd_path,
                                                                                      subfolder="tokenizer"), args)
