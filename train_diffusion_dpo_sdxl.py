@@ -1062,6 +1062,21 @@ def build_parser():
     lora.add_argument("--lora_target_modules", type=str, default="to_k,to_q,to_v,to_out.0",
                       help="Comma-separated UNet module names that get adapters.")
 
+    ema = parser.add_argument_group("EMA (not in the paper)")
+    ema.add_argument("--use_ema", action="store_true",
+                     help="Full fine-tune: keep an exponential moving average of the trained weights (diffusers' "
+                          "EMAModel) and save it as the result; the final validation grid shows it, checkpoints "
+                          "hold it and resume it exactly. Not in the paper: the authors' results are without EMA.")
+    ema.add_argument("--ema_decay", type=float, default=0.9999,
+                     help="EMA decay per optimizer step, ramped up as (1 + step) / (10 + step) at the start "
+                          "(diffusers' EMAModel). 0.9999 averages over ~10000 steps; at the paper's 2000 steps "
+                          "0.999 or lower follows the training.")
+    ema.add_argument("--offload_ema", action="store_true",
+                     help="Keep the EMA weights in CPU memory, moved to the device for each update: one UNet less "
+                          "on the GPU, one copy more per step.")
+    ema.add_argument("--foreach_ema", action="store_true",
+                     help="Update the EMA with fused multi-tensor ops: faster, with more peak memory.")
+
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", type=str, default=None,
                       help="Hub dataset id, or a local folder of parquet files, in Pick-a-Pic format.")
@@ -1239,6 +1254,13 @@ def validate_args(parser, args):
     if args.cache_latents and args.random_crop:
         parser.error("--cache_latents stores one centre crop per image (both orientations for the flip); drop "
                      "--random_crop, or train without the cache.")
+    if args.use_ema and args.use_lora:
+        parser.error("--use_ema averages the whole UNet of a full fine-tune; LoRA adapters are not averaged: drop "
+                     "--use_ema or --use_lora.")
+    if (args.offload_ema or args.foreach_ema) and not args.use_ema:
+        parser.error("--offload_ema and --foreach_ema set up --use_ema; add --use_ema or drop them.")
+    if not 0.0 < args.ema_decay < 1.0:
+        parser.error(f"--ema_decay must be between 0 and 1 (got {args.ema_decay}); 0.9999 is diffusers' default.")
     if args.use_8bit_adam and args.use_adafactor:
         parser.error("Choose one optimizer: --use_8bit_adam or --use_adafactor.")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "rank",
@@ -1293,9 +1315,8 @@ DIFFUSERS_FLAGS = {
                        "velocity (the SD and SDXL scripts take it)",
     "image_interpolation_mode": "not supported: both images of a pair are resampled bilinearly",
     "train_text_encoder": "not supported: Diffusion-DPO trains the denoiser; the text encoders stay frozen",
-    "use_ema": "not supported yet (an EMA of the trained weights is not in the paper)",
-    "offload_ema": "not supported yet (no --use_ema)", "foreach_ema": "not supported yet (no --use_ema)",
-    "non_ema_revision": "not supported yet (no --use_ema); --revision chooses the base's revision",
+    "non_ema_revision": "not supported: --use_ema starts its average from the weights trained, those of "
+                        "--revision",
     "snr_gamma": "not supported: the paper's loss weighs every timestep alike (Min-SNR is a supervised "
                  "fine-tuning recipe)",
     "noise_offset": "not supported: both models are scored on plain Gaussian noise, as in the paper",
@@ -1887,7 +1908,8 @@ def resolve_resume_dir(args):
 # saved (or fail on a raw size mismatch). The learning rate and the step count may change (see resume_from).
 RESUME_SETTINGS = ("pretrained_model_name_or_path", "train_batch_size", "gradient_accumulation_steps", "use_lora",
                    "rank", "lora_alpha", "lora_target_modules", "resolution", "seed", "loss_type", "beta_dpo",
-                   "streaming", "max_train_samples", "no_hflip", "random_crop", "proportion_empty_prompts")
+                   "streaming", "max_train_samples", "no_hflip", "random_crop", "proportion_empty_prompts",
+                   "use_ema", "ema_decay")
 
 
 # Copied from train_diffusion_dpo.resume_settings
@@ -1917,8 +1939,9 @@ def resume_from(args, accelerator, run, resume_dir):
         resume_record_less(args, accelerator, run, resume_dir)
         return
     record = json.loads((Path(resume_dir) / CHECKPOINT_RECORD).read_text())
+    # A setting the checkpoint's version did not record yet is not checked (it had only that setting's default).
     changed = [f"{name}: saved {record['settings'].get(name)}, now {value}" for name, value in run.settings.items()
-               if record["settings"].get(name) != value]
+               if record["settings"].get(name, value) != value]
     if changed:
         raise ValueError(
             f"{resume_dir} was saved by a run with other settings ({'; '.join(changed)}). Resume with the saved "
@@ -1926,6 +1949,8 @@ def resume_from(args, accelerator, run, resume_dir):
             "--output_dir.")
     logger.info(f"Resuming from {resume_dir} (step {record['global_step']})")
     accelerator.load_state(resume_dir)
+    if run.ema is not None and not args.offload_ema:  # accelerate loads a registered object's tensors on the CPU
+        run.ema.to(accelerator.device)
     run.global_step, run.run_id = record["global_step"], record["run_id"]
     run.last_checkpoint = os.path.abspath(resume_dir)
     with open(os.path.join(resume_dir, f"run_state_{accelerator.process_index}.json")) as f:
@@ -1958,6 +1983,8 @@ def resume_record_less(args, accelerator, run, resume_dir):
     logger.warning(f"{resume_dir} has no {CHECKPOINT_RECORD} (written by an earlier version): resuming it with the "
                    "step of its folder's name, without checking the settings it was saved with.")
     accelerator.load_state(resume_dir)
+    if run.ema is not None and not args.offload_ema:
+        run.ema.to(accelerator.device)
     run.global_step = int(os.path.basename(os.path.normpath(resume_dir)).split("-")[-1])
     run.last_checkpoint = os.path.abspath(resume_dir)
     stream_state = None
@@ -2336,7 +2363,8 @@ def write_model_card(args, run, counts, grid_path):
     call = f'pipe("a photo of an astronaut riding a horse on mars", {sampling}).images[0]'
     dataset = args.dataset_name or "local preference data"
     settings = {
-        "mode": f"LoRA (rank {args.rank}, alpha {args.lora_alpha})" if args.use_lora else "full fine-tune",
+        "mode": f"LoRA (rank {args.rank}, alpha {args.lora_alpha})" if args.use_lora else (
+            f"full fine-tune, EMA of the weights (decay {args.ema_decay:g})" if args.use_ema else "full fine-tune"),
         "loss_type": args.loss_type, "beta_dpo": args.beta_dpo, "learning_rate": run.learning_rate,
         "scale_lr": args.scale_lr, "lr_scheduler": args.lr_scheduler,
         "optimizer": "Adafactor" if args.use_adafactor else ("AdamW8bit" if args.use_8bit_adam else "AdamW"),
@@ -2568,6 +2596,7 @@ class TrainingRun:
     last_checkpoint: str | None = None  # the path of the newest checkpoint this run wrote or resumed from
     checkpoint_stream_state: tuple | None = None  # the stream's position at the last optimizer step
     learning_rate_changes: list = field(default_factory=list)  # [step, rate] for each change on a resume
+    ema: object = None  # --use_ema: diffusers' EMAModel of run.params
 
     def record(self):
         return {"run_id": self.run_id, "learning_rate": self.learning_rate,
@@ -2708,12 +2737,57 @@ def prepare_training(args, accelerator, unet, train_dataset, train_dataloader):
     row_problems = {reason: set() for reason in ("missing_image", "undecodable_image", "truncated_caption")}
     if args.streaming:
         row_problems.update({reason: set() for reason in ("ties", "invalid_labels", "bad_caption")})
+    params = [p for p in unet.parameters() if p.requires_grad]
     return TrainingRun(
         unet=unet, optimizer=optimizer, lr_scheduler=lr_scheduler, train_dataset=train_dataset,
-        train_dataloader=train_dataloader, params=[p for p in unet.parameters() if p.requires_grad],
-        learning_rate=learning_rate, num_processes=accelerator.num_processes,
-        mixed_precision=accelerator.mixed_precision, max_train_steps=max_train_steps,
-        num_train_epochs=num_train_epochs, steps_per_epoch=steps_per_epoch, row_problems=row_problems)
+        train_dataloader=train_dataloader, params=params, learning_rate=learning_rate,
+        num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
+        max_train_steps=max_train_steps, num_train_epochs=num_train_epochs, steps_per_epoch=steps_per_epoch,
+        row_problems=row_problems, ema=build_ema(args, accelerator, params))
+
+
+# Copied from train_diffusion_dpo.build_ema
+def build_ema(args, accelerator, params):
+    """--use_ema: diffusers' EMAModel over the trained parameters, registered so that checkpoints hold its average
+    and step count (a resume continues it exactly)."""
+    if not args.use_ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    if weights_are_sharded(accelerator):
+        raise ValueError("--use_ema averages the whole UNet on every process, and FSDP / DeepSpeed ZeRO-3 give each "
+                         "process a shard of it: train with DDP or ZeRO-2 (configs/multi_gpu_ddp.yaml, "
+                         "configs/deepspeed_zero2.yaml), or drop --use_ema.")
+    ema = EMAModel(params, decay=args.ema_decay, foreach=args.foreach_ema)
+    if args.offload_ema:
+        ema.to("cpu")
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+# Copied from train_diffusion_dpo.update_ema
+def update_ema(args, accelerator, run):
+    if args.offload_ema:
+        run.ema.to(accelerator.device)
+    run.ema.step(run.params)
+    if args.offload_ema:
+        run.ema.to("cpu")
+
+
+# Copied from train_diffusion_dpo.ema_weights
+@contextlib.contextmanager
+def ema_weights(run):
+    """The EMA's weights in the trained UNet inside the block (validation samples the average), the trained weights
+    back after it; nothing without --use_ema."""
+    if run.ema is None:
+        yield
+        return
+    run.ema.store(run.params)
+    run.ema.copy_to(run.params)
+    try:
+        yield
+    finally:
+        run.ema.restore(run.params)
 
 
 # Copied from train_diffusion_dpo.start_run
@@ -2836,6 +2910,8 @@ def optimizer_step(args, accelerator, run, stop_requested=False):
         run.optimizer.step()
     if finite:
         run.nonfinite_in_a_row = 0
+        if run.ema is not None:  # a skipped step changed no weight, and is not averaged in
+            update_ema(args, accelerator, run)
     elif loss_finite and accelerator.scaler is not None:
         # A finite loss whose fp16 gradients overflowed: the scaler finding its scale, not divergence (counted, but
         # no streak: a lowered scale cannot overflow forever).
@@ -2885,8 +2961,10 @@ def after_step(args, accelerator, run, logs, stop, models, tokenizers, weight_dt
     # Under FSDP / ZeRO-3 every process holds a shard of the UNet, so every process takes part in sampling
     if ((accelerator.is_main_process or weights_are_sharded(accelerator)) and args.num_validation_images > 0
             and run.global_step % args.validation_steps == 0 and run.global_step < run.max_train_steps):
-        run.grid_path, run.reference_images = safe_validation(args, accelerator, models, tokenizers, weight_dtype,
-                                                              run.global_step, run.reference_images, run.grid_path)
+        with ema_weights(run):
+            run.grid_path, run.reference_images = safe_validation(
+                args, accelerator, models, tokenizers, weight_dtype, run.global_step, run.reference_images,
+                run.grid_path)
     return False
 
 
@@ -2927,6 +3005,8 @@ def stop_mid_step(args, accelerator, run, stop_requested):
 def finish_run(args, accelerator, run, models, tokenizers, weight_dtype, counts, cache, cache_stats):
     """Final validation, the results, the data summary, the model card and the hub push; then an orderly exit."""
     accelerator.wait_for_everyone()
+    if run.ema is not None:  # the average is the result: validated, saved and shared
+        run.ema.copy_to(run.params)
     if args.num_validation_images > 0 and (accelerator.is_main_process or weights_are_sharded(accelerator)):
         run.grid_path, run.reference_images = safe_validation(args, accelerator, models, tokenizers, weight_dtype,
                                                               run.global_step, run.reference_images, run.grid_path)

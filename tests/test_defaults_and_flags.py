@@ -12,7 +12,7 @@ import train_diffusion_dpo as sd
 import train_diffusion_dpo_flux as flux
 import train_diffusion_dpo_sd3 as sd3
 import train_diffusion_dpo_sdxl as sdxl
-from launch_utils import max_movement, run_in_process, trained_weights
+from launch_utils import max_abs_difference, max_movement, run_in_process, trained_weights
 
 SCRIPTS = (sd, sdxl, sd3, flux)
 
@@ -188,3 +188,44 @@ def test_the_card_inherits_the_base_cards_license_and_names_no_local_base(tiny_s
     card = ModelCard.load(tmp_path / "run" / "README.md")
     assert card.data.license == "mit" and card.data.base_model is None
     assert "![" in card.text and (tmp_path / "run" / "validation_grid.png").is_file()
+
+
+def test_use_ema_saves_the_average_of_the_trained_weights_and_resumes_it_exactly(tiny_sd_path, preference_data_path,
+                                                                                 tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    args = ["--pretrained_model_name_or_path", tiny_sd_path, "--train_data_dir", preference_data_path,
+            "--resolution", "64", "--train_batch_size", "2", "--learning_rate", "1e-3", "--max_train_steps", "4",
+            "--checkpointing_steps", "1", "--num_validation_images", "0", "--seed", "0", "--use_ema",
+            "--ema_decay", "0.5"]
+    run_in_process(sd, args + ["--output_dir", tmp_path / "whole"])
+    trained = [load_file(tmp_path / "whole" / f"checkpoint-{step}" / "unet" / "diffusion_pytorch_model.safetensors")
+               for step in range(1, 5)]
+    # EMAModel by hand: the first update copies the weights (decay 0), then decay min(0.5, (1 + s) / (10 + s)).
+    average = dict(trained[0])
+    for s, weights in enumerate(trained[1:], start=1):
+        decay = min(0.5, (1 + s) / (10 + s))
+        average = {name: decay * average[name] + (1 - decay) * weights[name] for name in weights}
+    result = trained_weights(tmp_path / "whole")
+    assert max_abs_difference(result, average) < 1e-6
+    assert max_abs_difference(result, trained[-1]) > 1e-5  # the result is the average, not the last step
+    assert "EMA of the weights (decay 0.5)" in (tmp_path / "whole" / "README.md").read_text()
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", resumed / "checkpoint-2")
+    run_in_process(sd, args + ["--output_dir", resumed, "--resume_from_checkpoint", "latest"])
+    assert max_abs_difference(trained_weights(resumed), result) < 1e-6
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda module: module.__name__)
+def test_ema_flags_are_refused_where_they_cannot_apply(script, preference_data_path, capsys):
+    base = ["--pretrained_model_name_or_path", "unused", "--train_data_dir", preference_data_path]
+    for extra, message in ((["--use_ema", "--use_lora"], "LoRA adapters are not averaged"),
+                           (["--offload_ema"], "add --use_ema"), (["--use_ema", "--ema_decay", "1"], "between 0 and 1")):
+        with pytest.raises(SystemExit):
+            script.parse_args(base + extra)
+        assert message in capsys.readouterr().err
+    assert script.parse_args(base + ["--use_ema", "--offload_ema"]).use_ema
