@@ -783,40 +783,55 @@ def _wrap(text, font, max_width, max_lines):
     return lines or [""]
 
 
-def make_comparison_grid(prompts, base_images, dpo_images, num_images_per_prompt, labels=("base", "DPO"),
-                         max_caption_lines=3):
-    """One row per prompt: its base images, a gap, its DPO images; the prompt under the row; labels on top.
+def make_comparison_grid(prompts, groups, num_images_per_prompt, scores=None, cell_scale=1, max_caption_lines=3):
+    """One row per prompt: each model's images of it side by side, a gap between models, each model's name over its
+    columns, the prompt under the row, and under each image its score where `scores` has one.
 
-    Returns (grid, layout); layout gives every cell's position (what the JSON records and tests check).
+    Args:
+        groups: {label: images} in column order, e.g. {"base": ..., "DPO": ...}; each list prompt-major (prompt p's
+            images at p * n ... p * n + n - 1) and from the same seeds in every group.
+        scores: None, or {label: [one number per image]} (a reward) for some or all of the groups.
+        cell_scale: each image enlarged by this whole factor (nearest neighbour), for images of a few pixels.
+
+    Returns (grid, layout); layout gives every cell's position (what a JSON records and tests check):
+    layout["columns"][label] the left edges of a group's cells, layout["row_tops"] the top of each row.
     """
-    cell_width, cell_height = base_images[0].size
+    labels = list(groups)
     n = num_images_per_prompt
+    cell_width, cell_height = (side * cell_scale for side in next(iter(groups.values()))[0].size)
     gap = max(4, cell_width // 32)
-    font = label_font(max(10, cell_height // 24))
+    font = label_font(max(10, min(cell_height, 2 * cell_width) // 24))
     line_height = font.getbbox("Ag")[3] + 4
     pad = 4
-    grid_width = 2 * n * cell_width + gap
+    group_width = n * cell_width
+    grid_width = len(labels) * group_width + (len(labels) - 1) * gap
     captions = [_wrap(prompt, font, grid_width - 2 * pad, max_caption_lines) for prompt in prompts]
     header_height = line_height + 2 * pad
+    score_height = line_height if scores else 0
     caption_height = max(len(lines) for lines in captions) * line_height + 2 * pad
-    row_height = cell_height + caption_height
+    row_height = cell_height + score_height + caption_height
     grid = Image.new("RGB", (grid_width, header_height + len(prompts) * row_height), "white")
     draw = ImageDraw.Draw(grid)
 
-    half = n * cell_width
-    for label, left in zip(labels, (0, half + gap)):
-        draw.text((left + (half - font.getlength(label)) / 2, pad), label, fill="black", font=font)
-    base_columns = [j * cell_width for j in range(n)]
-    dpo_columns = [half + gap + j * cell_width for j in range(n)]
+    columns = {label: [g * (group_width + gap) + j * cell_width for j in range(n)] for g, label in enumerate(labels)}
+    for label in labels:
+        draw.text((columns[label][0] + (group_width - font.getlength(label)) / 2, pad), label, fill="black", font=font)
     row_tops = [header_height + p * row_height for p in range(len(prompts))]
     for p, top in enumerate(row_tops):
-        for j in range(n):
-            grid.paste(base_images[p * n + j].convert("RGB"), (base_columns[j], top))
-            grid.paste(dpo_images[p * n + j].convert("RGB"), (dpo_columns[j], top))
+        for label, images in groups.items():
+            for j in range(n):
+                image = images[p * n + j].convert("RGB")
+                if cell_scale != 1:
+                    image = image.resize((cell_width, cell_height), Image.Resampling.NEAREST)
+                grid.paste(image, (columns[label][j], top))
+                if scores and label in scores:
+                    text = f"{scores[label][p * n + j]:.3g}"
+                    draw.text((columns[label][j] + (cell_width - font.getlength(text)) / 2, top + cell_height + 2),
+                              text, fill="dimgray", font=font)
         for k, line in enumerate(captions[p]):
-            draw.text((pad, top + cell_height + pad + k * line_height), line, fill="black", font=font)
+            draw.text((pad, top + cell_height + score_height + pad + k * line_height), line, fill="black", font=font)
     layout = {"cell_width": cell_width, "cell_height": cell_height, "gap": gap, "header_height": header_height,
-              "caption_height": caption_height, "base_columns": base_columns, "dpo_columns": dpo_columns,
+              "score_height": score_height, "caption_height": caption_height, "columns": columns,
               "row_tops": row_tops}
     return grid, layout
 
@@ -886,7 +901,8 @@ def compare(args):
                      fuse_lora=args.fuse_lora, dpo_name=args.dpo)
     dpo_images = generate_images(pipe, prompts, label="dpo", **common)
 
-    grid, layout = make_comparison_grid(prompts, base_images, dpo_images, args.num_images_per_prompt)
+    grid, layout = make_comparison_grid(prompts, {"base": base_images, "DPO": dpo_images},
+                                        args.num_images_per_prompt)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)

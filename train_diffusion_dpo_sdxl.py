@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import diffusers
 import transformers
@@ -70,7 +70,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, U
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import check_min_version, convert_state_dict_to_diffusers, make_image_grid
+from diffusers.utils import check_min_version, convert_state_dict_to_diffusers
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -2057,6 +2057,90 @@ def generate_images(pipeline, args, device, weight_dtype):
     return images
 
 
+# Copied from train_diffusion_dpo.label_font
+def label_font(size):
+    """A font for grid labels: the scalable default where Pillow has one."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+# Copied from train_diffusion_dpo._wrap
+def _wrap(text, font, max_width, max_lines):
+    """Greedy word wrap to max_width pixels; beyond max_lines the last line ends in '...'."""
+    lines = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= max_width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            while font.getlength(word) > max_width and len(word) > 1:  # a word wider than the row: hard-break it
+                cut = max(1, int(len(word) * max_width / font.getlength(word)))
+                lines.append(word[:cut])
+                word = word[cut:]
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        while lines[-1] and font.getlength(lines[-1] + "...") > max_width:
+            lines[-1] = lines[-1][:-1]
+        lines[-1] += "..."
+    return lines or [""]
+
+
+# Copied from train_diffusion_dpo.make_comparison_grid
+def make_comparison_grid(prompts, groups, num_images_per_prompt, scores=None, cell_scale=1, max_caption_lines=3):
+    """One row per prompt: each model's images of it side by side, a gap between models, each model's name over its
+    columns, the prompt under the row, and under each image its score where `scores` has one.
+
+    Args:
+        groups: {label: images} in column order, e.g. {"base": ..., "DPO": ...}; each list prompt-major (prompt p's
+            images at p * n ... p * n + n - 1) and from the same seeds in every group.
+        scores: None, or {label: [one number per image]} (a reward) for some or all of the groups.
+        cell_scale: each image enlarged by this whole factor (nearest neighbour), for images of a few pixels.
+
+    Returns (grid, layout); layout gives every cell's position (what a JSON records and tests check):
+    layout["columns"][label] the left edges of a group's cells, layout["row_tops"] the top of each row.
+    """
+    labels = list(groups)
+    n = num_images_per_prompt
+    cell_width, cell_height = (side * cell_scale for side in next(iter(groups.values()))[0].size)
+    gap = max(4, cell_width // 32)
+    font = label_font(max(10, min(cell_height, 2 * cell_width) // 24))
+    line_height = font.getbbox("Ag")[3] + 4
+    pad = 4
+    group_width = n * cell_width
+    grid_width = len(labels) * group_width + (len(labels) - 1) * gap
+    captions = [_wrap(prompt, font, grid_width - 2 * pad, max_caption_lines) for prompt in prompts]
+    header_height = line_height + 2 * pad
+    score_height = line_height if scores else 0
+    caption_height = max(len(lines) for lines in captions) * line_height + 2 * pad
+    row_height = cell_height + score_height + caption_height
+    grid = Image.new("RGB", (grid_width, header_height + len(prompts) * row_height), "white")
+    draw = ImageDraw.Draw(grid)
+
+    columns = {label: [g * (group_width + gap) + j * cell_width for j in range(n)] for g, label in enumerate(labels)}
+    for label in labels:
+        draw.text((columns[label][0] + (group_width - font.getlength(label)) / 2, pad), label, fill="black", font=font)
+    row_tops = [header_height + p * row_height for p in range(len(prompts))]
+    for p, top in enumerate(row_tops):
+        for label, images in groups.items():
+            for j in range(n):
+                image = images[p * n + j].convert("RGB")
+                if cell_scale != 1:
+                    image = image.resize((cell_width, cell_height), Image.Resampling.NEAREST)
+                grid.paste(image, (columns[label][j], top))
+                if scores and label in scores:
+                    text = f"{scores[label][p * n + j]:.3g}"
+                    draw.text((columns[label][j] + (cell_width - font.getlength(text)) / 2, top + cell_height + 2),
+                              text, fill="dimgray", font=font)
+        for k, line in enumerate(captions[p]):
+            draw.text((pad, top + cell_height + score_height + pad + k * line_height), line, fill="black", font=font)
+    layout = {"cell_width": cell_width, "cell_height": cell_height, "gap": gap, "header_height": header_height,
+              "score_height": score_height, "caption_height": caption_height, "columns": columns,
+              "row_tops": row_tops}
+    return grid, layout
+
+
 # Copied from train_diffusion_dpo.log_validation with tokenizer->tokenizers, text_encoder->text_encoders
 def log_validation(args, accelerator, models, tokenizers, weight_dtype, global_step, reference_images):
     """Reference and trained model from the same seeds, side by side: a row per prompt, reference on the left.
@@ -2092,15 +2176,17 @@ def log_validation(args, accelerator, models, tokenizers, weight_dtype, global_s
 
     if not accelerator.is_main_process:  # sharded weights: this process only took part in the forward passes
         return None, reference_images
-    n = args.num_validation_images
-    rows = []
-    for p in range(len(args.validation_prompts)):
-        rows += reference_images[p * n:(p + 1) * n] + trained_images[p * n:(p + 1) * n]
-    grid = make_image_grid(rows, rows=len(args.validation_prompts), cols=2 * n)
+    trained_label = "SFT" if args.loss_type == "sft" else "DPO"
+    grid, _ = make_comparison_grid(args.validation_prompts, {"base": reference_images, trained_label: trained_images},
+                                   args.num_validation_images)
     grid_dir = os.path.join(args.output_dir, "validation")
     os.makedirs(grid_dir, exist_ok=True)
     grid_path = os.path.join(grid_dir, f"step-{global_step:06d}.png")
     grid.save(grid_path)
+    widget_dir = Path(grid_path).with_suffix("")  # the trained model's first image of each prompt: the card's widget
+    widget_dir.mkdir(exist_ok=True)
+    for p in range(len(args.validation_prompts)):
+        trained_images[p * args.num_validation_images].save(widget_dir / f"{p:02d}.png")
 
     for tracker in accelerator.trackers:  # the grid is also logged, so a dashboard shows it beside the curves
         if tracker.name == "tensorboard":
@@ -2108,7 +2194,7 @@ def log_validation(args, accelerator, models, tokenizers, weight_dtype, global_s
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation/reference_vs_dpo": wandb.Image(grid, caption="left: reference, right: DPO")},
+            tracker.log({"validation/reference_vs_dpo": wandb.Image(grid, caption="left: base, right: trained")},
                         step=global_step)
     return grid_path, reference_images
 
@@ -2332,14 +2418,12 @@ def hub_upload_patterns(args):
     else:
         allow = ["model_index.json", "unet/*", "vae/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
                  "tokenizer_2/*", "scheduler/*", "feature_extractor/*"]
-    allow += ["README.md", "validation_grid.png"]
+    allow += ["README.md", "validation_grid.png", "images/*"]
     ignore = ["checkpoint-*", ".tmp-checkpoint-*", "logs/*", "validation/*", "*.bin", "*.pkl"]
     return allow, ignore
 
 
 def write_model_card(args, run, counts, grid_path):
-    from huggingface_hub import ModelCard, ModelCardData
-
     repo_id = args.hub_model_id or Path(args.output_dir).name
     if grid_path is not None:
         shutil.copyfile(grid_path, os.path.join(args.output_dir, "validation_grid.png"))
@@ -2374,19 +2458,20 @@ def write_model_card(args, run, counts, grid_path):
         "timesteps": f"few-step schedule ({args.turbo_num_steps} steps)" if args.is_turbo else "0..T-1",
         "pairs used": counts.get("pairs", "streamed"), "ties dropped": counts.get("ties"), "seed": args.seed,
     }
-    grid_md = ("![reference (left) vs DPO (right), same seeds](./validation_grid.png)\n\nEach row is a prompt; the "
-               "left half is the base model, the right half the DPO model, from the same seeds.\n"
-               if grid_path is not None else "")
+    grid_md = ("![the base model and the trained one, same seeds](./validation_grid.png)\n\nA row per prompt (written "
+               "under it): the base model's images on the left, the trained model's on the right, from the same "
+               "seeds.\n" if grid_path is not None else "")
     used = sorted(name for name in ("DiffusionPipeline", "UNet2DConditionModel") if name + "." in usage)
     diffusers_import = f"from diffusers import {', '.join(used)}"
-    body = f"""# Diffusion-DPO (SDXL): {repo_id}
+    description = f"""# Diffusion-DPO (SDXL): {repo_id}
 
 {"LoRA adapters" if args.use_lora else "A UNet"} for `{args.pretrained_model_name_or_path}` aligned to human \
 preference pairs from `{dataset}` with Diffusion-DPO ([Wallace et al., 2023](https://arxiv.org/abs/2311.12908)).
 
-## Use
+## Validation
 
-```python
+{grid_md}"""
+    usage_md = f"""```python
 import torch
 {diffusers_import}
 
@@ -2402,23 +2487,64 @@ from pipeline_dpo import load_dpo_pipeline
 
 pipe = load_dpo_pipeline("{args.pretrained_model_name_or_path}", "{repo_id}")
 ```
-
-## Validation
-
-{grid_md}
-## Training settings
-
-| setting | value |
+"""
+    training_md = """| setting | value |
 |---|---|
 """ + "".join(f"| {key} | {value} |\n" for key, value in settings.items())
-    card_data = ModelCardData(
-        **card_metadata(args, {"license": "openrail++"}), library_name="diffusers",
-        datasets=[args.dataset_name] if args.dataset_name and not os.path.isdir(args.dataset_name) else None,
-        tags=["diffusion-dpo", "dpo", "stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image",
-              "diffusers"] + (["lora", "diffusers-training"] if args.use_lora else ["diffusers-training"]),
-    )
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+    metadata = dict(
+        **card_metadata(args, {"license": "openrail++"}),
+        datasets=[args.dataset_name] if args.dataset_name and not os.path.isdir(args.dataset_name) else None)
+    tags = ["diffusion-dpo", "dpo", "stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image",
+          "diffusers"] + (["lora", "diffusers-training"] if args.use_lora else ["diffusers-training"])
+    save_model_card(args, description, usage_md, training_md, metadata, tags, grid_path)
+
+
+# Copied from train_diffusion_dpo.save_model_card
+def save_model_card(args, description, usage_md, training_md, metadata, tags, grid_path):
+    """README.md on diffusers' training-card template, the one load_or_create_model_card fills for a training script
+    (diffusers.utils.hub_utils), tagged by populate_model_card: the Hub's metadata (license, base model, datasets, a
+    widget of the last validation's images) and every section of the template filled.
+
+    load_or_create_model_card itself is not called: its load half would keep a card the Hub repo already has (a
+    rerun's card would describe the earlier run), and it takes hub ids only (a local output folder raises).
+    """
+    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+
+    widget = card_widget(args, grid_path)
+    card = ModelCard.from_template(
+        ModelCardData(library_name="diffusers", inference=True if widget else None, widget=widget, **metadata),
+        template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
+    limitations = (
+        "Diffusion-DPO moves the model toward the preferred images of its training pairs, so it learns the "
+        "preferences of whoever labelled them (Pick-a-Pic: its users and their prompts), biases included. It "
+        "keeps the base model's limitations and biases, and a beta_dpo too small for the data can cost image "
+        "quality or fidelity to the prompt: compare the validation grid with the base before use.")
+    placeholders = {"```python\n# TODO: add an example code snippet for running this diffusion pipeline\n```": usage_md,
+                    "[TODO: provide examples of latent issues and potential remediations]": limitations,
+                    "[TODO: describe the data used to train the model]": training_md}
+    for placeholder, section in placeholders.items():
+        if placeholder not in card.text:
+            logger.warning(f"diffusers' model card template has changed: no {placeholder!r} to fill; that part of "
+                           "the card is left out, the rest is written.")
+        card.text = card.text.replace(placeholder, section.strip())
+    populate_model_card(card, tags=tags)
     card.save(os.path.join(args.output_dir, "README.md"))
+
+
+# Copied from train_diffusion_dpo.card_widget
+def card_widget(args, grid_path):
+    """The card's widget, as diffusers' training scripts list theirs: the trained model's first image of each
+    validation prompt at the last validation, copied to images/ (uploaded with the card). None without one."""
+    images = Path(grid_path).with_suffix("") if grid_path is not None else None
+    if images is None or not images.is_dir():
+        return None
+    os.makedirs(os.path.join(args.output_dir, "images"), exist_ok=True)
+    widget = []
+    for p, prompt in enumerate(args.validation_prompts):
+        shutil.copyfile(images / f"{p:02d}.png", os.path.join(args.output_dir, "images", f"validation_{p}.png"))
+        widget.append({"text": prompt, "output": {"url": f"images/validation_{p}.png"}})
+    return widget
 
 
 # Copied from train_diffusion_dpo.card_metadata

@@ -96,3 +96,18 @@ def logged_scalars(output_dir, tag="train/loss"):
 def max_movement(weights):
     """Largest absolute LoRA up-projection value: they start at zero, so this is how far training moved them."""
     return max(t.abs().max().item() for k, t in weights.items() if "lora_B" in k or "lora.up" in k)
+
+
+def check_validation_grid(path, num_prompts, images_per_prompt=1, cell=64):
+    """A run's labelled grid: base | trained, each `images_per_prompt` cells of `cell` px wide with a gap between;
+    the labels in a header; a row per prompt with the prompt written under it."""
+    import numpy as np
+    from PIL import Image
+
+    grid = Image.open(path).convert("L")
+    gap = max(4, cell // 32)
+    assert grid.width == 2 * images_per_prompt * cell + gap, grid.size
+    pixels = np.asarray(grid)
+    header = pixels[: pixels.shape[0] - num_prompts * cell]
+    assert header.min() < 128  # dark label text on white
+    assert grid.height > num_prompts * cell + 16, grid.size  # room for the header and the prompts

@@ -188,6 +188,17 @@ def test_the_card_inherits_the_base_cards_license_and_names_no_local_base(tiny_s
     card = ModelCard.load(tmp_path / "run" / "README.md")
     assert card.data.license == "mit" and card.data.base_model is None
     assert "![" in card.text and (tmp_path / "run" / "validation_grid.png").is_file()
+    # diffusers' training-card template, every section filled; the widget is the final validation image
+    for heading in ("## Intended uses & limitations", "#### How to use", "#### Limitations and bias",
+                    "## Training details"):
+        assert heading in card.text, heading
+    assert "TODO" not in card.text and 'pipe.load_lora_weights("run")' in card.text
+    assert card.data.widget == [{"text": "a red circle", "output": {"url": "images/validation_0.png"}}]
+    assert card.data.inference is True and (tmp_path / "run" / "images" / "validation_0.png").is_file()
+    assert {"diffusion-dpo", "lora", "diffusers-training"} <= set(card.data.tags)
+    allow, _ = sd.hub_upload_patterns(sd.parse_args(["--pretrained_model_name_or_path", str(base),
+                                                     "--train_data_dir", preference_data_path, "--use_lora"]))
+    assert "images/*" in allow
 
 
 def test_use_ema_saves_the_average_of_the_trained_weights_and_resumes_it_exactly(tiny_sd_path, preference_data_path,

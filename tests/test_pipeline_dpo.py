@@ -247,6 +247,7 @@ def check_grid(out, prompts, seeds, base_pipe, dpo_pipe):
     n = len(seeds)
     assert grid.size == (2 * n * layout["cell_width"] + layout["gap"],
                          layout["header_height"] + len(prompts) * (layout["cell_height"] + layout["caption_height"]))
+    assert list(layout["columns"]) == ["base", "DPO"] and layout["score_height"] == 0
     assert (layout["cell_width"], layout["cell_height"]) == (record["width"], record["height"]) == (64, 64)
     assert layout["caption_height"] > 0 and layout["gap"] > 0
     assert record["prompts"] == prompts and record["seeds"] == seeds
@@ -259,7 +260,7 @@ def check_grid(out, prompts, seeds, base_pipe, dpo_pipe):
             if "max_sequence_length" in record:  # SD3, FLUX: the T5 length both halves were sampled with
                 settings["max_sequence_length"] = record["max_sequence_length"]
             # at most one level of 255 apart: rounding to uint8 after float sums in another process
-            for columns, pipe in ((layout["base_columns"], base_pipe), (layout["dpo_columns"], dpo_pipe)):
+            for columns, pipe in ((layout["columns"]["base"], base_pipe), (layout["columns"]["DPO"], dpo_pipe)):
                 cell = grid_cell(grid, layout, columns[j], top).astype(int)
                 assert np.abs(cell - sample(pipe, prompt, seed, **settings).astype(int)).max() <= 1
         caption = np.asarray(grid.crop((0, top + layout["cell_height"], grid.width,

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import test_train_sd
 import train_diffusion_dpo as sd
@@ -18,7 +17,8 @@ from fixtures.make_preference_data import make_preference_dataset
 from fixtures.tiny_models import build_tiny_flux
 from flow_checks import (check_cached_run_trains_like_the_uncached_run, check_resume_equals_an_uninterrupted_run,
                          check_streaming_sft_adafactor_checkpointing_run, check_two_process_ddp_equals_one_process)
-from launch_utils import all_finite, launch, logged_scalars, max_abs_difference, summary, trained_weights
+from launch_utils import (all_finite, check_validation_grid, launch, logged_scalars, max_abs_difference, summary,
+                          trained_weights)
 from launch_utils import run_in_process as run_script_in_process
 from test_train_sdxl import Recorder, copied_pieces, unmarked_shared_definitions
 
@@ -360,7 +360,7 @@ def test_lora_run_writes_card_grid_checkpoints_and_no_token(lora_run):
     assert card.data.license_name == "flux-1-dev-non-commercial-license"  # a FLUX.1-dev derivative keeps its license
     assert "FluxPipeline" in card.text and "load_lora_weights" in card.text
     assert "guidance_scale=3.5" in card.text and "max_sequence_length=32" in card.text  # as trained and validated
-    assert Image.open(lora_run / "validation_grid.png").size == (2 * 64, 2 * 64)  # 2 prompts x (ref, DPO)
+    check_validation_grid(lora_run / "validation_grid.png", num_prompts=2)
     assert sorted(p.name for p in lora_run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert summary(lora_run)["ties"] == 2
     saved_args = json.loads((lora_run / "training_args.json").read_text())["args"]
@@ -387,7 +387,7 @@ def test_full_bf16_run_saves_a_flux_pipeline_with_the_base_frozen_parts(full_run
         saved = dict(getattr(pipe, part).state_dict())
         stored = dict(getattr(FluxPipeline.from_pretrained(tiny_flux_path), part).state_dict())
         assert all(torch.equal(saved[k], stored[k]) and saved[k].dtype == stored[k].dtype for k in stored), part
-    assert Image.open(full_run / "validation_grid.png").size == (128, 64)
+    check_validation_grid(full_run / "validation_grid.png", num_prompts=1)
 
     allow, ignore = flux.hub_upload_patterns(argparse.Namespace(use_lora=False, save_transformer_only=False))
     files = [str(p.relative_to(full_run)) for p in full_run.rglob("*") if p.is_file()]

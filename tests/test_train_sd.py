@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 import train_diffusion_dpo as sd
-from launch_utils import (all_finite, launch, logged_scalars, max_abs_difference, max_movement, run_in_process,
-                          summary, trained_weights)
+from launch_utils import (all_finite, check_validation_grid, launch, logged_scalars, max_abs_difference, max_movement,
+                          run_in_process, summary, trained_weights)
 from fixtures.make_preference_data import make_preference_dataset
 
 SCRIPT = "train_diffusion_dpo.py"
@@ -334,8 +334,7 @@ def test_lora_run_writes_card_grid_checkpoints_and_no_token(lora_run):
     assert "diffusion-dpo" in card.data.tags and card.data.base_model is None  # a local base is no hub id
     assert card.data.license == "creativeml-openrail-m"  # SD1.5's, where the base's own card does not say
     assert "load_lora_weights" in card.text and "validation_grid.png" in card.text
-    grid = Image.open(lora_run / "validation_grid.png")
-    assert grid.size == (2 * 64, 2 * 64)  # 2 prompts x (reference, trained) x 1 image
+    check_validation_grid(lora_run / "validation_grid.png", num_prompts=2)  # base | trained, a row per prompt
     assert sorted(p.name for p in lora_run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert summary(lora_run)["ties"] == 4
     for path in lora_run.rglob("*"):
@@ -371,7 +370,7 @@ def test_full_run_saves_a_pipeline_diffusers_loads(full_run, tiny_sd_path):
     pipe = DiffusionPipeline.from_pretrained(str(full_run))
     image = pipe("a green triangle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
-    assert Image.open(full_run / "validation_grid.png").size == (128, 64)
+    check_validation_grid(full_run / "validation_grid.png", num_prompts=1)
 
 
 def test_lora_resume_equals_an_uninterrupted_run(lora_run, tiny_sd_path, preference_data_path, tmp_path, caplog):

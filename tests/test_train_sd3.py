@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import test_train_sd
 import train_diffusion_dpo as sd
@@ -17,7 +16,8 @@ from fixtures.make_preference_data import make_preference_dataset
 from fixtures.tiny_models import build_tiny_sd3
 from flow_checks import (check_cached_run_trains_like_the_uncached_run, check_resume_equals_an_uninterrupted_run,
                          check_streaming_sft_adafactor_checkpointing_run, check_two_process_ddp_equals_one_process)
-from launch_utils import all_finite, launch, logged_scalars, max_abs_difference, summary, trained_weights
+from launch_utils import (all_finite, check_validation_grid, launch, logged_scalars, max_abs_difference, summary,
+                          trained_weights)
 from launch_utils import run_in_process as run_script_in_process
 from test_train_sdxl import Recorder, copied_pieces, unmarked_shared_definitions
 
@@ -319,7 +319,7 @@ def test_lora_run_writes_card_grid_checkpoints_and_no_token(lora_run):
     assert card.data.base_model is None and card.data.license == "other" and card.data.license_name
     assert "StableDiffusion3Pipeline" in card.text and "load_lora_weights" in card.text
     assert "max_sequence_length=77" in card.text  # the T5 length it was trained with, not the pipeline's 256
-    assert Image.open(lora_run / "validation_grid.png").size == (2 * 64, 2 * 64)  # 2 prompts x (ref, DPO)
+    check_validation_grid(lora_run / "validation_grid.png", num_prompts=2)
     assert sorted(p.name for p in lora_run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert summary(lora_run)["ties"] == 2
     saved_args = json.loads((lora_run / "training_args.json").read_text())["args"]
@@ -346,7 +346,7 @@ def test_full_bf16_run_saves_an_sd3_pipeline_with_the_base_frozen_parts(full_run
         saved = dict(getattr(pipe, part).state_dict())
         stored = dict(getattr(StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path), part).state_dict())
         assert all(torch.equal(saved[k], stored[k]) and saved[k].dtype == stored[k].dtype for k in stored), part
-    assert Image.open(full_run / "validation_grid.png").size == (128, 64)
+    check_validation_grid(full_run / "validation_grid.png", num_prompts=1)
 
     allow, ignore = sd3.hub_upload_patterns(argparse.Namespace(use_lora=False, save_transformer_only=False))
     files = [str(p.relative_to(full_run)) for p in full_run.rglob("*") if p.is_file()]

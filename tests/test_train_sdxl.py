@@ -20,8 +20,8 @@ from PIL import Image
 import test_train_sd
 import train_diffusion_dpo as sd
 import train_diffusion_dpo_sdxl as sdxl
-from launch_utils import (REPO_ROOT, all_finite, launch, logged_scalars, max_abs_difference, max_movement,
-                          run_in_process, summary, trained_weights)
+from launch_utils import (REPO_ROOT, all_finite, check_validation_grid, launch, logged_scalars, max_abs_difference,
+                          max_movement, run_in_process, summary, trained_weights)
 from fixtures.make_preference_data import make_preference_dataset
 from fixtures.tiny_models import build_tiny_vae
 
@@ -36,9 +36,11 @@ CPU = SimpleNamespace(device=torch.device("cpu"))  # build_models asks the accel
 # ---------------------------------------------------------------------------------------------------------------
 # diffusers' convention: "# Copied from module.name", optionally "with old->new, ..." (renames of whole names, where
 # an underscore separates names: unet->transformer also gives ref_transformer and transformer_module). The source is
-# the SD script, or the SD3 script for the flow scripts' shared pieces. A script may add renames that every piece it
-# copies from one source applies, in a comment block that starts with SCRIPT_RENAMES (with the source's name).
-COPIED_FROM = re.compile(r"^\s*# Copied from (train_diffusion_dpo(?:_sd3)?)\.([\w.]+)(?: with (.+))?$")
+# the SD script, or the SD3 script for the flow scripts' shared pieces, or pipeline_dpo.py for the labelled grid (which
+# the SD script copies). A script may add renames that every piece it copies from one source applies, in a comment
+# block that starts with SCRIPT_RENAMES (with the source's name).
+COPIED_FROM = re.compile(
+    r"^\s*# Copied from (train_diffusion_dpo(?:_sd3)?|pipeline_dpo)\.([\w.]+)(?: with (.+))?$")
 SCRIPT_RENAMES = '# Every "# Copied from {module}.<name>" below also renames '
 
 
@@ -123,6 +125,11 @@ def test_copied_pieces_are_identical_to_the_sd_script():
     for shared in ("diffusion_dpo_loss", "pair_generator", "preprocess_pair", "load_pil_image",
                    "save_checkpoint", "register_checkpoint_hooks", "log_validation", "hub_upload_patterns"):
         assert shared in marked
+
+
+def test_the_sd_scripts_grid_is_a_copy_of_pipeline_dpos():
+    # One grid code for the validation grids, `pipeline_dpo.py compare`, evaluate.py, the demo and the miniature.
+    assert {"label_font", "_wrap", "make_comparison_grid"} <= copied_pieces("train_diffusion_dpo.py").keys()
 
 
 # What the two scripts define under the same name without a "Copied from" mark: the pieces that are SDXL's own
@@ -561,7 +568,7 @@ def test_lora_run_writes_card_grid_checkpoints_and_no_token(lora_run):
     assert {"diffusion-dpo", "stable-diffusion-xl", "lora"} <= set(card.data.tags) and card.data.base_model is None
     assert card.data.license == "openrail++"
     assert "load_lora_weights" in card.text and "validation_grid.png" in card.text
-    assert Image.open(lora_run / "validation_grid.png").size == (2 * 64, 2 * 64)  # 2 prompts x (ref, DPO)
+    check_validation_grid(lora_run / "validation_grid.png", num_prompts=2)
     assert sorted(p.name for p in lora_run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert summary(lora_run)["ties"] == 2
     saved_args = json.loads((lora_run / "training_args.json").read_text())["args"]
@@ -586,7 +593,7 @@ def test_full_run_saves_an_sdxl_pipeline_diffusers_loads(full_run, tiny_sdxl_pat
     assert isinstance(pipe, StableDiffusionXLPipeline)
     image = pipe("a green triangle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
-    assert Image.open(full_run / "validation_grid.png").size == (128, 64)
+    check_validation_grid(full_run / "validation_grid.png", num_prompts=1)
     assert "stable-diffusion-xl" in ModelCard.load(full_run / "README.md").data.tags
 
     allow, ignore = sdxl.hub_upload_patterns(argparse.Namespace(use_lora=False, save_unet_only=False))
@@ -662,7 +669,7 @@ def test_turbo_sft_adafactor_checkpointing_fixed_vae_run(tiny_turbo_path, prefer
     saved_vae = AutoencoderKL.from_pretrained(output_dir / "vae").state_dict()
     expected_vae = AutoencoderKL.from_pretrained(fixed_vae).state_dict()
     assert all(torch.equal(saved_vae[k], expected_vae[k]) for k in expected_vae)
-    assert Image.open(output_dir / "validation_grid.png").size == (128, 64)
+    check_validation_grid(output_dir / "validation_grid.png", num_prompts=1)
     assert "num_inference_steps=4" in (output_dir / "README.md").read_text()
     pipe = DiffusionPipeline.from_pretrained(str(output_dir))
     assert np.isfinite(generate(pipe, "a red circle")).all()

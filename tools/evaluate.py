@@ -398,7 +398,8 @@ def win_rate(args):
     grid, _ = pipeline_dpo.make_comparison_grid(
         [f"{'win' if margins[i] > 0 else 'tie' if margins[i] == 0 else 'loss'} {margins[i]:+.3g} (seed {seeds[i]}): "
          f"{captions[i]}" for i in shown],
-        [base_images[i] for i in shown], [dpo_images[i] for i in shown], 1)
+        {"base": [base_images[i] for i in shown], "DPO": [dpo_images[i] for i in shown]}, 1,
+        scores={"base": [float(base_rewards[i]) for i in shown], "DPO": [float(dpo_rewards[i]) for i in shown]})
     grid.save(output_dir / "grid.png")
     record = {"command": "win-rate", "base": args.base, "dpo": args.dpo, "reward": args.reward,
               "reward_model": args.reward_model, "reward_fn": args.reward_fn, "num_prompts": len(prompts),

@@ -184,32 +184,19 @@ def implicit_accuracy(args, result_dir, heldout_dir, output_dir):
 
 
 def sample_grid(args, run_dirs, path, captions_shown=6, seeds_shown=3):
-    """Rows: captions (written above each row); column groups: base, then each method, the same seeds in each."""
-    from PIL import Image, ImageDraw
-
+    """A row per caption (written under it), a column group per model (base, then each method) from the same seeds,
+    each image's reward under it: pipeline_dpo's labelled grid."""
     import pipeline_dpo
 
     captions = list(toy_world.CAPTIONS)[:: len(toy_world.CAPTIONS) // captions_shown][:captions_shown]
-    columns = [("base", None)] + [(method.upper(), run_dir) for method, run_dir in run_dirs.items()]
-    per_model = [sample(load_pipeline(args.base, run_dir), captions, GRID_SEED, seeds_shown, args.sample_batch_size)
-                 for _, run_dir in columns]
-    cell, gap, label = 3 * toy_world.IMAGE_SIZE, 8, 16
-    group_width = seeds_shown * cell
-    width = len(columns) * group_width + (len(columns) - 1) * gap
-    grid = Image.new("RGB", (width, label + len(captions) * (label + cell)), "white")
-    draw = ImageDraw.Draw(grid)
-    font = pipeline_dpo.label_font(12)
-    for group, (name, _) in enumerate(columns):
-        draw.text((group * (group_width + gap) + 2, 1), name, fill="black", font=font)
-    for row, caption in enumerate(captions):
-        top = label + row * (label + cell)
-        draw.text((2, top + 1), caption, fill="black", font=font)
-        for group, images in enumerate(per_model):
-            for j, image in enumerate(images[row * seeds_shown : (row + 1) * seeds_shown]):
-                grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST),
-                           (group * (group_width + gap) + j * cell, top + label))
+    groups, rewards = {}, {}
+    for name, run_dir in [("base", None)] + [(method.upper(), run_dir) for method, run_dir in run_dirs.items()]:
+        images = sample(load_pipeline(args.base, run_dir), captions, GRID_SEED, seeds_shown, args.sample_batch_size)
+        groups[name] = images
+        rewards[name] = score(images, [caption for caption in captions for _ in range(seeds_shown)])[0].tolist()
+    grid, _ = pipeline_dpo.make_comparison_grid(captions, groups, seeds_shown, scores=rewards, cell_scale=3)
     grid.save(path)
-    return {"captions": captions, "columns": [name for name, _ in columns], "seeds_per_model": seeds_shown}
+    return {"captions": captions, "columns": list(groups), "seeds_per_model": seeds_shown}
 
 
 def plot_win_rates(curves, path):
@@ -323,7 +310,7 @@ minutes on this machine ({results['cpu_threads']} CPU threads). Every figure bel
 ![win rate against steps](win_rate_vs_steps.png)
 
 Samples, same seeds in every column group (left to right: {', '.join(results['grid']['columns'])}; {results['grid']['seeds_per_model']}
-seeds each):
+seeds each), the caption under each row and the centredness reward under each image:
 
 ![samples](samples.png)
 
