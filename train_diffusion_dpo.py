@@ -1301,17 +1301,21 @@ def build_models(args, accelerator, weight_dtype):
         raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type!r}; this script trains "
                          f"{', '.join(PREDICTION_TYPES)} models (set --prediction_type).")
     tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **load)
+    # Frozen models are loaded in their dtype (from_pretrained keeps what a model marks float32 in float32; a cast
+    # with .to(dtype) would not, and diffusers warns at every one).
     text_encoder = CLIPTextModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="text_encoder", variant=args.variant, **load)
+        args.pretrained_model_name_or_path, subfolder="text_encoder", variant=args.variant, dtype=weight_dtype, **load)
     vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant,
-                                        **load)
+                                        dtype=weight_dtype, **load)
+    # LoRA: the frozen base in the weight dtype (only the adapters train, in float32); a full fine-tune in float32
     unet = UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **load)
+        args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant,
+        dtype=weight_dtype if args.use_lora else torch.float32, **load)
 
     for frozen in (vae, text_encoder):
         frozen.requires_grad_(False)
         frozen.eval()
-        frozen.to(accelerator.device, dtype=weight_dtype)
+        frozen.to(accelerator.device)
 
     if args.enable_xformers_memory_efficient_attention:
         enable_xformers(unet)
@@ -1320,9 +1324,8 @@ def build_models(args, accelerator, weight_dtype):
     if args.use_lora:
         from peft import LoraConfig
 
-        # The base weights are frozen and can live in the weight dtype; only the adapters train (in float32).
         unet.requires_grad_(False)
-        unet.to(accelerator.device, dtype=weight_dtype)
+        unet.to(accelerator.device)
         unet.add_adapter(LoraConfig(
             r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
             target_modules=[name.strip() for name in args.lora_target_modules.split(",") if name.strip()],
@@ -1943,7 +1946,7 @@ def log_validation(args, accelerator, models, tokenizer, weight_dtype, global_st
             else:  # sft full fine-tune keeps no reference copy: the base is what we started from, on disk
                 base_unet = UNet2DConditionModel.from_pretrained(
                     args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision,
-                    variant=args.variant, cache_dir=args.cache_dir).to(accelerator.device, dtype=weight_dtype)
+                    variant=args.variant, cache_dir=args.cache_dir, dtype=weight_dtype).to(accelerator.device)
                 pipeline.unet = base_unet
                 reference_images = generate_images(pipeline, args, accelerator.device, weight_dtype)
                 pipeline.unet = policy
@@ -2168,8 +2171,10 @@ def save_results(args, unet, full_state=None):
     else:
         # The frozen parts come from the base as it is stored (the copies on the accelerator were cast for training),
         # with its safety checker and feature extractor; only the UNet is the trained one.
+        if policy.dtype != torch.float32:  # DeepSpeed's half-precision engine; saved in float32 all the same
+            policy = policy.to(torch.float32)
         pipeline = StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, unet=policy.to(torch.float32), scheduler=sampling_scheduler(args),
+            args.pretrained_model_name_or_path, unet=policy, scheduler=sampling_scheduler(args),
             revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
         pipeline.save_pretrained(args.output_dir, safe_serialization=True)
 
@@ -2505,8 +2510,10 @@ def setup_accelerator(args):
                         level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     if accelerator.is_local_main_process:
+        # Warnings, not diffusers' info chatter at every pipeline load (config defaults such as SDXL's
+        # {'add_watermarker'} "not found in config", dtypes of instantiation)
         transformers.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_info()
+        diffusers.utils.logging.set_verbosity_warning()
     else:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()

@@ -1428,26 +1428,30 @@ def build_models(args, accelerator, weight_dtype):
         T5TokenizerFast.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer_3",
                                         model_max_length=args.max_sequence_length, **load),
     )
+    vae_dtype = torch.float32 if args.upcast_vae else weight_dtype
+    # Frozen models are loaded in their dtype (from_pretrained keeps what a model marks float32 in float32; a cast
+    # with .to(dtype) would not, and diffusers warns at every one).
     text_encoders = (
         CLIPTextModelWithProjection.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
-                                                    variant=args.variant, **load),
+                                                    variant=args.variant, dtype=weight_dtype, **load),
         CLIPTextModelWithProjection.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder_2",
-                                                    variant=args.variant, **load),
+                                                    variant=args.variant, dtype=weight_dtype, **load),
         T5EncoderModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder_3",
-                                       variant=args.variant, **load),
+                                       variant=args.variant, dtype=weight_dtype, **load),
     )
     vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant,
-                                        **load)
+                                        dtype=vae_dtype, **load)
     if vae.config.shift_factor is None:
         raise ValueError("This VAE has no shift_factor; SD3's latents are (sample - shift_factor) * scaling_factor.")
+    # LoRA: the frozen base in the weight dtype (only the adapters train, in float32); a full fine-tune in float32
     transformer = SD3Transformer2DModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="transformer", variant=args.variant, **load)
+        args.pretrained_model_name_or_path, subfolder="transformer", variant=args.variant,
+        dtype=weight_dtype if args.use_lora else torch.float32, **load)
 
-    vae_dtype = torch.float32 if args.upcast_vae else weight_dtype
-    for frozen, dtype in ((vae, vae_dtype), *((encoder, weight_dtype) for encoder in text_encoders)):
+    for frozen in (vae, *text_encoders):
         frozen.requires_grad_(False)
         frozen.eval()
-        frozen.to(accelerator.device, dtype=dtype)
+        frozen.to(accelerator.device)
 
     if args.enable_xformers_memory_efficient_attention:
         enable_xformers(transformer)
@@ -1456,9 +1460,8 @@ def build_models(args, accelerator, weight_dtype):
     if args.use_lora:
         from peft import LoraConfig
 
-        # The base weights are frozen and can live in the weight dtype; only the adapters train (in float32).
         transformer.requires_grad_(False)
-        transformer.to(accelerator.device, dtype=weight_dtype)
+        transformer.to(accelerator.device)
         transformer.add_adapter(LoraConfig(
             r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
             target_modules=[name.strip() for name in args.lora_target_modules.split(",") if name.strip()],
@@ -2158,7 +2161,7 @@ def log_validation(args, accelerator, models, tokenizers, weight_dtype, global_s
             else:  # sft full fine-tune keeps no reference copy: the base is what we started from, on disk
                 base_transformer = SD3Transformer2DModel.from_pretrained(
                     args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision,
-                    variant=args.variant, cache_dir=args.cache_dir).to(accelerator.device, dtype=weight_dtype)
+                    variant=args.variant, cache_dir=args.cache_dir, dtype=weight_dtype).to(accelerator.device)
                 pipeline.transformer = base_transformer
                 reference_images = generate_images(pipeline, args, accelerator.device, weight_dtype)
                 pipeline.transformer = policy
@@ -2388,8 +2391,10 @@ def save_results(args, transformer, full_state=None):
     else:
         # The frozen parts come from the base as it is stored (the copies on the accelerator were cast for training);
         # only the transformer is the trained one.
+        if policy.dtype != torch.float32:  # DeepSpeed's half-precision engine; saved in float32 all the same
+            policy = policy.to(torch.float32)
         pipeline = StableDiffusion3Pipeline.from_pretrained(
-            args.pretrained_model_name_or_path, transformer=policy.to(torch.float32),
+            args.pretrained_model_name_or_path, transformer=policy,
             scheduler=sampling_scheduler(args), revision=args.revision, variant=args.variant,
             cache_dir=args.cache_dir)
         pipeline.save_pretrained(args.output_dir, safe_serialization=True)
@@ -2744,8 +2749,10 @@ def setup_accelerator(args):
                         level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     if accelerator.is_local_main_process:
+        # Warnings, not diffusers' info chatter at every pipeline load (config defaults such as SDXL's
+        # {'add_watermarker'} "not found in config", dtypes of instantiation)
         transformers.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_info()
+        diffusers.utils.logging.set_verbosity_warning()
     else:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()

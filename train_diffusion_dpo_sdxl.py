@@ -1421,30 +1421,34 @@ def build_models(args, accelerator, weight_dtype):
         CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **load),
         CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer_2", **load),
     )
+    # Frozen models are loaded in their dtype (from_pretrained keeps what a model marks float32 in float32; a cast
+    # with .to(dtype) would not, and diffusers warns at every one).
     text_encoders = (
         CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
-                                      variant=args.variant, **load),
+                                      variant=args.variant, dtype=weight_dtype, **load),
         CLIPTextModelWithProjection.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder_2",
-                                                    variant=args.variant, **load),
+                                                    variant=args.variant, dtype=weight_dtype, **load),
     )
     if args.pretrained_vae_model_name_or_path is not None:
         # A fixed VAE is its own repository: the model's revision and variant don't apply to it.
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
-        vae_dtype = weight_dtype
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir,
+                                            dtype=weight_dtype)
     else:
+        # SDXL's own VAE overflows in fp16
         vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
-                                            variant=args.variant, **load)
-        vae_dtype = torch.float32  # SDXL's own VAE overflows in fp16
+                                            variant=args.variant, dtype=torch.float32, **load)
     if getattr(vae.config, "latents_mean", None) is not None or getattr(vae.config, "shift_factor", None):
         raise ValueError("This VAE normalizes latents with a mean/shift (e.g. Playground v2.5); this script "
                          "trains SDXL-family models whose latents are only scaled by scaling_factor.")
+    # LoRA: the frozen base in the weight dtype (only the adapters train, in float32); a full fine-tune in float32
     unet = UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **load)
+        args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant,
+        dtype=weight_dtype if args.use_lora else torch.float32, **load)
 
-    for frozen, dtype in ((vae, vae_dtype), (text_encoders[0], weight_dtype), (text_encoders[1], weight_dtype)):
+    for frozen in (vae, *text_encoders):
         frozen.requires_grad_(False)
         frozen.eval()
-        frozen.to(accelerator.device, dtype=dtype)
+        frozen.to(accelerator.device)
 
     if args.enable_xformers_memory_efficient_attention:
         enable_xformers(unet)
@@ -1453,9 +1457,8 @@ def build_models(args, accelerator, weight_dtype):
     if args.use_lora:
         from peft import LoraConfig
 
-        # The base weights are frozen and can live in the weight dtype; only the adapters train (in float32).
         unet.requires_grad_(False)
-        unet.to(accelerator.device, dtype=weight_dtype)
+        unet.to(accelerator.device)
         unet.add_adapter(LoraConfig(
             r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
             target_modules=[name.strip() for name in args.lora_target_modules.split(",") if name.strip()],
@@ -2030,6 +2033,7 @@ def build_pipeline(args, accelerator, unet, text_encoders, vae, tokenizers, weig
         args.pretrained_model_name_or_path, unet=unet, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
         vae=vae, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], scheduler=sampling_scheduler(args),
         revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, dtype=weight_dtype,
+        add_watermarker=False,  # validation images compare models; invisible-watermark need not be installed
     )
 
 
@@ -2165,7 +2169,7 @@ def log_validation(args, accelerator, models, tokenizers, weight_dtype, global_s
             else:  # sft full fine-tune keeps no reference copy: the base is what we started from, on disk
                 base_unet = UNet2DConditionModel.from_pretrained(
                     args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision,
-                    variant=args.variant, cache_dir=args.cache_dir).to(accelerator.device, dtype=weight_dtype)
+                    variant=args.variant, cache_dir=args.cache_dir, dtype=weight_dtype).to(accelerator.device)
                 pipeline.unet = base_unet
                 reference_images = generate_images(pipeline, args, accelerator.device, weight_dtype)
                 pipeline.unet = policy
@@ -2402,8 +2406,10 @@ def save_results(args, unet, full_state=None):
         if args.pretrained_vae_model_name_or_path is not None:
             components["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path,
                                                               cache_dir=args.cache_dir)
+        if policy.dtype != torch.float32:  # DeepSpeed's half-precision engine; saved in float32 all the same
+            policy = policy.to(torch.float32)
         pipeline = StableDiffusionXLPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, unet=policy.to(torch.float32), scheduler=sampling_scheduler(args),
+            args.pretrained_model_name_or_path, unet=policy, scheduler=sampling_scheduler(args),
             revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, **components)
         pipeline.save_pretrained(args.output_dir, safe_serialization=True)
 
@@ -2756,8 +2762,10 @@ def setup_accelerator(args):
                         level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     if accelerator.is_local_main_process:
+        # Warnings, not diffusers' info chatter at every pipeline load (config defaults such as SDXL's
+        # {'add_watermarker'} "not found in config", dtypes of instantiation)
         transformers.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_info()
+        diffusers.utils.logging.set_verbosity_warning()
     else:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
