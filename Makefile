@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo toy toy-base test test-all bench gpu-check clean
+.PHONY: install demo toy toy-base toy-compare test test-all bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ toy: install
 toy-base: install
 	$(PY) toy/toy_replication.py --output_dir toy-output --retrain_base
 
+# The objectives side by side on the same pairs, steps and learning rate: DPO, IPO, hinge, MaPO, SDPO and SFT, each
+# beta chosen by a sweep (x0.1, x1, x10 of its default, a quarter of the steps, on seeds of its own). About an hour.
+toy-compare: install
+	$(PY) toy/toy_replication.py --output_dir toy-compare-output --methods dpo ipo hinge mapo sdpo sft \
+		--beta_sweep 0.1 1 10
+
 # Two workers, a test file each at a time: most tests launch training subprocesses that use one core.
 # `make test` skips the tests marked slow (more runs of what the default suite already covers); `make test-all` runs all.
 test: install
@@ -43,7 +49,7 @@ bench: install
 		--json bench-output/bench.json
 
 clean:
-	rm -rf demo-output bench-output toy-output gpu-check .pytest_cache
+	rm -rf demo-output bench-output toy-output toy-compare-output gpu-check .pytest_cache
 
 # The prepared device check (benchmarks/gpu_check.py): every GPU-only training path through the scripts' own stages,
 # one JSON and one table, at most ~8 minutes on one CUDA GPU. Without CUDA it runs its CPU form on the tiny models

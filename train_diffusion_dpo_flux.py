@@ -85,7 +85,9 @@ check_min_version("0.30.0")
 
 logger = get_logger(__name__, log_level="INFO")
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "sft")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "sft", "mapo", "sdpo")
+REFERENCE_FREE_LOSSES = ("sft", "mapo")  # no reference model is built, and no reference forward runs
+MAPO_SNR, MAPO_TIMESTEPS = 0.5, 1000  # MaPO's snr_value and the T its margin is scaled by (the authors' code)
 # Timestep densities and loss weightings, as diffusers.training_utils names them (diffusers' FLUX examples call
 # "uniform" "none")
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap")
@@ -124,18 +126,27 @@ def diffusion_dpo_loss(model_losses, ref_losses, beta_dpo, loss_type="sigmoid"):
     C, H, W. The -beta/2 convention is the authors' (their T * omega(lambda_t) weighting folded into beta).
 
     Args:
+    MaPO (Hong et al. 2024, arXiv 2406.06424; the authors' code), reference-free, with f(m) = s*m / (e^(s*m) - 1)
+    (falls from 1 as the error m grows; s = MAPO_SNR = 0.5) and T = MAPO_TIMESTEPS = 1000:
+
+    L_MaPO = mean(m_w) - beta * mean( log sigmoid( T * (f(m_w) - f(m_l)) ) )
+
+    Args:
         model_losses: float tensor [2B], the policy's errors ordered [winners; losers]. For "sft" only the
             winners' errors, shape [B] (the SFT step never runs the losers).
-        ref_losses: float tensor [2B], the reference's errors in the same order; None for "sft".
-        beta_dpo: the KL-regularisation strength beta (> 0).
+        ref_losses: float tensor [2B], the reference's errors in the same order; None for "sft" and "mapo".
+        beta_dpo: the objective's beta (> 0): DPO's KL-regularisation strength, or MaPO's beta_mapo.
         loss_type: "sigmoid" (the paper's DPO), "hinge" (SLiC, Zhao et al. 2023: relu(1 - inside)),
             "ipo" (Azar et al. 2023, eq. 17: (logits - 1/(2 beta))^2 with logits = inside / beta),
-            or "sft" (plain denoising loss on the winners, paper section 5.5).
+            "sft" (plain denoising loss on the winners, paper section 5.5), "mapo" (above), or "sdpo"
+            (Diffusion-SDPO: the sigmoid loss on errors whose losers' gradient sdpo_safeguarded_errors scaled).
 
     Returns:
         (loss, metrics): a scalar loss and a dict of detached scalars: implicit_acc (fraction of pairs whose
         winner the model prefers more than the reference does, a tie counting half: pair_implicit_accuracy),
-        reward_margin (mean of inside), and the mean errors model_mse_w, model_mse_l, ref_mse_w, ref_mse_l.
+        reward_margin (mean of inside), and the mean errors model_mse_w, model_mse_l, ref_mse_w, ref_mse_l. MaPO
+        has no reference: margin_acc (pairs whose winner scores higher, f(m_w) > f(m_l)), reward_margin (mean of
+        T * (f(m_w) - f(m_l))) and the model's errors.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"Unknown loss_type {loss_type!r}; valid types are {', '.join(LOSS_TYPES)}.")
@@ -144,12 +155,20 @@ def diffusion_dpo_loss(model_losses, ref_losses, beta_dpo, loss_type="sigmoid"):
         loss = model_losses.mean()
         return loss, {"model_mse_w": model_losses.detach().mean()}
 
+    if loss_type == "mapo":
+        model_mse_w, model_mse_l = model_losses.chunk(2)
+        margin = MAPO_TIMESTEPS * (mapo_score(model_mse_w) - mapo_score(model_mse_l))
+        loss = model_mse_w.mean() - beta_dpo * F.logsigmoid(margin).mean()
+        return loss, {"margin_acc": pair_implicit_accuracy(margin.detach()).mean(),
+                      "reward_margin": margin.detach().mean(), "model_mse_w": model_mse_w.detach().mean(),
+                      "model_mse_l": model_mse_l.detach().mean()}
+
     if ref_losses is None:
         raise ValueError(f"loss_type {loss_type!r} needs the reference model's errors (ref_losses).")
     # 1. How much more the policy prefers the winner than the reference does, per pair (>0 = better than reference).
     inside = dpo_implicit_reward(model_losses, ref_losses.float(), beta_dpo)
     # 2. The loss on that margin.
-    if loss_type == "sigmoid":
+    if loss_type in ("sigmoid", "sdpo"):  # sdpo: the same loss; its safeguard acts on the losers' gradient
         losses = -F.logsigmoid(inside)
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - inside)
@@ -169,6 +188,57 @@ def diffusion_dpo_loss(model_losses, ref_losses, beta_dpo, loss_type="sigmoid"):
         "ref_mse_l": ref_mse_l.mean(),
     }
     return losses.mean(), metrics
+
+
+# Copied from train_diffusion_dpo.mapo_score
+def mapo_score(errors):
+    """MaPO's score of a denoising error, f(m) = s*m / (e^(s*m) - 1) with s = MAPO_SNR: 1 at m = 0, falling as m
+    grows (expm1 keeps it exact for small errors)."""
+    scaled = MAPO_SNR * errors
+    return torch.where(scaled == 0, torch.ones_like(scaled), scaled / torch.expm1(scaled))
+
+
+# Copied from train_diffusion_dpo.sdpo_safeguarded_errors
+def sdpo_safeguarded_errors(errors, output_gradients, mu):
+    """Diffusion-SDPO's safeguard (Fu et al. 2025, arXiv 2511.03317; the authors' code): the losers' errors keep
+    their values, and their gradient is scaled by one lambda in [0, 1] per micro-batch, so that to first order the
+    step still lowers the winners' error by at least mu * ||g_w||^2:
+
+        (-g_w + lambda * g_l) . g_w <= -mu * ||g_w||^2
+        =>  lambda = clip((1 - mu) * ||g_w||^2 / (g_l . g_w), 0, 1)  where g_l . g_w > 0, else 1
+
+    g_w and g_l are the gradients of the winners' and the losers' errors with respect to the model's output, over
+    the whole micro-batch (up to a common factor: the residuals prediction - target, weighted as the errors are).
+    DPO raises the losers' error; where the two gradients align, that push raises the winners' error too, which is
+    what the safeguard bounds.
+
+    Args:
+        errors: [2B] per-sample errors ordered [winners; losers], with their graph.
+        output_gradients: [2B, ...] in the same order (taken as constants).
+        mu: the margin in [0, 1] (0: the winners' error must not rise; 1: lambda = 0, the losers' gradient off).
+    Returns:
+        the errors, equal in value, the losers' gradient multiplied by lambda.
+    """
+    g_w, g_l = output_gradients.detach().float().chunk(2)
+    alignment = (g_w * g_l).sum()
+    bound = ((1.0 - mu) * g_w.pow(2).sum() / (alignment + 1e-9)).clamp(0.0, 1.0)
+    scale = torch.where(alignment > 0, bound, torch.ones_like(bound))
+    errors_w, errors_l = errors.chunk(2)
+    return torch.cat([errors_w, errors_l.detach() + scale * (errors_l - errors_l.detach())])
+
+
+# Copied from train_diffusion_dpo.objective_beta
+def objective_beta(args):
+    """The beta of the chosen objective: MaPO's --beta_mapo, else DPO's --beta_dpo."""
+    return args.beta_mapo if args.loss_type == "mapo" else args.beta_dpo
+
+
+# Copied from train_diffusion_dpo.objective_settings
+def objective_settings(args):
+    """The objective's own parameters, for the model card."""
+    if args.loss_type == "mapo":
+        return {"beta_mapo": args.beta_mapo}
+    return {"beta_dpo": args.beta_dpo, **({"sdpo_mu": args.sdpo_mu} if args.loss_type == "sdpo" else {})}
 
 
 # Copied from train_diffusion_dpo.dpo_implicit_reward
@@ -1046,7 +1116,11 @@ def build_parser():
     dpo = parser.add_argument_group("DPO objective")
     dpo.add_argument("--loss_type", type=str, default="sigmoid", choices=LOSS_TYPES,
                      help="sigmoid: the paper's Diffusion-DPO; hinge: SLiC hinge; ipo: IPO squared loss; sft: "
-                          "denoising loss on winners only (paper 5.5 baseline, no reference pass).")
+                          "denoising loss on winners only (paper 5.5 baseline, no reference pass); mapo: MaPO "
+                          "(Hong et al. 2024), margin-aware and reference-free (no reference model is built: its "
+                          "memory and forward pass are saved), with --beta_mapo; sdpo: Diffusion-SDPO (Fu et al. "
+                          "2025), the paper's DPO loss with the losers' gradient scaled so that the winners' error "
+                          "keeps falling, with --sdpo_mu. Neither is in the Diffusion-DPO paper.")
     dpo.add_argument("--beta_dpo", type=float, default=500.0,
                      help="KL strength beta, in the authors' convention: inside = -(beta_dpo/2) * ((m_w - m_l) - "
                           "(r_w - r_l)), here on velocity errors (mean over C, H, W of the unpacked latents). Larger "
@@ -1056,6 +1130,14 @@ def build_parser():
                           "1024 px (flow_grpo's SD3 DPO uses 100). The mean makes "
                           "beta independent of the resolution (keep it when you change --resolution); a recipe that "
                           "sums the error over C*H*W has a beta C*H*W times smaller.")
+    dpo.add_argument("--beta_mapo", type=float, default=0.1,
+                     help="--loss_type mapo: the weight of MaPO's margin term beside the winners' denoising loss "
+                          "(the MaPO authors' default 0.1, with learning rate 1e-5).")
+    dpo.add_argument("--sdpo_mu", type=float, default=0.9,
+                     help="--loss_type sdpo: the safeguard margin in [0, 1]; each step must lower the winners' error "
+                          "by at least mu * ||g_w||^2 to first order (the SDPO authors used 0.9 for SD1.5, 0.6 for "
+                          "SDXL).")
+
 
     dpo.add_argument("--reference_errors", type=str, default=None,
                      help="A folder for the reference's errors, computed once: every pair's inputs at every step "
@@ -1257,6 +1339,10 @@ def validate_args(parser, args):
     if not args.beta_dpo > 0 or not math.isfinite(args.beta_dpo):
         parser.error(f"--beta_dpo must be a finite number > 0 (got {args.beta_dpo}); 500 is this script's default "
                      "for FLUX's velocity errors.")
+    if not args.beta_mapo > 0 or not math.isfinite(args.beta_mapo):
+        parser.error(f"--beta_mapo must be a finite number > 0 (got {args.beta_mapo}); MaPO's authors used 0.1.")
+    if not 0.0 <= args.sdpo_mu <= 1.0:
+        parser.error(f"--sdpo_mu must be between 0 and 1 (got {args.sdpo_mu}).")
     if args.resolution <= 0 or args.resolution % 16 != 0:
         parser.error(f"--resolution must be a positive multiple of 16 (the VAE downsamples by 8 and the transformer "
                      f"takes 2x2 latent patches); got {args.resolution}.")
@@ -1311,8 +1397,8 @@ def validate_args(parser, args):
         parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist; pass a checkpoint "
                      "folder or 'latest'.")
     if args.reference_errors is not None:
-        if args.loss_type == "sft":
-            parser.error("--loss_type sft has no reference; drop --reference_errors.")
+        if args.loss_type in REFERENCE_FREE_LOSSES:
+            parser.error(f"--loss_type {args.loss_type} has no reference; drop --reference_errors.")
         if args.streaming:
             parser.error("--reference_errors replays the run's pairs in a pre-pass, which a stream cannot; train "
                          "from a dataset on disk, or drop --reference_errors.")
@@ -1483,7 +1569,7 @@ def build_models(args, accelerator, weight_dtype):
             target_modules=[name.strip() for name in args.lora_target_modules.split(",") if name.strip()],
         ))
         cast_training_params(transformer, dtype=torch.float32)
-    elif args.loss_type != "sft" and args.reference_errors is None:
+    elif args.loss_type not in REFERENCE_FREE_LOSSES and args.reference_errors is None:
         # A frozen copy of the starting transformer is the reference (FLUX.1: 12B parameters, 24 GB in bf16: the full
         # fine-tune needs FSDP): weight dtype (norms float32), no grads, and the policy's train mode.
         ref_transformer = copy.deepcopy(transformer)
@@ -1670,12 +1756,16 @@ def dpo_step_losses(args, batch, models, noise_scheduler, global_step, weight_dt
                                txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
         prediction = FluxPipeline._unpack_latents(prediction, height * vae_scale_factor, width * vae_scale_factor,
                                                   vae_scale_factor)
-        return (weighting * (prediction.float() - target.float()).pow(2)).mean(dim=(1, 2, 3))
+        residuals = prediction.float() - target.float()
+        errors = (weighting * residuals.pow(2)).mean(dim=(1, 2, 3))
+        if args.loss_type == "sdpo" and torch.is_grad_enabled():  # the policy's pass in training; the gradient
+            errors = sdpo_safeguarded_errors(errors, weighting * residuals, args.sdpo_mu)  # of w * r^2 is ~ w * r
+        return errors
 
     # 4. Reference first, under no_grad: its activations are freed before the policy's are kept. A full fine-tune with
     #    --reference_errors keeps no frozen copy: its pre-pass runs before any step, when the policy is the reference.
     ref_losses = model_losses = None
-    if args.loss_type != "sft" and "reference" in passes:
+    if args.loss_type not in REFERENCE_FREE_LOSSES and "reference" in passes:
         with torch.no_grad():
             if args.use_lora:
                 with lora_adapters_disabled(transformer_module(transformer)) as reference:
@@ -1930,7 +2020,7 @@ def resolve_resume_dir(args):
 RESUME_SETTINGS = ("pretrained_model_name_or_path", "train_batch_size", "gradient_accumulation_steps", "use_lora",
                    "rank", "lora_alpha", "lora_target_modules", "resolution", "seed", "loss_type", "beta_dpo",
                    "streaming", "max_train_samples", "no_hflip", "random_crop", "proportion_empty_prompts",
-                   "use_ema", "ema_decay")
+                   "use_ema", "ema_decay", "beta_mapo", "sdpo_mu")
 
 
 # Copied from train_diffusion_dpo.resume_settings
@@ -2200,7 +2290,7 @@ def log_validation(args, accelerator, models, tokenizers, weight_dtype, global_s
 
     if not accelerator.is_main_process:  # sharded weights: this process only took part in the forward passes
         return None, reference_images
-    trained_label = "SFT" if args.loss_type == "sft" else "DPO"
+    trained_label = {"sft": "SFT", "mapo": "MaPO", "sdpo": "SDPO"}.get(args.loss_type, "DPO")
     grid, _ = make_comparison_grid(args.validation_prompts, {"base": reference_images, trained_label: trained_images},
                                    args.num_validation_images)
     grid_dir = os.path.join(args.output_dir, "validation")
@@ -2467,7 +2557,7 @@ def write_model_card(args, run, counts, grid_path):
         "mode": f"LoRA (rank {args.rank}, alpha {args.lora_alpha})" if args.use_lora else (
             f"full fine-tune, EMA of the weights (decay {args.ema_decay:g})" if args.use_ema else "full fine-tune"),
         "objective": "Flow-DPO (velocity errors, constant beta)", "loss_type": args.loss_type,
-        "beta_dpo": args.beta_dpo, "learning_rate": run.learning_rate, "scale_lr": args.scale_lr,
+        **objective_settings(args), "learning_rate": run.learning_rate, "scale_lr": args.scale_lr,
         "lr_scheduler": args.lr_scheduler,
         "optimizer": "Adafactor" if args.use_adafactor else ("AdamW8bit" if args.use_8bit_adam else "AdamW"),
         "effective batch (pairs)": args.train_batch_size * args.gradient_accumulation_steps * run.num_processes,
@@ -2519,8 +2609,8 @@ pipe = load_dpo_pipeline("{args.pretrained_model_name_or_path}", "{repo_id}")
     metadata = dict(
         **card_metadata(args, license_fields),
         datasets=[args.dataset_name] if args.dataset_name and not os.path.isdir(args.dataset_name) else None)
-    tags = ["diffusion-dpo", "dpo", "flow-dpo", "flux", "flux-diffusers", "text-to-image", "diffusers"]
-    + (["lora", "diffusers-training"] if args.use_lora else ["diffusers-training"])
+    tags = ["diffusion-dpo", "dpo", "flow-dpo", "flux", "flux-diffusers", "text-to-image", "diffusers"] + (
+        ["lora", "diffusers-training"] if args.use_lora else ["diffusers-training"])
     save_model_card(args, description, usage_md, training_md, metadata, tags, grid_path)
 
 
@@ -3021,7 +3111,7 @@ def micro_batch_step(args, accelerator, run, batch, models, noise_scheduler, wei
         model_losses, _ = dpo_step_losses(args, batch, models, noise_scheduler, run.global_step, weight_dtype,
                                           passes=("policy",))
         ref_losses = run.reference_errors.losses(run.global_step, batch["index"], model_losses.device)
-    loss, metrics = diffusion_dpo_loss(model_losses, ref_losses, args.beta_dpo, args.loss_type)
+    loss, metrics = diffusion_dpo_loss(model_losses, ref_losses, objective_beta(args), args.loss_type)
     if run.global_step + 1 in faults.nan_steps:
         loss = loss * float("nan")
     if run.global_step + 1 in faults.overflow_steps:

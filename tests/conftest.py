@@ -54,7 +54,8 @@ LONGEST_FIRST = ("test_toy.py",  # ~115
                  "test_pipeline_dpo.py",  # ~60
                  "test_train_sd.py", "test_relabel_evaluate.py", "test_reliability.py", "test_train_flux.py",
                  "test_train_sdxl.py", "test_gpu_check.py", "test_users_path.py",  # ~30-45
-                 "test_defaults_and_flags.py", "test_cache.py", "test_tools.py", "test_streaming.py")
+                 "test_defaults_and_flags.py", "test_objectives.py", "test_cache.py", "test_tools.py",
+                 "test_streaming.py")
 
 
 def pytest_collection_modifyitems(config, items):

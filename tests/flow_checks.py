@@ -70,7 +70,7 @@ def check_streaming_sft_adafactor_checkpointing_run(script, run_args, base, data
     assert json.loads((tmp_path / "checkpoint-2" / "run_state_0.json").read_text())["stream_state"][1] > 0
     assert summary(tmp_path)["nonfinite_steps"] == 1
     folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir()
-                     and not p.name.startswith(("checkpoint", "logs", "validation")))
+                     and not p.name.startswith(("checkpoint", "logs", "validation", "images")))
     assert folders == ["transformer"]
     stored = load_file(f"{base}/transformer/diffusion_pytorch_model.safetensors")
     tuned = trained_weights(tmp_path)

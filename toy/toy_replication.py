@@ -21,6 +21,7 @@ The paper's pipeline, shrunk to a world of coloured shapes (toy/toy_world.py) so
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -37,8 +38,14 @@ from toy import toy_base, toy_world  # noqa: E402
 
 COMMITTED_BASE = REPO_ROOT / "toy" / "base"
 REWARD_FN = "toy.toy_world:centredness_reward"
+# The objectives the miniature compares: the script's --loss_type of each, and its beta's flag and default here
+# (DPO's 2000 from the authors' SD1.5 range; IPO's target margin 1/beta of the error gap needs about 1000 for
+# this world's error gaps of ~1e-3; MaPO's authors' 0.1).
+METHODS = {"dpo": ("sigmoid", "--beta_dpo", 2000.0), "ipo": ("ipo", "--beta_dpo", 1000.0),
+           "hinge": ("hinge", "--beta_dpo", 2000.0), "mapo": ("mapo", "--beta_mapo", 0.1),
+           "sdpo": ("sdpo", "--beta_dpo", 2000.0), "sft": ("sft", None, None)}
 # Seed ranges, far apart so no evaluation image shares its starting noise with a training or held-out pair.
-TRAIN_SEED, HELDOUT_SEED, EVAL_SEED, GRID_SEED = 0, 100_000, 200_000, 300_000
+TRAIN_SEED, HELDOUT_SEED, EVAL_SEED, GRID_SEED, SWEEP_SEED = 0, 100_000, 200_000, 300_000, 400_000
 # The targets of the miniature (issue 7).
 TARGETS = {"win_rate": 0.70, "fidelity_drop": 0.05, "implicit_accuracy": 0.60, "minutes": 30}
 
@@ -60,12 +67,24 @@ def parse_args(input_args=None):
     parser.add_argument("--train_batch_size", type=int, default=16, help="Pairs per optimizer step.")
     parser.add_argument("--learning_rate", type=float, default=3e-5, help="Learning rate of DPO and SFT.")
     parser.add_argument("--beta_dpo", type=float, default=2000.0, help="DPO's KL weight beta.")
+    parser.add_argument("--betas", nargs="+", default=[], metavar="METHOD=BETA",
+                        help="Another beta for a method, e.g. ipo=1 mapo=0.05 (defaults: "
+                             f"{', '.join(f'{m} {b:g}' for m, (_, flag, b) in METHODS.items() if flag and m != 'dpo')}"
+                             "; dpo: --beta_dpo).")
+    parser.add_argument("--beta_sweep", nargs="+", type=float, default=[], metavar="FACTOR",
+                        help="Before the comparison, train each method (but SFT) for a quarter of the steps at its "
+                             "beta times each factor (e.g. 0.1 1 10), and keep the beta with the best reward win rate "
+                             "on the held-out seeds; the report shows the sweep.")
+    parser.add_argument("--reward_fn", type=str, default=REWARD_FN,
+                        help="The reward that labels the pairs and scores every image: module:function or "
+                             "path/to/file.py:function, called as fn(images, captions) -> one float per image, higher "
+                             "is better. Default: the toy world's centredness.")
     parser.add_argument("--eval_images_per_caption", type=int, default=16, help="Evaluation seeds per caption.")
     parser.add_argument("--implicit_accuracy_draws", type=int, default=8,
                         help="(timestep, noise) draws per held-out pair for implicit accuracy.")
     parser.add_argument("--sample_batch_size", type=int, default=96, help="Images per pipeline call.")
-    parser.add_argument("--methods", nargs="+", default=["dpo", "sft"], choices=["dpo", "sft"],
-                        help="Which fine-tunes to run and compare.")
+    parser.add_argument("--methods", nargs="+", default=["dpo", "sft"], choices=list(METHODS),
+                        help="Which fine-tunes to run and compare (`make toy-compare`: all of them).")
     parser.add_argument("--seed", type=int, default=0, help="Training seed of the DPO and SFT runs.")
     return parser.parse_args(input_args)
 
@@ -118,19 +137,24 @@ def write_unlabelled_pairs(pipe, output_dir, seed, pairs_per_caption, batch_size
     return len(rows["caption"])
 
 
-def label_pairs(unlabelled_dir, output_dir, min_margin):
-    """AI feedback: tools/relabel_pairs.py with the toy reward as its callable."""
+def label_pairs(unlabelled_dir, output_dir, min_margin, reward_fn=REWARD_FN):
+    """AI feedback: tools/relabel_pairs.py with the reward as its callable."""
     from tools import relabel_pairs
 
     return relabel_pairs.main(relabel_pairs.parse_args([
-        "--train_data_dir", str(unlabelled_dir), "--keep_ties", "--reward", "callable", "--reward_fn", REWARD_FN,
+        "--train_data_dir", str(unlabelled_dir), "--keep_ties", "--reward", "callable", "--reward_fn", reward_fn,
         "--reward_batch_size", "256", "--min_margin", str(min_margin), "--device", "cpu",
         "--output_dir", str(output_dir)]))
 
 
-def score(images, captions):
-    """Reward and caption fidelity of every image."""
-    rewards = np.asarray(toy_world.centredness_reward(images, captions))
+def score(images, captions, reward_fn=REWARD_FN):
+    """Reward (of `reward_fn`, module:function or file.py:function) and caption fidelity of every image."""
+    from tools.relabel_pairs import load_callable
+
+    rewards = np.asarray(load_callable(reward_fn)(images, captions), dtype=np.float64)
+    if rewards.shape != (len(images),) or not np.isfinite(rewards).all():
+        raise SystemExit(f"--reward_fn {reward_fn} must return one finite number per image; it returned "
+                         f"{rewards.shape[0] if rewards.ndim else 'a scalar'} values for {len(images)} images.")
     fidelity = [toy_world.caption_fidelity(image, caption) for image, caption in zip(images, captions, strict=True)]
     return rewards, fidelity
 
@@ -138,33 +162,68 @@ def score(images, captions):
 # ----------------------------------------------------------------------------------------------------------------
 # Training: the real script, launched as users launch it
 # ----------------------------------------------------------------------------------------------------------------
-def train(args, method, base, data_dir, run_dir, checkpointing_steps):
+def method_beta(args, method):
+    """The beta a method trains with: --betas, then --beta_dpo for DPO, then METHODS' default; None for SFT."""
+    loss_type, flag, default = METHODS[method]
+    if flag is None:
+        return None
+    given = dict(item.split("=", 1) for item in args.betas)
+    return float(given.get(method, args.beta_dpo if method == "dpo" else default))
+
+
+def train(args, method, base, data_dir, run_dir, checkpointing_steps, beta=None, max_train_steps=None):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train_diffusion_dpo.py"),
         "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data_dir),
         "--output_dir", str(run_dir), "--resolution", str(toy_world.IMAGE_SIZE), "--cache_latents",
         "--train_batch_size", str(args.train_batch_size), "--learning_rate", str(args.learning_rate),
-        "--lr_scheduler", "constant", "--loss_type", "sigmoid" if method == "dpo" else "sft",
-        "--beta_dpo", str(args.beta_dpo), "--max_train_steps", str(args.max_train_steps),
+        "--lr_scheduler", "constant", "--loss_type", METHODS[method][0],
+        "--max_train_steps", str(max_train_steps or args.max_train_steps),
         "--checkpointing_steps", str(checkpointing_steps), "--seed", str(args.seed),
         "--num_validation_images", "0",  # the toy evaluates its checkpoints itself, on many more images
         "--report_to", "tensorboard",
     ]
+    loss_type, flag, _ = METHODS[method]
+    if flag is not None:
+        command += [flag, str(method_beta(args, method) if beta is None else beta)]
     started = time.time()
-    subprocess.run(command, check=True, cwd=REPO_ROOT)
-    return time.time() - started
+    launcher = subprocess.Popen(command, cwd=REPO_ROOT)
+    # wait4's usage covers the launcher and the training process it waited for: the peak is the trainer's
+    _, status, usage = os.wait4(launcher.pid, 0)
+    launcher.returncode = os.waitstatus_to_exitcode(status)
+    if launcher.returncode != 0:
+        raise subprocess.CalledProcessError(launcher.returncode, command)
+    return {"seconds": time.time() - started, "seconds_per_step": seconds_per_step(run_dir),
+            "peak_memory_mb": usage.ru_maxrss / 1024}
+
+
+def seconds_per_step(run_dir):
+    """Wall time per optimizer step, from the run's tensorboard log (first to last logged step: no start-up)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = []
+    for path in Path(run_dir, "logs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        if "train/loss" in accumulator.Tags()["scalars"]:
+            events += accumulator.Scalars("train/loss")
+    events.sort(key=lambda event: event.step)
+    if len(events) < 2:
+        return float("nan")
+    return (events[-1].wall_time - events[0].wall_time) / (events[-1].step - events[0].step)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------------
-def evaluate_model(args, unet_dir, captions, base_rewards):
+def evaluate_model(args, unet_dir, captions, base_rewards, seed=EVAL_SEED):
     from tools import evaluate
 
     pipe = load_pipeline(args.base, unet_dir)
-    images = sample(pipe, list(toy_world.CAPTIONS), EVAL_SEED, args.eval_images_per_caption, args.sample_batch_size)
-    rewards, fidelity = score(images, captions)
+    images = sample(pipe, list(toy_world.CAPTIONS), seed, len(captions) // len(toy_world.CAPTIONS),
+                    args.sample_batch_size)
+    rewards, fidelity = score(images, captions, args.reward_fn)
     wins = evaluate.outcome_summary(rewards - base_rewards)
     return {"win_rate": wins["rate"], "win_ci95": [wins["ci95_low"], wins["ci95_high"]], "wins": wins["wins"],
             "ties": wins["ties"], "losses": wins["losses"], "mean_reward": float(rewards.mean()),
@@ -193,7 +252,8 @@ def sample_grid(args, run_dirs, path, captions_shown=6, seeds_shown=3):
     for name, run_dir in [("base", None)] + [(method.upper(), run_dir) for method, run_dir in run_dirs.items()]:
         images = sample(load_pipeline(args.base, run_dir), captions, GRID_SEED, seeds_shown, args.sample_batch_size)
         groups[name] = images
-        rewards[name] = score(images, [caption for caption in captions for _ in range(seeds_shown)])[0].tolist()
+        rewards[name] = score(images, [caption for caption in captions for _ in range(seeds_shown)],
+                              args.reward_fn)[0].tolist()
     grid, _ = pipeline_dpo.make_comparison_grid(captions, groups, seeds_shown, scores=rewards, cell_scale=3)
     grid.save(path)
     return {"captions": captions, "columns": list(groups), "seeds_per_model": seeds_shown}
@@ -231,26 +291,49 @@ def percent(value):
 
 
 def results_table(results):
-    lines = ["| model | steps | win rate vs base (95% CI) | mean reward | caption fidelity | shape | colour | "
-             "background | implicit accuracy (95% CI) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | beta | steps | win rate vs base (95% CI) | mean reward | caption fidelity | shape | colour | "
+             "background | implicit accuracy (95% CI) | s / step | peak memory |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = results["base"]
-    lines.append(f"| base | 0 | - | {base['mean_reward']:.3f} | {percent(base['fidelity']['all'])} | "
+    lines.append(f"| base | - | 0 | - | {base['mean_reward']:.3f} | {percent(base['fidelity']['all'])} | "
                  f"{percent(base['fidelity']['shape'])} | {percent(base['fidelity']['color'])} | "
-                 f"{percent(base['fidelity']['background'])} | 50% by construction |")
+                 f"{percent(base['fidelity']['background'])} | 50% by construction | - | - |")
     for method in results["methods"]:
+        beta = results.get("betas", {}).get(method)
+        cost = results.get("costs", {}).get(method, {})
         for point in results["curves"][method]:
             if point["step"] == 0:
                 continue
-            accuracy = "-"
-            if "implicit_accuracy" in point:
+            accuracy, seconds, memory = "-", "", ""
+            if "implicit_accuracy" in point:  # the final model's row: its accuracy and the run's costs
                 accuracy = (f"{percent(point['implicit_accuracy'])} ({percent(point['implicit_ci95'][0])}-"
                             f"{percent(point['implicit_ci95'][1])})")
+                seconds = f"{cost['seconds_per_step']:.2f}" if cost else ""
+                memory = f"{cost['peak_memory_mb']:.0f} MB" if cost else ""
             fidelity = point["fidelity"]
-            lines.append(f"| {method.upper()} | {point['step']} | {percent(point['win_rate'])} "
-                         f"({percent(point['win_ci95'][0])}-{percent(point['win_ci95'][1])}) | "
-                         f"{point['mean_reward']:.3f} | {percent(fidelity['all'])} | {percent(fidelity['shape'])} | "
-                         f"{percent(fidelity['color'])} | {percent(fidelity['background'])} | {accuracy} |")
+            lines.append(f"| {method.upper()} | {'-' if beta is None else f'{beta:g}'} | {point['step']} | "
+                         f"{percent(point['win_rate'])} ({percent(point['win_ci95'][0])}-"
+                         f"{percent(point['win_ci95'][1])}) | {point['mean_reward']:.3f} | {percent(fidelity['all'])} "
+                         f"| {percent(fidelity['shape'])} | {percent(fidelity['color'])} | "
+                         f"{percent(fidelity['background'])} | {accuracy} | {seconds} | {memory} |")
     return "\n".join(lines)
+
+
+def sweep_table(results):
+    """The beta sweep, one row per method and beta (empty without --beta_sweep)."""
+    rows = [(method, point) for method, points in results.get("beta_sweep", {}).items() for point in points]
+    if not rows:
+        return ""
+    lines = ["| method | beta | steps | win rate vs base (95% CI) | mean reward | caption fidelity | kept |",
+             "|---|---|---|---|---|---|---|"]
+    for method, point in rows:
+        kept = "yes" if results["betas"].get(method) == point["beta"] else ""
+        lines.append(f"| {method.upper()} | {point['beta']:g} | {point['steps']} | {percent(point['win_rate'])} "
+                     f"({percent(point['win_ci95'][0])}-{percent(point['win_ci95'][1])}) | "
+                     f"{point['mean_reward']:.3f} | {percent(point['fidelity']['all'])} | {kept} |")
+    return ("\n## The beta sweep\nEach method but SFT at its beta times each factor, for a quarter of the steps, "
+            "scored on seeds of their own (not the comparison's); the beta with the best win rate is kept.\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def target_lines(results):
@@ -278,6 +361,13 @@ def target_lines(results):
 def write_report(args, results, output_dir):
     base_record = json.loads((Path(results["base_dir"]) / "toy_base.json").read_text())
     counts = results["pair_counts"]
+    reward_line = ("centredness, `1 - d / d_max`, where d is the distance from the picture's centre to the "
+                   "centroid of the foreground pixels and d_max half the diagonal (no shape: 0)."
+                   if results.get("reward_fn", REWARD_FN) == REWARD_FN else f"`{results['reward_fn']}` (--reward_fn).")
+    method_lines = "; ".join(
+        f"{method.upper()} `--loss_type {METHODS[method][0]}"
+        + (f" {METHODS[method][1]} {results['betas'][method]:g}`" if results.get("betas", {}).get(method) else "`")
+        for method in results["methods"])
     text = f"""# Miniature Diffusion-DPO replication
 
 Generated by `make toy` (`python toy/toy_replication.py {' '.join(results['argv'])}`) in {results['minutes']:.1f}
@@ -290,14 +380,13 @@ minutes on this machine ({results['cpu_threads']} CPU threads). Every figure bel
 - **Base** (`{results['base_dir']}`, made by toy/toy_base.py): a latent diffusion model trained from scratch on
   the world ({base_record['args']['unet_steps']} UNet steps); sampled with DDIM, {toy_base.TOY_SAMPLING['num_inference_steps']}
   steps, guidance {toy_base.TOY_SAMPLING['guidance_scale']}.
-- **Reward** (the stand-in for human raters): centredness, `1 - d / d_max`, where d is the distance from the
-  picture's centre to the centroid of the foreground pixels and d_max half the diagonal (no shape: 0).
+- **Reward** (the stand-in for human raters): {reward_line}
 - **Preference pairs**: {counts['sampled']} pairs sampled from the base ({args.pairs_per_caption} per caption, two seeds
   each), labelled by the reward with tools/relabel_pairs.py; {counts['near_ties_dropped']} near-ties (margin <
   {args.min_margin}) dropped, {counts['pairs_written']} kept. Held-out: {counts['heldout_written']} pairs from other seeds.
 - **Training**: `accelerate launch train_diffusion_dpo.py`, full fine-tune from the base, {args.max_train_steps} steps,
-  {args.train_batch_size} pairs per step, AdamW at {args.learning_rate:g} (constant), latents cached. DPO:
-  `--loss_type sigmoid --beta_dpo {args.beta_dpo:g}`; SFT: `--loss_type sft` (the winners only, same settings).
+  {args.train_batch_size} pairs per step, AdamW at {args.learning_rate:g} (constant), latents cached, the same pairs
+  for every method: {method_lines}.
 - **Evaluation**: {results['eval_images']} images per model ({args.eval_images_per_caption} seeds per caption, seeds no pair
   used), base and model from the same starting noise. Win rate: the model's image has the higher reward (ties
   count half), with a 95% Wilson interval. Caption fidelity: the picture's background colour, shape colour and
@@ -307,6 +396,9 @@ minutes on this machine ({results['cpu_threads']} CPU threads). Every figure bel
 ## Results
 {results_table(results)}
 
+Seconds per step: the run's own log, first to last step (no start-up); peak memory: the training process's maximum
+resident set. MaPO runs no reference forward and builds no reference copy.
+{sweep_table(results)}
 ![win rate against steps](win_rate_vs_steps.png)
 
 Samples, same seeds in every column group (left to right: {', '.join(results['grid']['columns'])}; {results['grid']['seeds_per_model']}
@@ -348,8 +440,8 @@ def main(args, argv=None):
                                      args.sample_batch_size)
     heldout = write_unlabelled_pairs(pipe, output_dir / "unlabelled-heldout", HELDOUT_SEED,
                                      args.heldout_pairs_per_caption, args.sample_batch_size)
-    pair_counts = label_pairs(output_dir / "unlabelled", data_dir, args.min_margin)
-    heldout_counts = label_pairs(output_dir / "unlabelled-heldout", heldout_dir, args.min_margin)
+    pair_counts = label_pairs(output_dir / "unlabelled", data_dir, args.min_margin, args.reward_fn)
+    heldout_counts = label_pairs(output_dir / "unlabelled-heldout", heldout_dir, args.min_margin, args.reward_fn)
     pair_counts.update(sampled=sampled, heldout_sampled=heldout, heldout_written=heldout_counts["pairs_written"])
     log(f"{pair_counts['pairs_written']} training and {heldout_counts['pairs_written']} held-out pairs labelled")
 
@@ -357,20 +449,48 @@ def main(args, argv=None):
     captions = [c for c in toy_world.CAPTIONS for _ in range(args.eval_images_per_caption)]
     base_images = sample(pipe, list(toy_world.CAPTIONS), EVAL_SEED, args.eval_images_per_caption,
                          args.sample_batch_size)
-    base_rewards, base_fidelity = score(base_images, captions)
+    base_rewards, base_fidelity = score(base_images, captions, args.reward_fn)
     base = {"mean_reward": float(base_rewards.mean()), "fidelity": toy_world.fidelity_rates(base_fidelity)}
     log(f"base: mean reward {base['mean_reward']:.3f}, caption fidelity {base['fidelity']['all']:.3f}")
+    sweep = {}
+    if args.beta_sweep:  # on seeds of their own, so the beta is not chosen on the comparison's images
+        sweep_captions = [c for c in toy_world.CAPTIONS for _ in range(max(1, args.eval_images_per_caption // 2))]
+        sweep_base = sample(pipe, list(toy_world.CAPTIONS), SWEEP_SEED, len(sweep_captions) // len(toy_world.CAPTIONS),
+                            args.sample_batch_size)
+        sweep_base_rewards = score(sweep_base, sweep_captions, args.reward_fn)[0]
     del pipe
+
+    # 4a. The beta sweep: each method at its beta times each factor, for a quarter of the steps.
+    for method in args.methods if args.beta_sweep else ():
+        if METHODS[method][1] is None:
+            continue
+        sweep[method] = []
+        for factor in args.beta_sweep:
+            beta = method_beta(args, method) * factor
+            sweep_dir = output_dir / "sweep" / f"{method}-{beta:g}"
+            shutil.rmtree(sweep_dir, ignore_errors=True)
+            steps = max(1, args.max_train_steps // 4)
+            train(args, method, args.base, data_dir, sweep_dir, steps, beta=beta, max_train_steps=steps)
+            point = evaluate_model(args, sweep_dir / f"checkpoint-{steps}", sweep_captions, sweep_base_rewards,
+                                   seed=SWEEP_SEED)
+            sweep[method].append({"beta": beta, "steps": steps, **point})
+            log(f"sweep {method.upper()} beta {beta:g}: win rate {point['win_rate']:.3f}, caption fidelity "
+                f"{point['fidelity']['all']:.3f}")
+            shutil.rmtree(sweep_dir / f"checkpoint-{steps}", ignore_errors=True)
+        best = max(sweep[method], key=lambda point: point["win_rate"])
+        args.betas = [item for item in args.betas if not item.startswith(f"{method}=")] + [f"{method}={best['beta']}"]
 
     # 4. DPO and SFT, then every checkpoint against the base.
     checkpointing_steps = max(1, args.max_train_steps // args.num_evaluations)
-    curves, run_dirs, train_seconds = {}, {}, {}
+    curves, run_dirs, train_seconds, costs, betas = {}, {}, {}, {}, {}
     for method in args.methods:
         run_dir = output_dir / method
         # A run left by an earlier `make toy` would leave checkpoints of other steps to be evaluated with this one's.
         shutil.rmtree(run_dir, ignore_errors=True)
         log(f"training {method.upper()} -> {run_dir}")
-        train_seconds[method] = train(args, method, args.base, data_dir, run_dir, checkpointing_steps)
+        costs[method] = train(args, method, args.base, data_dir, run_dir, checkpointing_steps)
+        train_seconds[method] = costs[method]["seconds"]
+        betas[method] = method_beta(args, method)
         base_point = {"step": 0, "win_rate": 0.5, "win_ci95": [0.5, 0.5], "mean_reward": base["mean_reward"],
                       "fidelity": base["fidelity"]}
         curves[method] = [base_point]
@@ -389,7 +509,8 @@ def main(args, argv=None):
     grid = sample_grid(args, run_dirs, output_dir / "samples.png")
     results = {"argv": argv if argv is not None else sys.argv[1:], "base_dir": str(args.base), "base": base,
                "methods": list(args.methods), "curves": curves, "pair_counts": pair_counts,
-               "eval_images": len(captions), "train_seconds": train_seconds, "grid": grid,
+               "eval_images": len(captions), "train_seconds": train_seconds, "costs": costs, "betas": betas,
+               "beta_sweep": sweep, "reward_fn": args.reward_fn, "grid": grid,
                "cpu_threads": torch.get_num_threads(), "minutes": (time.time() - started) / 60}
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     report = write_report(args, results, output_dir)
