@@ -28,10 +28,11 @@ toy-base: install
 	$(PY) toy/toy_replication.py --output_dir toy-output --retrain_base
 
 # The objectives side by side on the same pairs, steps and learning rate: DPO, IPO, hinge, MaPO, SDPO and SFT, each
-# beta chosen by a sweep (x0.1, x1, x10 of its default, a quarter of the steps, on seeds of its own). About an hour.
+# beta chosen by a sweep (x0.1, x1, x10 of its default, a quarter of the steps, on seeds of its own); 4 evaluations
+# per run. About an hour on 2 cores.
 toy-compare: install
 	$(PY) toy/toy_replication.py --output_dir toy-compare-output --methods dpo ipo hinge mapo sdpo sft \
-		--beta_sweep 0.1 1 10
+		--beta_sweep 0.1 1 10 --num_evaluations 4
 
 # Two workers, a test file each at a time: most tests launch training subprocesses that use one core.
 # `make test` skips the tests marked slow (more runs of what the default suite already covers); `make test-all` runs all.
