@@ -106,3 +106,13 @@ def test_reduced_miniature_with_a_users_reward_moves_it_the_right_way(tmp_path):
     report = (output_dir / "report.md").read_text()
     assert f"`{reward_file}:doubled` (--reward_fn)" in report
     assert "| DPO | 2000 | 40 |" in report and "## Targets" in report
+
+
+def test_the_beta_sweep_keeps_the_best_win_rate_that_keeps_the_captions():
+    def point(beta, win_rate, fidelity):
+        return {"beta": beta, "win_rate": win_rate, "fidelity": {"all": fidelity}}
+
+    hacking, keeping, timid = point(200, 0.90, 0.50), point(2000, 0.80, 0.62), point(20000, 0.60, 0.64)
+    assert toy_replication.chosen_beta([hacking, keeping, timid], base_fidelity=0.64) is keeping
+    # none keeps the captions: the one that loses the fewest
+    assert toy_replication.chosen_beta([hacking, point(2000, 0.8, 0.55)], base_fidelity=0.64)["beta"] == 2000

@@ -74,7 +74,8 @@ def parse_args(input_args=None):
     parser.add_argument("--beta_sweep", nargs="+", type=float, default=[], metavar="FACTOR",
                         help="Before the comparison, train each method (but SFT) for a quarter of the steps at its "
                              "beta times each factor (e.g. 0.1 1 10), and keep the beta with the best reward win rate "
-                             "on the held-out seeds; the report shows the sweep.")
+                             "among those that keep caption fidelity within 5 points of the base's, on seeds of the "
+                             "sweep's own; the report shows the sweep.")
     parser.add_argument("--reward_fn", type=str, default=REWARD_FN,
                         help="The reward that labels the pairs and scores every image: module:function or "
                              "path/to/file.py:function, called as fn(images, captions) -> one float per image, higher "
@@ -169,6 +170,16 @@ def method_beta(args, method):
         return None
     given = dict(item.split("=", 1) for item in args.betas)
     return float(given.get(method, args.beta_dpo if method == "dpo" else default))
+
+
+def chosen_beta(points, base_fidelity):
+    """The sweep's pick: the best win rate among the betas that keep the captions (fidelity within the target's drop
+    of the base's); if none does, the beta that keeps them best. A win rate bought with the captions is reward
+    hacking, not alignment."""
+    keeping = [point for point in points if base_fidelity - point["fidelity"]["all"] <= TARGETS["fidelity_drop"]]
+    if keeping:
+        return max(keeping, key=lambda point: point["win_rate"])
+    return max(points, key=lambda point: point["fidelity"]["all"])
 
 
 def train(args, method, base, data_dir, run_dir, checkpointing_steps, beta=None, max_train_steps=None):
@@ -332,7 +343,9 @@ def sweep_table(results):
                      f"({percent(point['win_ci95'][0])}-{percent(point['win_ci95'][1])}) | "
                      f"{point['mean_reward']:.3f} | {percent(point['fidelity']['all'])} | {kept} |")
     return ("\n## The beta sweep\nEach method but SFT at its beta times each factor, for a quarter of the steps, "
-            "scored on seeds of their own (not the comparison's); the beta with the best win rate is kept.\n\n"
+            "scored on seeds of their own (not the comparison's); kept: the best win rate among the betas whose caption "
+            f"fidelity is within {100 * TARGETS['fidelity_drop']:.0f} points of the base's on those seeds (if none, the "
+            "best fidelity).\n\n"
             + "\n".join(lines) + "\n")
 
 
@@ -457,7 +470,8 @@ def main(args, argv=None):
         sweep_captions = [c for c in toy_world.CAPTIONS for _ in range(max(1, args.eval_images_per_caption // 2))]
         sweep_base = sample(pipe, list(toy_world.CAPTIONS), SWEEP_SEED, len(sweep_captions) // len(toy_world.CAPTIONS),
                             args.sample_batch_size)
-        sweep_base_rewards = score(sweep_base, sweep_captions, args.reward_fn)[0]
+        sweep_base_rewards, sweep_base_fidelity = score(sweep_base, sweep_captions, args.reward_fn)
+        sweep_base_fidelity = toy_world.fidelity_rates(sweep_base_fidelity)["all"]
     del pipe
 
     # 4a. The beta sweep: each method at its beta times each factor, for a quarter of the steps.
@@ -477,7 +491,7 @@ def main(args, argv=None):
             log(f"sweep {method.upper()} beta {beta:g}: win rate {point['win_rate']:.3f}, caption fidelity "
                 f"{point['fidelity']['all']:.3f}")
             shutil.rmtree(sweep_dir / f"checkpoint-{steps}", ignore_errors=True)
-        best = max(sweep[method], key=lambda point: point["win_rate"])
+        best = chosen_beta(sweep[method], sweep_base_fidelity)
         args.betas = [item for item in args.betas if not item.startswith(f"{method}=")] + [f"{method}={best['beta']}"]
 
     # 4. DPO and SFT, then every checkpoint against the base.
