@@ -182,7 +182,8 @@ def mapo_score(errors):
     """MaPO's score of a denoising error, f(m) = s*m / (e^(s*m) - 1) with s = MAPO_SNR: 1 at m = 0, falling as m
     grows (expm1 keeps it exact for small errors)."""
     scaled = MAPO_SNR * errors
-    return torch.where(scaled == 0, torch.ones_like(scaled), scaled / torch.expm1(scaled))
+    safe = torch.where(scaled == 0, torch.ones_like(scaled), scaled)  # no 0/0 in the branch not taken (its gradient)
+    return torch.where(scaled == 0, torch.ones_like(scaled), safe / torch.expm1(safe))
 
 
 # Copied from train_diffusion_dpo.sdpo_safeguarded_errors
@@ -226,6 +227,22 @@ def objective_settings(args):
     if args.loss_type == "mapo":
         return {"beta_mapo": args.beta_mapo}
     return {"beta_dpo": args.beta_dpo, **({"sdpo_mu": args.sdpo_mu} if args.loss_type == "sdpo" else {})}
+
+
+# Copied from train_diffusion_dpo.objective_reference
+def objective_reference(args):
+    """The objective a run trained with, as its model card names it (Markdown, with the paper's link)."""
+    return {
+        "sigmoid": "Diffusion-DPO ([Wallace et al., 2023](https://arxiv.org/abs/2311.12908))",
+        "hinge": "Diffusion-DPO's margin under the SLiC hinge loss ([Wallace et al., 2023](https://arxiv.org/abs/"
+                 "2311.12908), `--loss_type hinge`)",
+        "ipo": "Diffusion-DPO's margin under the IPO loss ([Wallace et al., 2023](https://arxiv.org/abs/2311.12908), "
+               "`--loss_type ipo`)",
+        "sft": "supervised fine-tuning on the preferred images (the Diffusion-DPO paper's SFT baseline)",
+        "mapo": "MaPO ([Hong et al., 2024](https://arxiv.org/abs/2406.06424)), reference-free",
+        "sdpo": "Diffusion-SDPO ([Fu et al., 2025](https://arxiv.org/abs/2511.03317)): Diffusion-DPO with the winners' "
+                "error safeguarded",
+    }[args.loss_type]
 
 
 # Copied from train_diffusion_dpo.dpo_implicit_reward
@@ -1147,15 +1164,16 @@ def build_parser():
     ema = parser.add_argument_group("EMA (not in the paper)")
     ema.add_argument("--use_ema", action="store_true",
                      help="Full fine-tune: keep an exponential moving average of the trained weights (diffusers' "
-                          "EMAModel) and save it as the result; the final validation grid shows it, checkpoints "
-                          "hold it and resume it exactly. Not in the paper: the authors' results are without EMA.")
+                          "EMAModel, in float32) and save it as the result; every validation grid shows it. "
+                          "Checkpoints hold it and resume it exactly (their loadable unet/ is the trained weights). "
+                          "Not in the paper: the authors' results are without EMA.")
     ema.add_argument("--ema_decay", type=float, default=0.9999,
                      help="EMA decay per optimizer step, ramped up as (1 + step) / (10 + step) at the start "
                           "(diffusers' EMAModel). 0.9999 averages over ~10000 steps; at the paper's 2000 steps "
                           "0.999 or lower follows the training.")
     ema.add_argument("--offload_ema", action="store_true",
-                     help="Keep the EMA weights in CPU memory, moved to the device for each update: one UNet less "
-                          "on the GPU, one copy more per step.")
+                     help="Keep the EMA weights in CPU memory, moved to the device and back for each update: one "
+                          "UNet less on the GPU, two copies more per step.")
     ema.add_argument("--foreach_ema", action="store_true",
                      help="Update the EMA with fused multi-tensor ops: faster, with more peak memory.")
 
@@ -2345,7 +2363,7 @@ def reference_errors_key(args, accelerator, run, models, dataset):
         "validation_num_inference_steps", "validation_guidance_scale", "push_to_hub", "hub_model_id", "hub_token",
         "save_unet_only", "dataloader_num_workers", "cache_dir", "latent_cache_dir",
         "reference_errors", "reference_batch_size", "reference_errors_on_mismatch", "lr_num_cycles", "lr_power",
-        "validation_prompts_file",
+        "validation_prompts_file", "beta_mapo", "sdpo_mu", "use_ema", "ema_decay", "offload_ema", "foreach_ema",
     })
     unet, _, vae, text_encoders = models
     encoders = text_encoders if isinstance(text_encoders, (tuple, list)) else [text_encoders]
@@ -2562,7 +2580,7 @@ def write_model_card(args, run, counts, grid_path):
     description = f"""# Diffusion-DPO (SDXL): {repo_id}
 
 {"LoRA adapters" if args.use_lora else "A UNet"} for `{args.pretrained_model_name_or_path}` aligned to human \
-preference pairs from `{dataset}` with Diffusion-DPO ([Wallace et al., 2023](https://arxiv.org/abs/2311.12908)).
+preference pairs from `{dataset}` with {objective_reference(args)}.
 
 ## Validation
 
@@ -2614,7 +2632,7 @@ def save_model_card(args, description, usage_md, training_md, metadata, tags, gr
     limitations = (
         "Diffusion-DPO moves the model toward the preferred images of its training pairs, so it learns the "
         "preferences of whoever labelled them (Pick-a-Pic: its users and their prompts), biases included. It "
-        "keeps the base model's limitations and biases, and a beta_dpo too small for the data can cost image "
+        "keeps the base model's limitations and biases, and a beta too small for the data can cost image "
         "quality or fidelity to the prompt: compare the validation grid with the base before use.")
     placeholders = {"```python\n# TODO: add an example code snippet for running this diffusion pipeline\n```": usage_md,
                     "[TODO: provide examples of latent issues and potential remediations]": limitations,
@@ -2983,8 +3001,9 @@ def build_ema(args, accelerator, params):
                          "process a shard of it: train with DDP or ZeRO-2 (configs/multi_gpu_ddp.yaml, "
                          "configs/deepspeed_zero2.yaml), or drop --use_ema.")
     ema = EMAModel(params, decay=args.ema_decay, foreach=args.foreach_ema)
-    if args.offload_ema:
-        ema.to("cpu")
+    # In float32 whatever the weights are kept in (DeepSpeed's half-precision engine holds bf16/fp16 weights): a
+    # step adds (1 - decay) of a small difference, which half precision would round away.
+    ema.to("cpu" if args.offload_ema else None, dtype=torch.float32)
     accelerator.register_for_checkpointing(ema)
     return ema
 
@@ -3037,7 +3056,8 @@ def start_run(args, accelerator, run, counts, noise_scheduler):
         accelerator.init_trackers(args.tracker_project_name, config={**public_config(args), **scalars})
         accelerator.log({f"data/{name}": value for name, value in counts.items() if name != "data_digest"}, step=0)
     total_batch_size = args.train_batch_size * run.num_processes * args.gradient_accumulation_steps
-    logger.info(f"***** Diffusion-DPO ({args.loss_type}, beta_dpo={args.beta_dpo}, "
+    logger.info(f"***** Diffusion-DPO ({args.loss_type}, "
+                f"{'beta_mapo' if args.loss_type == 'mapo' else 'beta_dpo'}={objective_beta(args)}, "
                 f"{'LoRA' if args.use_lora else 'full'}) *****")
     logger.info(f"  Pairs = {'streamed' if args.streaming else len(run.train_dataset)}, epochs = "
                 f"{'endless' if args.streaming else run.num_train_epochs}, effective batch = "
@@ -3310,7 +3330,8 @@ def main(args):
                 return  # stopped on SIGTERM inside a step, the last step's checkpoint written
             continue
         progress_bar.update(1)
-        progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}",
+        accuracy = logs.get("implicit_acc", logs.get("margin_acc", float("nan")))  # MaPO: no reference
+        progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{accuracy:.2f}",
                                  lr=f"{logs['lr']:.2e}")
         if after_step(args, accelerator, run, logs, stop, models, tokenizers, weight_dtype, faults):
             return  # stopped on SIGTERM with a checkpoint written

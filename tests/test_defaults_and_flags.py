@@ -5,6 +5,7 @@ the schedule's cycles and power."""
 import logging
 import os
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -257,3 +258,26 @@ def test_a_run_prints_no_dtype_or_watermarker_noise(tiny_sdxl_path, preference_d
          "bf16"], capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stderr
     assert "Validation at step 1" in printed  # the run's own log is there
     assert "should be kept in float32" not in printed and "add_watermarker" not in printed
+
+
+def test_the_ema_averages_in_float32_over_half_precision_weights(preference_data_path):
+    # DeepSpeed's half-precision engine trains bf16 weights: an average kept in bf16 would round every update away.
+    from accelerate.utils import DistributedType
+
+    registered = []
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                  register_for_checkpointing=registered.append,
+                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)),
+                                  device=torch.device("cpu"))
+    args = sd.parse_args(["--pretrained_model_name_or_path", "unused", "--train_data_dir", preference_data_path,
+                          "--use_ema", "--ema_decay", "0.999"])
+    weight = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    ema = sd.build_ema(args, accelerator, [weight])
+    assert registered == [ema] and ema.shadow_params[0].dtype == torch.float32
+    run = SimpleNamespace(ema=ema, params=[weight])
+    ema.optimization_step = 10**6  # past the warm-up: decay 0.999
+    with torch.no_grad():
+        weight.fill_(1.0078125)  # one bf16 step above the average's 1.0
+    for _ in range(100):  # each update adds 1e-3 of the gap, 8e-6: below bf16's resolution near 1 (8e-3)
+        sd.update_ema(args, accelerator, run)
+    assert ema.shadow_params[0][0].item() == pytest.approx(1 + 0.0078125 * (1 - 0.999 ** 100), rel=1e-5)

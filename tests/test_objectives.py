@@ -40,7 +40,10 @@ def test_mapo_matches_hand_computation_and_its_gradient_lowers_the_winner_and_ra
     assert (errors.grad[:2] > 0).all() and (errors.grad[2:] < 0).all()
     # the near-tie pair (0.30 vs 0.32, margin ~4.8) is pushed harder than the settled one (margin ~93)
     assert -errors.grad[2] > -errors.grad[3]
-    assert script.mapo_score(torch.tensor([0.0])).item() == 1.0  # the limit at a zero error, not 0/0
+    zero = torch.zeros(1, requires_grad=True)
+    score = script.mapo_score(zero)
+    score.backward()
+    assert score.item() == 1.0 and torch.isfinite(zero.grad).all()  # the limit at a zero error, not 0/0
 
 
 def sdpo_inputs():

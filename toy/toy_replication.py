@@ -61,11 +61,11 @@ def parse_args(input_args=None):
     parser.add_argument("--heldout_pairs_per_caption", type=int, default=8, help="Held-out pairs per caption.")
     parser.add_argument("--min_margin", type=float, default=0.02,
                         help="Pairs whose reward margin is below this are dropped as near-ties.")
-    parser.add_argument("--max_train_steps", type=int, default=400, help="Optimizer steps of DPO and of SFT.")
+    parser.add_argument("--max_train_steps", type=int, default=400, help="Optimizer steps of every method.")
     parser.add_argument("--num_evaluations", type=int, default=8,
                         help="Checkpoints evaluated per run, evenly spaced (the last is the final model).")
     parser.add_argument("--train_batch_size", type=int, default=16, help="Pairs per optimizer step.")
-    parser.add_argument("--learning_rate", type=float, default=3e-5, help="Learning rate of DPO and SFT.")
+    parser.add_argument("--learning_rate", type=float, default=3e-5, help="Learning rate of every method.")
     parser.add_argument("--beta_dpo", type=float, default=2000.0, help="DPO's KL weight beta.")
     parser.add_argument("--betas", nargs="+", default=[], metavar="METHOD=BETA",
                         help="Another beta for a method, e.g. ipo=1 mapo=0.05 (defaults: "
@@ -86,8 +86,18 @@ def parse_args(input_args=None):
     parser.add_argument("--sample_batch_size", type=int, default=96, help="Images per pipeline call.")
     parser.add_argument("--methods", nargs="+", default=["dpo", "sft"], choices=list(METHODS),
                         help="Which fine-tunes to run and compare (`make toy-compare`: all of them).")
-    parser.add_argument("--seed", type=int, default=0, help="Training seed of the DPO and SFT runs.")
-    return parser.parse_args(input_args)
+    parser.add_argument("--seed", type=int, default=0, help="Training seed of every method's run.")
+    args = parser.parse_args(input_args)
+    for item in args.betas:
+        method, _, beta = item.partition("=")
+        if method not in METHODS or METHODS[method][1] is None or not beta:
+            parser.error(f"--betas {item!r}: give METHOD=BETA for one of "
+                         f"{', '.join(m for m, (_, flag, _) in METHODS.items() if flag)}.")
+        try:
+            float(beta)
+        except ValueError:
+            parser.error(f"--betas {item!r}: {beta!r} is not a number.")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -409,13 +419,14 @@ minutes on this machine ({results['cpu_threads']} CPU threads). Every figure bel
 ## Results
 {results_table(results)}
 
-Seconds per step: the run's own log, first to last step (no start-up); peak memory: the training process's maximum
-resident set. MaPO runs no reference forward and builds no reference copy.
+Seconds per step: the run's own log, first to last step (no start-up; its checkpoint writes, alike for every method,
+included); peak memory: the training process's maximum resident set. MaPO runs no reference forward and builds no
+reference copy; SFT runs the winners only.
 {sweep_table(results)}
 ![win rate against steps](win_rate_vs_steps.png)
 
 Samples, same seeds in every column group (left to right: {', '.join(results['grid']['columns'])}; {results['grid']['seeds_per_model']}
-seeds each), the caption under each row and the centredness reward under each image:
+seeds each), the caption under each row and the reward under each image:
 
 ![samples](samples.png)
 
