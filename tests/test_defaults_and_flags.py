@@ -3,7 +3,6 @@ far. A LoRA run trains at its own default rate, `--report_to none`, no silent fl
 the schedule's cycles and power."""
 
 import logging
-import os
 import re
 from types import SimpleNamespace
 
@@ -242,22 +241,6 @@ def test_ema_flags_are_refused_where_they_cannot_apply(script, preference_data_p
             script.parse_args(base + extra)
         assert message in capsys.readouterr().err
     assert script.parse_args(base + ["--use_ema", "--offload_ema"]).use_ema
-
-
-def test_a_run_prints_no_dtype_or_watermarker_noise(tiny_sdxl_path, preference_data_path, tmp_path):
-    import subprocess
-    import sys
-
-    # What a user's terminal shows (a process of its own: diffusers' log handler writes to the real stderr). bf16
-    # LoRA: frozen models in half precision, the adapters in float32, a validation at every step, the results.
-    printed = subprocess.run(
-        [sys.executable, sdxl.__file__, "--pretrained_model_name_or_path", tiny_sdxl_path, "--train_data_dir",
-         preference_data_path, "--output_dir", str(tmp_path), "--resolution", "64", "--train_batch_size", "2",
-         "--use_lora", "--max_train_steps", "2", "--validation_steps", "1", "--num_validation_images", "1",
-         "--validation_num_inference_steps", "2", "--validation_prompts", "a red circle", "--mixed_precision",
-         "bf16"], capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stderr
-    assert "Validation at step 1" in printed  # the run's own log is there
-    assert "should be kept in float32" not in printed and "add_watermarker" not in printed
 
 
 def test_the_ema_averages_in_float32_over_half_precision_weights(preference_data_path):

@@ -521,12 +521,21 @@ def non_square_data_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_run(tiny_sdxl_path, non_square_data_path, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("sdxl-lora-run")
-    launch(SCRIPT, run_args(tiny_sdxl_path, non_square_data_path, output_dir, "--use_lora", "--max_train_steps", "4",
-                            "--random_crop", "--num_validation_images", "1", "--validation_steps", "2",
-                            "--validation_num_inference_steps", "2", "--validation_prompts", "a red circle",
-                            "a blue square"),
-           env={"HF_TOKEN": "hf_SECRETtoken123"})  # the login a run may use: never written anywhere
+    launched = launch(SCRIPT, run_args(tiny_sdxl_path, non_square_data_path, output_dir, "--use_lora",
+                                       "--max_train_steps", "4", "--random_crop", "--num_validation_images", "1",
+                                       "--validation_steps", "2", "--validation_num_inference_steps", "2",
+                                       "--validation_prompts", "a red circle", "a blue square"),
+                      env={"HF_TOKEN": "hf_SECRETtoken123"})  # the login a run may use: never written anywhere
+    (output_dir.parent / f"{output_dir.name}.out").write_text(launched.stdout)  # what the user's terminal showed
     return output_dir
+
+
+def test_a_launched_run_prints_no_dtype_or_watermarker_noise(lora_run):
+    # What the user's terminal shows through `accelerate launch`: frozen models loaded in their dtype (no diffusers
+    # "should be kept in float32" warning at each cast), no "add_watermarker" line at each SDXL validation.
+    printed = (lora_run.parent / f"{lora_run.name}.out").read_text()
+    assert "Validation at step 2" in printed  # the run's own log is there
+    assert "should be kept in float32" not in printed and "add_watermarker" not in printed
 
 
 @pytest.fixture(scope="module")
