@@ -21,11 +21,14 @@ demo: install
 
 # The miniature replication (toy/toy_replication.py): pairs from the committed toy base, labelled by a programmatic
 # reward, DPO vs SFT, evaluation and toy-output/report.md. `make toy-base` retrains that base from scratch first.
+# FAMILY=sd3: Flow-DPO, train_diffusion_dpo_sd3.py on the SD3-architecture base toy/base_sd3 (toy-output-sd3/).
+FAMILY ?= sd
+TOY_OUTPUT := toy-output$(if $(filter-out sd,$(FAMILY)),-$(FAMILY))
 toy: install
-	$(PY) toy/toy_replication.py --output_dir toy-output
+	$(PY) toy/toy_replication.py --family $(FAMILY) --output_dir $(TOY_OUTPUT)
 
 toy-base: install
-	$(PY) toy/toy_replication.py --output_dir toy-output --retrain_base
+	$(PY) toy/toy_replication.py --family $(FAMILY) --output_dir $(TOY_OUTPUT) --retrain_base
 
 # The objectives side by side on the same pairs, steps and learning rate: DPO, IPO, hinge, MaPO, SDPO and SFT, each
 # beta chosen by a sweep (x0.1, x1, x10 of its default, a quarter of the steps, on seeds of its own); 4 evaluations
@@ -50,7 +53,7 @@ bench: install
 		--json bench-output/bench.json
 
 clean:
-	rm -rf demo-output bench-output toy-output toy-compare-output gpu-check .pytest_cache
+	rm -rf demo-output bench-output toy-output toy-output-sd3 toy-compare-output gpu-check .pytest_cache
 
 # The prepared device check (benchmarks/gpu_check.py): every GPU-only training path through the scripts' own stages,
 # one JSON and one table, at most ~8 minutes on one CUDA GPU. Without CUDA it runs its CPU form on the tiny models

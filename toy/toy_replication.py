@@ -1,7 +1,8 @@
 """A miniature replication of Diffusion-DPO on the CPU: `make toy` (= python toy/toy_replication.py).
 
     python toy/toy_replication.py --output_dir toy-output                  # ~10 minutes on 2 CPU cores
-    python toy/toy_replication.py --output_dir toy-output --retrain_base   # + ~15 minutes: the base too
+    python toy/toy_replication.py --output_dir toy-output --retrain_base   # + ~30 minutes: the base too
+    python toy/toy_replication.py --family sd3 --output_dir toy-output-sd3 # Flow-DPO: the SD3 script on toy/base_sd3
 
 The paper's pipeline, shrunk to a world of coloured shapes (toy/toy_world.py) so that every stage runs here:
 1. Base model: the committed toy/base pipeline (or one trained now by toy/toy_base.py with --retrain_base).
@@ -10,7 +11,8 @@ The paper's pipeline, shrunk to a world of coloured shapes (toy/toy_world.py) so
    The reward is centredness (1 - distance of the shape from the centre / half diagonal): something the
    captions leave open and the base does at random. Held-out pairs come from other seeds.
 3. DPO (--loss_type sigmoid) and SFT on the winners (--loss_type sft), both full fine-tunes from the base with
-   the same learning rate, batch and steps, run with `accelerate launch train_diffusion_dpo.py`, as users run it.
+   the same learning rate, batch and steps, run with `accelerate launch train_diffusion_dpo.py`, as users run it
+   (--family sd3: toy/base_sd3, an SD3 pipeline, with `accelerate launch train_diffusion_dpo_sd3.py`: Flow-DPO).
 4. Evaluation at every checkpoint, on prompts x seeds no pair was sampled from, base and model from the same
    seeds: reward win rate against the base (95% Wilson interval), mean reward, and caption fidelity (does the
    picture still show the caption's shape, colour and background, checked programmatically). Implicit reward
@@ -37,6 +39,15 @@ from toy import toy_base, toy_world  # noqa: E402
 
 
 COMMITTED_BASE = REPO_ROOT / "toy" / "base"
+# What the loop runs per model family: the training script, the committed base, the script's extra flags, and the
+# learning rate and DPO beta of `make toy` on that base (Flow-DPO's were found by a sweep on toy/base_sd3: README).
+FAMILIES = {
+    "sd": {"script": "train_diffusion_dpo.py", "base": COMMITTED_BASE, "flags": [], "learning_rate": 3e-5,
+           "beta_dpo": 2000.0},
+    "sd3": {"script": "train_diffusion_dpo_sd3.py", "base": REPO_ROOT / "toy" / "base_sd3",
+            "flags": ["--max_sequence_length", str(toy_base.SD3_TEXT_LENGTH)], "learning_rate": 3e-5,
+            "beta_dpo": 500.0},
+}
 REWARD_FN = "toy.toy_world:centredness_reward"
 # The objectives the miniature compares: the script's --loss_type of each, and its beta's flag and default here
 # (DPO's 2000 from the authors' SD1.5 range; IPO's target margin 1/beta of the error gap needs about 1000 for
@@ -50,13 +61,22 @@ TRAIN_SEED, HELDOUT_SEED, EVAL_SEED, GRID_SEED, SWEEP_SEED = 0, 100_000, 200_000
 TARGETS = {"win_rate": 0.70, "fidelity_drop": 0.05, "implicit_accuracy": 0.60, "minutes": 30}
 
 
+def family_defaults(setting):
+    """'sd 3e-05, sd3 ...': a setting's default per family, for the help."""
+    return ", ".join(f"{family} {values[setting]:g}" for family, values in FAMILIES.items())
+
+
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="Miniature Diffusion-DPO replication on a synthetic shapes world.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output_dir", default="toy-output", help="Where the data, runs, evaluation and report go.")
-    parser.add_argument("--base", default=str(COMMITTED_BASE), help="The base pipeline folder (toy/base is committed).")
+    parser.add_argument("--family", default="sd", choices=list(FAMILIES),
+                        help="sd: Diffusion-DPO with train_diffusion_dpo.py on the UNet base toy/base; sd3: Flow-DPO "
+                             "with train_diffusion_dpo_sd3.py on the MMDiT, rectified-flow base toy/base_sd3.")
+    parser.add_argument("--base", default=None,
+                        help="The base pipeline folder (default: the family's committed toy/base or toy/base_sd3).")
     parser.add_argument("--retrain_base", action="store_true",
-                        help="Train the base from scratch with toy/toy_base.py into OUTPUT_DIR/base first.")
+                        help="Train the family's base from scratch with toy/toy_base.py into OUTPUT_DIR/base first.")
     parser.add_argument("--pairs_per_caption", type=int, default=32, help="Training pairs sampled per caption.")
     parser.add_argument("--heldout_pairs_per_caption", type=int, default=8, help="Held-out pairs per caption.")
     parser.add_argument("--min_margin", type=float, default=0.02,
@@ -65,8 +85,10 @@ def parse_args(input_args=None):
     parser.add_argument("--num_evaluations", type=int, default=8,
                         help="Checkpoints evaluated per run, evenly spaced (the last is the final model).")
     parser.add_argument("--train_batch_size", type=int, default=16, help="Pairs per optimizer step.")
-    parser.add_argument("--learning_rate", type=float, default=3e-5, help="Learning rate of every method.")
-    parser.add_argument("--beta_dpo", type=float, default=2000.0, help="DPO's KL weight beta.")
+    parser.add_argument("--learning_rate", type=float, default=None,
+                        help=f"Learning rate of every method (default: the family's, {family_defaults('learning_rate')}).")
+    parser.add_argument("--beta_dpo", type=float, default=None,
+                        help=f"DPO's KL weight beta (default: the family's, {family_defaults('beta_dpo')}).")
     parser.add_argument("--betas", nargs="+", default=[], metavar="METHOD=BETA",
                         help="Another beta for a method, e.g. ipo=1 mapo=0.05 (defaults: "
                              f"{', '.join(f'{m} {b:g}' for m, (_, flag, b) in METHODS.items() if flag and m != 'dpo')}"
@@ -76,6 +98,11 @@ def parse_args(input_args=None):
                              "beta times each factor (e.g. 0.1 1 10), and keep the beta with the best reward win rate "
                              "among those that keep caption fidelity within 5 points of the base's, on seeds of the "
                              "sweep's own; the report shows the sweep.")
+    parser.add_argument("--lr_sweep", nargs="+", type=float, default=[], metavar="FACTOR",
+                        help="With --beta_sweep and DPO among --methods: DPO's sweep is a grid of its beta times the "
+                             "--beta_sweep factors and the learning rate times these (e.g. 0.3 1 3), and the rate "
+                             "kept for DPO becomes every method's (DPO is swept first), so the comparison stays at one "
+                             "learning rate.")
     parser.add_argument("--reward_fn", type=str, default=REWARD_FN,
                         help="The reward that labels the pairs and scores every image: module:function or "
                              "path/to/file.py:function, called as fn(images, captions) -> one float per image, higher "
@@ -88,6 +115,14 @@ def parse_args(input_args=None):
                         help="Which fine-tunes to run and compare (`make toy-compare`: all of them).")
     parser.add_argument("--seed", type=int, default=0, help="Training seed of every method's run.")
     args = parser.parse_args(input_args)
+    family = FAMILIES[args.family]
+    args.base = str(family["base"]) if args.base is None else args.base
+    args.learning_rate = family["learning_rate"] if args.learning_rate is None else args.learning_rate
+    args.beta_dpo = family["beta_dpo"] if args.beta_dpo is None else args.beta_dpo
+    if args.lr_sweep and (not args.beta_sweep or "dpo" not in args.methods):
+        parser.error("--lr_sweep extends DPO's beta sweep: give --beta_sweep too, with dpo among --methods.")
+    if any(factor <= 0 for factor in args.beta_sweep + args.lr_sweep):
+        parser.error("--beta_sweep and --lr_sweep factors must be > 0.")
     for item in args.betas:
         method, _, beta = item.partition("=")
         if method not in METHODS or METHODS[method][1] is None or not beta:
@@ -104,11 +139,13 @@ def parse_args(input_args=None):
 # Sampling and scoring
 # ----------------------------------------------------------------------------------------------------------------
 def load_pipeline(base, unet_dir=None):
-    """The toy pipeline, with the UNet of a training checkpoint or result when `unet_dir` is given."""
+    """The toy pipeline, with the UNet (or transformer) of a training checkpoint or result when `unet_dir` is
+    given."""
     import pipeline_dpo
 
     pipe = pipeline_dpo.load_dpo_pipeline(str(base), None if unet_dir is None else str(unet_dir))
     pipe.set_progress_bar_config(disable=True)
+    pipe.toy_sampling = toy_base.sampling(base)  # how this base samples (its toy_base.json), read by sample()
     return pipe
 
 
@@ -117,7 +154,7 @@ def sample(pipe, captions, seed, images_per_caption, batch_size):
     import pipeline_dpo
 
     return pipeline_dpo.generate_images(pipe, captions, seed=seed, num_images_per_prompt=images_per_caption,
-                                        batch_size=batch_size, label="toy", **toy_base.TOY_SAMPLING)
+                                        batch_size=batch_size, label="toy", **pipe.toy_sampling)
 
 
 def png_bytes(image):
@@ -183,7 +220,7 @@ def method_beta(args, method):
 
 
 def chosen_beta(points, base_fidelity):
-    """The sweep's pick: the best win rate among the betas that keep the captions (fidelity within the target's drop
+    """The sweep's pick (a beta, or a beta and learning rate): the best win rate among the points that keep the captions (fidelity within the target's drop
     of the base's); if none does, the beta that keeps them best. A win rate bought with the captions is reward
     hacking, not alignment."""
     keeping = [point for point in points if base_fidelity - point["fidelity"]["all"] <= TARGETS["fidelity_drop"]]
@@ -192,18 +229,20 @@ def chosen_beta(points, base_fidelity):
     return max(points, key=lambda point: point["fidelity"]["all"])
 
 
-def train(args, method, base, data_dir, run_dir, checkpointing_steps, beta=None, max_train_steps=None):
+def train(args, method, base, data_dir, run_dir, checkpointing_steps, beta=None, max_train_steps=None,
+          learning_rate=None):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train_diffusion_dpo.py"),
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / FAMILIES[args.family]["script"]),
         "--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data_dir),
         "--output_dir", str(run_dir), "--resolution", str(toy_world.IMAGE_SIZE), "--cache_latents",
-        "--train_batch_size", str(args.train_batch_size), "--learning_rate", str(args.learning_rate),
+        "--train_batch_size", str(args.train_batch_size), "--learning_rate",
+        str(args.learning_rate if learning_rate is None else learning_rate),
         "--lr_scheduler", "constant", "--loss_type", METHODS[method][0],
         "--max_train_steps", str(max_train_steps or args.max_train_steps),
         "--checkpointing_steps", str(checkpointing_steps), "--seed", str(args.seed),
         "--num_validation_images", "0",  # the toy evaluates its checkpoints itself, on many more images
-        "--report_to", "tensorboard",
+        "--report_to", "tensorboard", *FAMILIES[args.family]["flags"],
     ]
     loss_type, flag, _ = METHODS[method]
     if flag is not None:
@@ -341,18 +380,22 @@ def results_table(results):
 
 
 def sweep_table(results):
-    """The beta sweep, one row per method and beta (empty without --beta_sweep)."""
+    """The beta sweep, one row per method and beta (and learning rate, --lr_sweep); empty without --beta_sweep."""
     rows = [(method, point) for method, points in results.get("beta_sweep", {}).items() for point in points]
     if not rows:
         return ""
-    lines = ["| method | beta | steps | win rate vs base (95% CI) | mean reward | caption fidelity | kept |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | beta | learning rate | steps | win rate vs base (95% CI) | mean reward | caption fidelity | "
+             "kept |", "|---|---|---|---|---|---|---|---|"]
     for method, point in rows:
-        kept = "yes" if results["betas"].get(method) == point["beta"] else ""
-        lines.append(f"| {method.upper()} | {point['beta']:g} | {point['steps']} | {percent(point['win_rate'])} "
+        learning_rate = point.get("learning_rate", results.get("learning_rate"))
+        kept = ("yes" if results["betas"].get(method) == point["beta"]
+                and learning_rate == results.get("learning_rate", learning_rate) else "")
+        lines.append(f"| {method.upper()} | {point['beta']:g} | {learning_rate:g} | {point['steps']} | "
+                     f"{percent(point['win_rate'])} "
                      f"({percent(point['win_ci95'][0])}-{percent(point['win_ci95'][1])}) | "
                      f"{point['mean_reward']:.3f} | {percent(point['fidelity']['all'])} | {kept} |")
     return ("\n## The beta sweep\nEach method but SFT at its beta times each factor, for a quarter of the steps, "
+            "(DPO's also at the learning rate times each --lr_sweep factor, the kept rate then every method's), "
             "scored on seeds of their own (not the comparison's); kept: the best win rate among the betas whose caption "
             f"fidelity is within {100 * TARGETS['fidelity_drop']:.0f} points of the base's on those seeds (if none, the "
             "best fidelity).\n\n"
@@ -391,7 +434,18 @@ def write_report(args, results, output_dir):
         f"{method.upper()} `--loss_type {METHODS[method][0]}"
         + (f" {METHODS[method][1]} {results['betas'][method]:g}`" if results.get("betas", {}).get(method) else "`")
         for method in results["methods"])
-    text = f"""# Miniature Diffusion-DPO replication
+    sampling = base_record.get("sampling", toy_base.TOY_SAMPLING)
+    steps = base_record["args"]["unet_steps"]
+    if args.family == "sd3":
+        base_line = (f"an SD3 pipeline (MMDiT transformer, CLIP-L, CLIP-G and T5, 16-channel VAE) trained from scratch "
+                     f"on the world by rectified flow ({steps} transformer steps); sampled with flow-matching Euler, "
+                     f"{sampling['num_inference_steps']} steps, guidance {sampling['guidance_scale']}.")
+    else:
+        base_line = (f"a latent diffusion model trained from scratch on the world ({steps} UNet steps); sampled "
+                     f"with DDIM, {sampling['num_inference_steps']} steps, guidance {sampling['guidance_scale']}.")
+    flags = "".join(f" {flag}" for flag in FAMILIES[args.family]["flags"])
+    title = "Flow-DPO (SD3)" if args.family == "sd3" else "Diffusion-DPO"
+    text = f"""# Miniature {title} replication
 
 Generated by `make toy` (`python toy/toy_replication.py {' '.join(results['argv'])}`) in {results['minutes']:.1f}
 minutes on this machine ({results['cpu_threads']} CPU threads). Every figure below is in `results.json`.
@@ -400,14 +454,12 @@ minutes on this machine ({results['cpu_threads']} CPU threads). Every figure bel
 - **World** (toy/toy_world.py): one circle, square or triangle in red, green, blue or yellow on a white or black
   background, {toy_world.IMAGE_SIZE} x {toy_world.IMAGE_SIZE} pixels; 24 captions such as "a red circle on a black
   background". The captions do not say where the shape is; the training pictures put it anywhere.
-- **Base** (`{results['base_dir']}`, made by toy/toy_base.py): a latent diffusion model trained from scratch on
-  the world ({base_record['args']['unet_steps']} UNet steps); sampled with DDIM, {toy_base.TOY_SAMPLING['num_inference_steps']}
-  steps, guidance {toy_base.TOY_SAMPLING['guidance_scale']}.
+- **Base** (`{results['base_dir']}`, made by toy/toy_base.py): {base_line}
 - **Reward** (the stand-in for human raters): {reward_line}
 - **Preference pairs**: {counts['sampled']} pairs sampled from the base ({args.pairs_per_caption} per caption, two seeds
   each), labelled by the reward with tools/relabel_pairs.py; {counts['near_ties_dropped']} near-ties (margin <
   {args.min_margin}) dropped, {counts['pairs_written']} kept. Held-out: {counts['heldout_written']} pairs from other seeds.
-- **Training**: `accelerate launch train_diffusion_dpo.py`, full fine-tune from the base, {args.max_train_steps} steps,
+- **Training**: `accelerate launch {FAMILIES[args.family]['script']}{flags}`, full fine-tune from the base, {args.max_train_steps} steps,
   {args.train_batch_size} pairs per step, AdamW at {args.learning_rate:g} (constant), latents cached, the same pairs
   for every method: {method_lines}.
 - **Evaluation**: {results['eval_images']} images per model ({args.eval_images_per_caption} seeds per caption, seeds no pair
@@ -452,10 +504,10 @@ def main(args, argv=None):
     if args.retrain_base:
         args.base = str(output_dir / "base")
         log(f"training the base from scratch -> {args.base}")
-        toy_base.main(toy_base.parse_args(["--output_dir", args.base]))
+        toy_base.main(toy_base.parse_args(["--family", args.family, "--output_dir", args.base]))
     if not (Path(args.base) / "model_index.json").is_file():
         raise SystemExit(f"No toy base pipeline at {args.base}; run with --retrain_base, or "
-                         f"python toy/toy_base.py --output_dir {args.base}.")
+                         f"python toy/toy_base.py --family {args.family} --output_dir {args.base}.")
 
     # 2. Preference pairs from the base, labelled by the reward.
     pipe = load_pipeline(args.base)
@@ -485,25 +537,30 @@ def main(args, argv=None):
         sweep_base_fidelity = toy_world.fidelity_rates(sweep_base_fidelity)["all"]
     del pipe
 
-    # 4a. The beta sweep: each method at its beta times each factor, for a quarter of the steps.
-    for method in args.methods if args.beta_sweep else ():
+    # 4a. The beta sweep: each method at its beta times each factor, for a quarter of the steps (DPO first, and with
+    #     --lr_sweep on a grid of betas and learning rates, whose kept rate every method then trains with).
+    for method in sorted(args.methods, key=lambda name: name != "dpo") if args.beta_sweep else ():
         if METHODS[method][1] is None:
             continue
         sweep[method] = []
+        lr_factors = args.lr_sweep if method == "dpo" and args.lr_sweep else [1.0]
         for factor in args.beta_sweep:
-            beta = method_beta(args, method) * factor
-            sweep_dir = output_dir / "sweep" / f"{method}-{beta:g}"
-            shutil.rmtree(sweep_dir, ignore_errors=True)
-            steps = max(1, args.max_train_steps // 4)
-            train(args, method, args.base, data_dir, sweep_dir, steps, beta=beta, max_train_steps=steps)
-            point = evaluate_model(args, sweep_dir / f"checkpoint-{steps}", sweep_captions, sweep_base_rewards,
-                                   seed=SWEEP_SEED)
-            sweep[method].append({"beta": beta, "steps": steps, **point})
-            log(f"sweep {method.upper()} beta {beta:g}: win rate {point['win_rate']:.3f}, caption fidelity "
-                f"{point['fidelity']['all']:.3f}")
-            shutil.rmtree(sweep_dir / f"checkpoint-{steps}", ignore_errors=True)
+            for lr_factor in lr_factors:
+                beta, learning_rate = method_beta(args, method) * factor, args.learning_rate * lr_factor
+                sweep_dir = output_dir / "sweep" / f"{method}-{beta:g}-{learning_rate:g}"
+                shutil.rmtree(sweep_dir, ignore_errors=True)
+                steps = max(1, args.max_train_steps // 4)
+                train(args, method, args.base, data_dir, sweep_dir, steps, beta=beta, max_train_steps=steps,
+                      learning_rate=learning_rate)
+                point = evaluate_model(args, sweep_dir / f"checkpoint-{steps}", sweep_captions, sweep_base_rewards,
+                                       seed=SWEEP_SEED)
+                sweep[method].append({"beta": beta, "learning_rate": learning_rate, "steps": steps, **point})
+                log(f"sweep {method.upper()} beta {beta:g}, learning rate {learning_rate:g}: win rate "
+                    f"{point['win_rate']:.3f}, caption fidelity {point['fidelity']['all']:.3f}")
+                shutil.rmtree(sweep_dir / f"checkpoint-{steps}", ignore_errors=True)
         best = chosen_beta(sweep[method], sweep_base_fidelity)
         args.betas = [item for item in args.betas if not item.startswith(f"{method}=")] + [f"{method}={best['beta']}"]
+        args.learning_rate = best["learning_rate"]
 
     # 4. DPO and SFT, then every checkpoint against the base.
     checkpointing_steps = max(1, args.max_train_steps // args.num_evaluations)
@@ -535,7 +592,7 @@ def main(args, argv=None):
     results = {"argv": argv if argv is not None else sys.argv[1:], "base_dir": str(args.base), "base": base,
                "methods": list(args.methods), "curves": curves, "pair_counts": pair_counts,
                "eval_images": len(captions), "train_seconds": train_seconds, "costs": costs, "betas": betas,
-               "beta_sweep": sweep, "reward_fn": args.reward_fn, "grid": grid,
+               "beta_sweep": sweep, "learning_rate": args.learning_rate, "reward_fn": args.reward_fn, "grid": grid,
                "cpu_threads": torch.get_num_threads(), "minutes": (time.time() - started) / 60}
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     report = write_report(args, results, output_dir)
