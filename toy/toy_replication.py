@@ -145,7 +145,6 @@ def load_pipeline(base, unet_dir=None):
 
     pipe = pipeline_dpo.load_dpo_pipeline(str(base), None if unet_dir is None else str(unet_dir))
     pipe.set_progress_bar_config(disable=True)
-    pipe.toy_sampling = toy_base.sampling(base)  # how this base samples (its toy_base.json), read by sample()
     return pipe
 
 
@@ -154,7 +153,7 @@ def sample(pipe, captions, seed, images_per_caption, batch_size):
     import pipeline_dpo
 
     return pipeline_dpo.generate_images(pipe, captions, seed=seed, num_images_per_prompt=images_per_caption,
-                                        batch_size=batch_size, label="toy", **pipe.toy_sampling)
+                                        batch_size=batch_size, label="toy", **toy_base.sampling(pipe))
 
 
 def png_bytes(image):
