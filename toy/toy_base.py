@@ -173,31 +173,16 @@ def encode_pictures(vae, pictures, batch_size=256):
     return torch.cat(means), torch.cat(stds)
 
 
-def train_unet(args, latent_means, latent_stds, caption_index, caption_ids, text_encoder, scaling_factor, log):
-    """The UNet and the text encoder together; both end as their exponential moving averages."""
-    from diffusers import DDPMScheduler
-
-    unet = build_unet()
-    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+def fit_with_ema(args, name, parameters, step_loss, log):
+    """AdamW on `parameters` (the denoiser's and the text encoders') for --unet_steps steps of `step_loss(generator)`,
+    clipped at 1 and on a warmup-cosine schedule; the weights end as their exponential moving average."""
     ema = [p.detach().clone() for p in parameters]
-    scheduler = DDPMScheduler(**sd15_betas())
     optimizer = torch.optim.AdamW(parameters, lr=args.unet_learning_rate, weight_decay=1e-2)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(args.unet_steps))
     generator = torch.Generator().manual_seed(args.seed + 2)
-    empty_caption = len(caption_ids) - 1  # the last caption is the empty prompt
-    text_encoder.train()
     started, running = time.time(), []
     for step in range(1, args.unet_steps + 1):
-        index = torch.randint(len(latent_means), (args.unet_batch_size,), generator=generator)
-        latents = latent_means[index] + latent_stds[index] * torch.randn(latent_means[index].shape, generator=generator)
-        latents = latents * scaling_factor
-        drop = torch.rand(len(index), generator=generator) < 0.1
-        # Every caption of the world goes through the encoder once per step (25 short sequences), then is indexed.
-        text = text_encoder(caption_ids)[0][torch.where(drop, empty_caption, caption_index[index])]
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
-        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text).sample
-        loss = (prediction - noise).pow(2).mean()
+        loss = step_loss(generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -207,31 +192,48 @@ def train_unet(args, latent_means, latent_stds, caption_index, caption_ids, text
             torch._foreach_lerp_(ema, [p.detach() for p in parameters], 1 - args.ema_decay)
         running.append(loss.item())
         if step % 200 == 0 or step == args.unet_steps:
-            log(f"unet step {step}/{args.unet_steps} loss {np.mean(running):.4f} ({time.time() - started:.0f} s)")
+            log(f"{name} step {step}/{args.unet_steps} loss {np.mean(running):.4f} ({time.time() - started:.0f} s)")
             running = []
     with torch.no_grad():
         for parameter, average in zip(parameters, ema, strict=True):
             parameter.copy_(average)
+
+
+def train_unet(args, latent_means, latent_stds, caption_index, caption_ids, text_encoder, scaling_factor, log):
+    """The UNet and the text encoder together (epsilon prediction); both end as their moving averages."""
+    from diffusers import DDPMScheduler
+
+    unet = build_unet()
+    scheduler = DDPMScheduler(**sd15_betas())
+    empty_caption = len(caption_ids) - 1  # the last caption is the empty prompt
+
+    def step_loss(generator):
+        index = torch.randint(len(latent_means), (args.unet_batch_size,), generator=generator)
+        latents = latent_means[index] + latent_stds[index] * torch.randn(latent_means[index].shape, generator=generator)
+        latents = latents * scaling_factor
+        drop = torch.rand(len(index), generator=generator) < 0.1
+        # Every caption of the world goes through the encoder once per step (25 short sequences), then is indexed.
+        text = text_encoder(caption_ids)[0][torch.where(drop, empty_caption, caption_index[index])]
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text).sample
+        return (prediction - noise).pow(2).mean()
+
+    text_encoder.train()
+    fit_with_ema(args, "unet", list(unet.parameters()) + list(text_encoder.parameters()), step_loss, log)
     text_encoder.eval().requires_grad_(False)
     return unet.eval().requires_grad_(False)
 
 
 def train_transformer(args, latents_mean, latents_std, caption_index, caption_ids, text_encoders, log):
     """SD3's rectified flow on the (already shifted and scaled) latents; the transformer and the three text encoders
-    together, all ending as their exponential moving averages."""
+    together, all ending as their moving averages."""
     import train_diffusion_dpo_sd3
 
     transformer = build_transformer()
-    parameters = list(transformer.parameters()) + [p for encoder in text_encoders for p in encoder.parameters()]
-    ema = [p.detach().clone() for p in parameters]
-    optimizer = torch.optim.AdamW(parameters, lr=args.unet_learning_rate, weight_decay=1e-2)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(args.unet_steps))
-    generator = torch.Generator().manual_seed(args.seed + 2)
     empty_caption = len(caption_ids[0]) - 1  # the last caption is the empty prompt
-    for encoder in text_encoders:
-        encoder.train()
-    started, running = time.time(), []
-    for step in range(1, args.unet_steps + 1):
+
+    def step_loss(generator):
         index = torch.randint(len(latents_mean), (args.unet_batch_size,), generator=generator)
         latents = latents_mean[index] + latents_std[index] * torch.randn(latents_mean[index].shape, generator=generator)
         drop = torch.rand(len(index), generator=generator) < 0.1
@@ -243,22 +245,12 @@ def train_transformer(args, latents_mean, latents_std, caption_index, caption_id
         noisy = (1 - sigmas[:, None, None, None]) * latents + sigmas[:, None, None, None] * noise
         prediction = transformer(hidden_states=noisy, encoder_hidden_states=prompt_embeds[chosen],
                                  pooled_projections=pooled[chosen], timestep=sigmas * 1000).sample
-        loss = (prediction - (noise - latents)).pow(2).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in parameters], 1 - args.ema_decay)
-        running.append(loss.item())
-        if step % 200 == 0 or step == args.unet_steps:
-            log(f"transformer step {step}/{args.unet_steps} loss {np.mean(running):.4f} "
-                f"({time.time() - started:.0f} s)")
-            running = []
-    with torch.no_grad():
-        for parameter, average in zip(parameters, ema, strict=True):
-            parameter.copy_(average)
+        return (prediction - (noise - latents)).pow(2).mean()
+
+    for encoder in text_encoders:
+        encoder.train()
+    parameters = list(transformer.parameters()) + [p for encoder in text_encoders for p in encoder.parameters()]
+    fit_with_ema(args, "transformer", parameters, step_loss, log)
     for encoder in text_encoders:
         encoder.eval().requires_grad_(False)
     return transformer.eval().requires_grad_(False)
@@ -290,29 +282,46 @@ def sampling(pipe):
 
 
 def main(args):
-    if args.family == "sd3":
-        return main_sd3(args)
-    return main_sd(args)
-
-
-def main_sd(args):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextModel
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.time()
     output_dir = Path(args.output_dir)
 
     def log(message):
-        print(f"[toy_base {time.time() - started:6.0f} s] {message}", flush=True)
+        print(f"[toy_base {args.family} {time.time() - started:6.0f} s] {message}", flush=True)
 
-    # 1. Pictures and captions; the token ids of every caption (and of "", for guidance).
+    # 1. Pictures and captions (then each family's text encoders and token ids).
     rng = np.random.default_rng(args.seed)
     scenes = [toy_world.random_scene_image(rng) for _ in range(args.num_images)]
     pictures = picture_tensor([image for image, _ in scenes])
     captions = list(toy_world.CAPTIONS)
     caption_index = torch.tensor([captions.index(caption) for _, caption in scenes])
+
+    # 2-3. The family's autoencoder, text encoders and denoiser, as a pipeline.
+    build = build_sd3_pipeline if args.family == "sd3" else build_sd_pipeline
+    pipeline, record = build(args, pictures, captions, caption_index, log)
+
+    # 4. Save, then check what it draws.
+    pipeline.save_pretrained(output_dir, safe_serialization=True)
+    for tokenizer_subfolder in ("tokenizer", "tokenizer_2"):
+        if (output_dir / tokenizer_subfolder).is_dir():  # the CLIP tokenizers: files for transformers 4 too
+            tiny_models.write_bpe_files(str(output_dir / tokenizer_subfolder))
+    record = {"args": vars(args), **record, "train_seconds": round(time.time() - started, 1)}
+    record["sampling"] = sampling(pipeline)
+    if args.check_images_per_caption:
+        record["caption_fidelity"] = check_samples(output_dir, args.check_images_per_caption, args.seed + 100)
+        log(f"caption fidelity of the base's samples: {record['caption_fidelity']}")
+    (output_dir / "toy_base.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"saved {output_dir}")
+    return record
+
+
+def build_sd_pipeline(args, pictures, captions, caption_index, log):
+    """Stages 1-3 for SD: the CLIP text encoder, the 4-channel VAE and the UNet, as a StableDiffusionPipeline."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    # 1. The token ids of every caption (and of "", for guidance).
     tokenizer = tiny_models.build_tiny_clip_tokenizer()
     torch.manual_seed(args.seed + tiny_models.SEED_OFFSET["text_encoder"])
     text_encoder = CLIPTextModel(tiny_models.tiny_clip_text_config(tokenizer))
@@ -331,42 +340,19 @@ def main_sd(args):
     # 3. The latent diffusion UNet, and the text encoder with it.
     torch.manual_seed(args.seed + tiny_models.SEED_OFFSET["unet"])
     unet = train_unet(args, latent_means, latent_stds, caption_index, caption_ids, text_encoder, scaling_factor, log)
-
-    # 4. Save as a Stable Diffusion pipeline, then check what it draws.
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DDIMScheduler(**sd15_betas(), set_alpha_to_one=False), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
-    pipeline.save_pretrained(output_dir, safe_serialization=True)
-    tiny_models.write_bpe_files(str(output_dir / "tokenizer"))
-    record = {"args": vars(args), "vae_final_loss": vae_loss, "scaling_factor": scaling_factor,
-              "train_seconds": round(time.time() - started, 1), "sampling": TOY_SAMPLING}
-    if args.check_images_per_caption:
-        record["caption_fidelity"] = check_samples(output_dir, args.check_images_per_caption, args.seed + 100)
-        log(f"caption fidelity of the base's samples: {record['caption_fidelity']}")
-    (output_dir / "toy_base.json").write_text(json.dumps(record, indent=2) + "\n")
-    log(f"saved {output_dir}")
-    return record
+    return pipeline, {"vae_final_loss": vae_loss, "scaling_factor": scaling_factor}
 
 
-def main_sd3(args):
+def build_sd3_pipeline(args, pictures, captions, caption_index, log):
+    """Stages 1-3 for SD3: three text encoders, the 16-channel VAE and the MMDiT, as a StableDiffusion3Pipeline."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    started = time.time()
-    output_dir = Path(args.output_dir)
-
-    def log(message):
-        print(f"[toy_base sd3 {time.time() - started:6.0f} s] {message}", flush=True)
-
-    # 1. Pictures and captions; SD3's three tokenizers and text encoders, cut to SD3_TEXT_LENGTH tokens.
-    rng = np.random.default_rng(args.seed)
-    scenes = [toy_world.random_scene_image(rng) for _ in range(args.num_images)]
-    pictures = picture_tensor([image for image, _ in scenes])
-    captions = list(toy_world.CAPTIONS)
-    caption_index = torch.tensor([captions.index(caption) for _, caption in scenes])
+    # 1. SD3's three tokenizers and text encoders, cut to SD3_TEXT_LENGTH tokens.
     tokenizers = [tiny_models.build_tiny_clip_tokenizer(), tiny_models.build_tiny_clip_tokenizer(pad_token="!"),
                   tiny_models.build_tiny_t5_tokenizer()]
     for tokenizer in tokenizers[:2]:  # the pipeline pads CLIP prompts to the tokenizer's model_max_length
@@ -394,24 +380,11 @@ def main_sd3(args):
     torch.manual_seed(args.seed + tiny_models.SEED_OFFSET["transformer"])
     transformer = train_transformer(args, (latent_means - shift_factor) * scaling_factor, latent_stds * scaling_factor,
                                     caption_index, caption_ids, text_encoders, log)
-
-    # 4. Save as a Stable Diffusion 3 pipeline, then check what it draws.
     pipeline = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
         vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], text_encoder_2=text_encoders[1],
         tokenizer_2=tokenizers[1], text_encoder_3=text_encoders[2], tokenizer_3=tokenizers[2])
-    pipeline.save_pretrained(output_dir, safe_serialization=True)
-    for tokenizer_subfolder in ("tokenizer", "tokenizer_2"):
-        tiny_models.write_bpe_files(str(output_dir / tokenizer_subfolder))
-    record = {"args": vars(args), "vae_final_loss": vae_loss, "shift_factor": shift_factor,
-              "scaling_factor": scaling_factor, "train_seconds": round(time.time() - started, 1),
-              "sampling": SD3_SAMPLING}
-    if args.check_images_per_caption:
-        record["caption_fidelity"] = check_samples(output_dir, args.check_images_per_caption, args.seed + 100)
-        log(f"caption fidelity of the base's samples: {record['caption_fidelity']}")
-    (output_dir / "toy_base.json").write_text(json.dumps(record, indent=2) + "\n")
-    log(f"saved {output_dir}")
-    return record
+    return pipeline, {"vae_final_loss": vae_loss, "shift_factor": shift_factor, "scaling_factor": scaling_factor}
 
 
 if __name__ == "__main__":
