@@ -71,8 +71,9 @@ import train_diffusion_dpo as sd_script  # noqa: E402
 
 
 # full / lora: the reference runs in every step; *-precomputed: --reference_errors, computed once before training (a
-# full fine-tune then keeps no reference copy, and the floor is the policy's forward + backward alone)
-MODES = ("full", "lora", "full-precomputed", "lora-precomputed")
+# full fine-tune then keeps no reference copy, and the floor is the policy's forward + backward alone); full-mapo:
+# --loss_type mapo, reference-free (no copy, no reference forward: its floor is the policy's alone too)
+MODES = ("full", "lora", "full-precomputed", "lora-precomputed", "full-mapo")
 KINDS = ("floor", "uncached", "cached")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")  # the three the scripts offer (build_optimizer)
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -411,6 +412,8 @@ def script_args(preset, mode, optimizer, bench_args, workdir):
             "--mixed_precision", MIXED_PRECISION[bench_args.dtype]]
     if mode.endswith("-precomputed"):
         argv += ["--reference_errors", str(Path(workdir) / "reference-errors")]
+    if mode == "full-mapo":
+        argv += ["--loss_type", "mapo"]
     if mode.startswith("lora"):
         argv.append("--use_lora")
     elif optimizer == "adamw8bit":
@@ -470,7 +473,7 @@ def build_trained_unet(preset, mode, args, device, weight_dtype):
             target_modules=[name.strip() for name in args.lora_target_modules.split(",") if name.strip()],
         ))
         cast_training_params(unet, dtype=torch.float32)
-    elif not mode.endswith("-precomputed"):  # with --reference_errors a full fine-tune keeps no copy
+    elif mode == "full":  # with --reference_errors, or MaPO's reference-free loss, a full fine-tune keeps no copy
         ref_unet = copy.deepcopy(unet)
         ref_unet.requires_grad_(False)
         ref_unet.train()  # the policy's mode, as in build_models
@@ -571,6 +574,7 @@ class StepRunner:
         self.script = script_for(preset.family)
         self.optimizer_name = "adamw" if mode.startswith("lora") else bench_args.optimizer
         self.precomputed = mode.endswith("-precomputed")
+        self.reference_free = mode == "full-mapo"  # MaPO: the step runs no reference at all
         self.args = script_args(preset, mode, self.optimizer_name, bench_args, workdir)
         self.weight_dtype = DTYPES[bench_args.dtype]
         # One Accelerator per process (its state is global); mixed precision wraps the policy's forward in autocast
@@ -690,13 +694,13 @@ class StepRunner:
 
     def floor(self):
         """Policy forward + backward and reference forward on the same [2B] inputs: the unavoidable compute (with
-        precomputed reference errors, the policy's forward + backward alone)."""
+        precomputed reference errors, or MaPO's reference-free loss, the policy's forward + backward alone)."""
         inputs = dict(self.floor_inputs)
         target = inputs.pop("target")
         unet = self.unet
         started = time.perf_counter()
         with torch.no_grad():
-            if self.precomputed:
+            if self.precomputed or self.reference_free:
                 pass
             elif self.mode == "lora":
                 with self.script.lora_adapters_disabled(self.denoiser_module(unet)) as reference:
@@ -1215,6 +1219,15 @@ def print_precomputed(rows):
         print("\nWith --reference_errors (reference errors computed once; no reference forward in the step, and a full "
               "fine-tune without its copy) vs the live reference:")
         print("\n".join(lines))
+    mapo = [(row, by_key[(row["preset"], "full", row["cache"])]) for row in rows
+            if row["mode"] == "full-mapo" and (row["preset"], "full", row["cache"]) in by_key]
+    if mapo:
+        print("\nMaPO (--loss_type mapo: reference-free, no reference copy and no reference forward) vs DPO, full "
+              "fine-tune:")
+        for row, dpo in mapo:
+            print(f"  {row['preset']:>9} cache={'yes' if row['cache'] else 'no ':3}  step {row['step_ms']:8.0f} ms vs "
+                  f"DPO {dpo['step_ms']:8.0f} ms ({row['step_ms'] / dpo['step_ms']:.2f}x)  peak "
+                  f"{row['peak_mem_gib']:6.2f} vs {dpo['peak_mem_gib']:6.2f} GiB")
 
 
 def print_phases(rows):
@@ -1247,7 +1260,8 @@ def parse_args(input_args=None):
     parser.add_argument("--modes", default="full,lora,full-precomputed,lora-precomputed",
                         help="Comma-separated training modes: full (whole UNet, frozen reference copy), lora, and "
                              "each with --reference_errors (full-precomputed: no reference copy, no reference "
-                             "forward in the step; lora-precomputed: no reference forward).")
+                             "forward in the step; lora-precomputed: no reference forward); also full-mapo (not in "
+                             "the default: --loss_type mapo, reference-free, so no copy and no reference forward).")
     parser.add_argument("--steps", type=int, default=None, help="Timed steps per kind; default: the preset's.")
     parser.add_argument("--warmup", type=int, default=None,
                         help="Untimed steps per kind first (>= 1; the first also counts FLOPs); default: the preset's.")

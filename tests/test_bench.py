@@ -133,9 +133,10 @@ def test_the_benchmark_step_is_the_scripts_step(preset_name, tmp_path, monkeypat
         by_hand.close()
 
 
-def test_the_precomputed_reference_modes_keep_no_reference_and_skip_its_forward(tmp_path):
+def test_the_precomputed_reference_and_mapo_modes_keep_no_reference_and_skip_its_forward(tmp_path):
     """full-precomputed / lora-precomputed: the script's --reference_errors path (ReferenceErrors from the reference
-    pass alone; micro_batch_step then runs the policy only), with no reference copy for the full fine-tune."""
+    pass alone; micro_batch_step then runs the policy only), with no reference copy for the full fine-tune; full-mapo:
+    --loss_type mapo, which builds no copy and runs no reference forward at all."""
     import torch
 
     args = bench_dpo_step.parse_args(["--preset", "tiny", "--threads", "1", "--no_estimate", "--steps", "1",
@@ -147,11 +148,14 @@ def test_the_precomputed_reference_modes_keep_no_reference_and_skip_its_forward(
     live_floor = bench_dpo_step.count_flops(live.floor)
     live_step = bench_dpo_step.count_flops(lambda: live.step("cached"))
     live.close()
-    for mode in ("full-precomputed", "lora-precomputed"):
+    for mode in ("full-precomputed", "lora-precomputed", "full-mapo"):
         runner = bench_dpo_step.StepRunner(preset, mode, settings, tmp_path, vae, text_encoders)
-        assert runner.args.reference_errors and runner.training_run.reference_errors is not None
-        assert runner.reference_pairs_per_s > 0
-        if mode == "full-precomputed":
+        if mode == "full-mapo":  # MaPO's reference-free loss: the script's own REFERENCE_FREE_LOSSES path
+            assert runner.args.loss_type == "mapo" and runner.args.reference_errors is None
+        else:
+            assert runner.args.reference_errors and runner.training_run.reference_errors is not None
+            assert runner.reference_pairs_per_s > 0
+        if mode in ("full-precomputed", "full-mapo"):
             assert runner.ref_unet is None  # no frozen copy in memory
             # the floor and the cached step lose exactly the reference forward
             assert bench_dpo_step.count_flops(runner.floor) < live_floor
