@@ -220,9 +220,9 @@ def method_beta(args, method):
 
 
 def chosen_beta(points, base_fidelity):
-    """The sweep's pick (a beta, or a beta and learning rate): the best win rate among the points that keep the captions (fidelity within the target's drop
-    of the base's); if none does, the beta that keeps them best. A win rate bought with the captions is reward
-    hacking, not alignment."""
+    """The sweep's pick (a beta, or a beta and a learning rate): the best win rate among the points that keep the
+    captions (fidelity within the target's drop of the base's); if none does, the point that keeps them best. A win
+    rate bought with the captions is reward hacking, not alignment."""
     keeping = [point for point in points if base_fidelity - point["fidelity"]["all"] <= TARGETS["fidelity_drop"]]
     if keeping:
         return max(keeping, key=lambda point: point["win_rate"])
@@ -394,7 +394,7 @@ def sweep_table(results):
                      f"{percent(point['win_rate'])} "
                      f"({percent(point['win_ci95'][0])}-{percent(point['win_ci95'][1])}) | "
                      f"{point['mean_reward']:.3f} | {percent(point['fidelity']['all'])} | {kept} |")
-    return ("\n## The beta sweep\nEach method but SFT at its beta times each factor, for a quarter of the steps, "
+    return ("\n## The beta sweep\nEach method but SFT at its beta times each factor, for a quarter of the steps "
             "(DPO's also at the learning rate times each --lr_sweep factor, the kept rate then every method's), "
             "scored on seeds of their own (not the comparison's); kept: the best win rate among the betas whose caption "
             f"fidelity is within {100 * TARGETS['fidelity_drop']:.0f} points of the base's on those seeds (if none, the "
