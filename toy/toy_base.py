@@ -72,7 +72,8 @@ def parse_args(input_args=None):
     parser.add_argument("--unet_steps", type=int, default=3000, help="UNet (and text encoder) optimizer steps.")
     parser.add_argument("--unet_batch_size", type=int, default=64, help="Latents per UNet step.")
     parser.add_argument("--unet_learning_rate", type=float, default=None,
-                        help="Denoiser AdamW learning rate (peak); default 1e-3 for the UNet, 5e-4 for the transformer.")
+                        help="Denoiser AdamW learning rate (peak); default 1e-3 for the UNet, 5e-4 for the "
+                             "transformer.")
     parser.add_argument("--ema_decay", type=float, default=0.995, help="Decay of the UNet weights' moving average.")
     parser.add_argument("--check_images_per_caption", type=int, default=4,
                         help="Samples per caption for the final caption-fidelity check (0 skips it).")

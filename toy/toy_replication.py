@@ -87,7 +87,8 @@ def parse_args(input_args=None):
                         help="Checkpoints evaluated per run, evenly spaced (the last is the final model).")
     parser.add_argument("--train_batch_size", type=int, default=16, help="Pairs per optimizer step.")
     parser.add_argument("--learning_rate", type=float, default=None,
-                        help=f"Learning rate of every method (default: the family's, {family_defaults('learning_rate')}).")
+                        help="Learning rate of every method (default: the family's, "
+                             f"{family_defaults('learning_rate')}).")
     parser.add_argument("--beta_dpo", type=float, default=None,
                         help=f"DPO's KL weight beta (default: the family's, {family_defaults('beta_dpo')}).")
     parser.add_argument("--betas", nargs="+", default=[], metavar="METHOD=BETA",
@@ -460,7 +461,8 @@ minutes on this machine ({results['cpu_threads']} CPU threads). Every figure bel
 - **Preference pairs**: {counts['sampled']} pairs sampled from the base ({args.pairs_per_caption} per caption, two seeds
   each), labelled by the reward with tools/relabel_pairs.py; {counts['near_ties_dropped']} near-ties (margin <
   {args.min_margin}) dropped, {counts['pairs_written']} kept. Held-out: {counts['heldout_written']} pairs from other seeds.
-- **Training**: `accelerate launch {FAMILIES[args.family]['script']}{flags}`, full fine-tune from the base, {args.max_train_steps} steps,
+- **Training**: `accelerate launch {FAMILIES[args.family]['script']}{flags}`, full fine-tune from the base,
+  {args.max_train_steps} steps,
   {args.train_batch_size} pairs per step, AdamW at {args.learning_rate:g} (constant), latents cached, the same pairs
   for every method: {method_lines}.
 - **Evaluation**: {results['eval_images']} images per model ({args.eval_images_per_caption} seeds per caption, seeds no pair
@@ -594,7 +596,8 @@ def main(args, argv=None):
     results = {"argv": argv if argv is not None else sys.argv[1:], "base_dir": str(args.base), "base": base,
                "methods": list(args.methods), "curves": curves, "pair_counts": pair_counts,
                "eval_images": len(captions), "train_seconds": train_seconds, "costs": costs, "betas": betas,
-               "beta_sweep": sweep, "sweep_base": sweep_base_point, "learning_rate": args.learning_rate, "reward_fn": args.reward_fn, "grid": grid,
+               "beta_sweep": sweep, "sweep_base": sweep_base_point, "learning_rate": args.learning_rate,
+               "reward_fn": args.reward_fn, "grid": grid,
                "cpu_threads": torch.get_num_threads(), "minutes": (time.time() - started) / 60}
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     report = write_report(args, results, output_dir)
